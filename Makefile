@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv at the repo root first.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN ?= runs/demo
+
+.PHONY: demo test venv clean lint
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	# torch and torchvision first, at versions this machine has on disk (no multi-GB download)
+	$(VPY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(VPY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ddpm train --out $(RUN) --force
+	$(VENV)/bin/ddpm sample --run $(RUN) --n 64 --out $(RUN)/samples.png --seed 0
+	@echo "demo: run directory $(RUN) (config.json, checkpoints/, tb/, grids/), sample grid $(RUN)/samples.png"
+
+test: $(STAMP)
+	$(VPY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VPY) -m pip install -q ruff && $(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

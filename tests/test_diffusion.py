@@ -1,0 +1,279 @@
+"""The diffusion math against closed forms, the Gaussian oracle and diffusers' DDPMScheduler."""
+
+import math
+
+import pytest
+import torch
+from oracle import GaussianOracle, abar_of, sampler_moments
+
+from ddpm import GaussianDiffusion, beta_schedule
+from ddpm.likelihood import discretized_gaussian_log_likelihood, normal_kl
+
+BETAS = beta_schedule("linear", 1000)
+PARAMS = ["eps", "x0", "xprev"]
+VARS = ["fixedlarge", "fixedsmall"]
+
+
+# ------------------------------------------------------------------ schedules and tables
+
+
+def test_linear_schedule_golden_values():
+    assert BETAS.dtype == torch.float64 and BETAS.shape == (1000,)
+    assert BETAS[0].item() == pytest.approx(1e-4, abs=1e-15)
+    assert BETAS[-1].item() == pytest.approx(0.02, abs=1e-15)
+    assert BETAS[1].item() == pytest.approx(1e-4 + 0.0199 / 999, rel=1e-12)
+    abar = abar_of(BETAS)
+    # alphas_cumprod at T: a value widely quoted for the paper's schedule
+    assert abar[-1].item() == pytest.approx(4.035829e-05, rel=1e-4)
+    d = GaussianDiffusion(BETAS)
+    torch.testing.assert_close(d.alphas_cumprod, abar, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("name", ["linear", "quad", "const", "jsd", "cosine"])
+def test_schedules_are_valid(name):
+    b = beta_schedule(name, 1000)
+    assert b.dtype == torch.float64 and b.shape == (1000,)
+    assert (b > 0).all() and (b <= 1.0).all()
+    if name != "jsd":  # jsd ends at beta_T = 1 by design
+        assert (b < 0.999 + 1e-12).all()
+
+
+def test_schedule_specific_values():
+    assert torch.allclose(beta_schedule("jsd", 4), torch.tensor([1 / 4, 1 / 3, 1 / 2, 1.0], dtype=torch.float64))
+    assert torch.allclose(beta_schedule("const", 3), torch.full((3,), 0.02, dtype=torch.float64))
+    q = beta_schedule("quad", 10)
+    assert q[0].item() == pytest.approx(1e-4) and q[-1].item() == pytest.approx(0.02)
+    c = beta_schedule("cosine", 1000)
+    abar = abar_of(c)
+    s = 0.008
+    f = lambda t: math.cos((t / 1000 + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    assert abar[499].item() == pytest.approx(f(500) / f(0), rel=1e-9)
+    assert c[-1].item() == pytest.approx(0.999)
+
+
+def test_enum_strings_and_bad_values():
+    d = GaussianDiffusion(BETAS, mean_type="x0", var_type="fixedsmall", loss_type="kl")
+    assert d.mean_type.value == "x0" and d.var_type.value == "fixedsmall" and d.loss_type.value == "kl"
+    with pytest.raises(ValueError, match="mean_type must be one of 'eps', 'x0', 'xprev'"):
+        GaussianDiffusion(BETAS, mean_type="epsilon")
+    with pytest.raises(ValueError, match="var_type must be one of .*'fixedlarge'"):
+        GaussianDiffusion(BETAS, var_type="fixed_large")
+    with pytest.raises(ValueError, match="loss_type"):
+        GaussianDiffusion(BETAS, loss_type="mse")
+    with pytest.raises(ValueError, match="beta schedule must be one of"):
+        beta_schedule("sigmoid", 10)
+
+
+# ------------------------------------------------------------------ forward process and posterior
+
+
+def test_q_sample_is_eq4_on_any_rank():
+    d = GaussianDiffusion(BETAS)
+    abar = abar_of(BETAS)
+    for shape in [(5, 3), (5, 2, 4, 4), (5, 7)]:
+        x0, noise = torch.randn(shape), torch.randn(shape)
+        t = torch.tensor([0, 1, 250, 998, 999])
+        x_t = d.q_sample(x0, t, noise)
+        a = abar[t].float().reshape(-1, *[1] * (len(shape) - 1))
+        torch.testing.assert_close(x_t, a.sqrt() * x0 + (1 - a).sqrt() * noise)
+
+
+def test_q_posterior_against_bayes_rule():
+    """q(x_{t-1} | x_t, x_0) from the product of q(x_t | x_{t-1}) and q(x_{t-1} | x_0), independently."""
+    d = GaussianDiffusion(BETAS)
+    x0 = torch.randn(6, 3, dtype=torch.float64)
+    x_t = torch.randn(6, 3, dtype=torch.float64)
+    t = torch.tensor([1, 2, 10, 500, 900, 999])
+    beta = BETAS[t][:, None]
+    abar_prev = abar_of(BETAS)[t - 1][:, None]
+    precision = (1 - beta) / beta + 1 / (1 - abar_prev)
+    want_mean = ((1 - beta).sqrt() * x_t / beta + abar_prev.sqrt() * x0 / (1 - abar_prev)) / precision
+    mean, var, log_var = d.q_posterior(x0, x_t, t)
+    torch.testing.assert_close(mean, want_mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(var, 1 / precision, rtol=1e-10, atol=0)
+    torch.testing.assert_close(log_var, torch.log(1 / precision), rtol=1e-10, atol=1e-12)
+    assert var.shape == (6, 1)
+
+
+def test_posterior_variances_closed_form():
+    d = GaussianDiffusion(BETAS)
+    abar = abar_of(BETAS)
+    pv = BETAS * (1 - torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])) / (1 - abar)
+    torch.testing.assert_close(d.posterior_variance, pv)
+    assert d.posterior_variance[0] == 0
+    # clipped log-variance: log of the t = 1 value at t = 0
+    assert d.posterior_log_variance_clipped[0].item() == pytest.approx(math.log(pv[1].item()))
+    # fixedlarge: beta_t for t >= 1, posterior variance of t = 1 at t = 0
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    var, log_var = GaussianDiffusion(BETAS, var_type="fixedlarge").p_variance(x, torch.tensor([0, 1, 999]))
+    torch.testing.assert_close(var[:, 0], torch.stack([pv[1], BETAS[1], BETAS[999]]))
+    torch.testing.assert_close(log_var, var.log())
+
+
+# ------------------------------------------------------------------ the Gaussian oracle
+
+
+M, S = 0.1, 0.3
+
+
+@pytest.mark.parametrize("var_type", VARS)
+@pytest.mark.parametrize("mean_type", PARAMS)
+def test_sampler_matches_scalar_recursion(mean_type, var_type):
+    """With the Bayes-optimal model and no clipping, the sampler's output is Gaussian with moments given
+    by a scalar recursion; 40,000 draws pin the mean and spread to a few 1e-3."""
+    d = GaussianDiffusion(BETAS, mean_type=mean_type, var_type=var_type)
+    oracle = GaussianOracle(BETAS, M, S, mean_type)
+    x = d.sample(oracle, (20000, 2), generator=torch.Generator().manual_seed(1), clip_denoised=False).flatten()
+    want_mu, want_sd = sampler_moments(BETAS, M, S, var_type)
+    n = x.numel()
+    assert abs(x.mean().item() - want_mu) < 4 * want_sd / n**0.5
+    assert abs(x.std().item() - want_sd) < 4 * want_sd / (2 * n) ** 0.5
+    # fixedlarge ends slightly above s, fixedsmall slightly below (the recursion, not the data)
+    assert (want_sd > S) if var_type == "fixedlarge" else (want_sd < S)
+
+
+@pytest.mark.parametrize("mean_type", PARAMS)
+def test_training_loss_matches_closed_form(mean_type):
+    """E[L_simple] with the oracle = the posterior variance of the target, averaged over t."""
+    d = GaussianDiffusion(BETAS, mean_type=mean_type)
+    oracle = GaussianOracle(BETAS, M, S, mean_type)
+    reps = 64
+    t = torch.arange(1000).repeat(reps)
+    x0 = (M + S * torch.randn(t.shape[0], 4, dtype=torch.float64))
+    loss = d.training_losses(oracle, x0, t=t)
+    abar = abar_of(BETAS)
+    var_x0 = S**2 * (1 - abar) / (abar * S**2 + 1 - abar)  # Var(x0 | x_t)
+    if mean_type == "eps":
+        want = abar * S**2 / (abar * S**2 + 1 - abar)  # Var(eps | x_t)
+    elif mean_type == "x0":
+        want = var_x0
+    else:
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        want = (BETAS * abar_prev.sqrt() / (1 - abar)) ** 2 * var_x0
+    got = loss.reshape(reps, 1000).mean(0)
+    # per t, the loss of one example is want * chi^2_4 / 4: relative sd 1/sqrt(2 * reps)
+    assert abs(got.mean().item() - want.mean().item()) < 4 * want.mean().item() / (2 * reps * 1000) ** 0.5 * 3
+    assert loss.shape == (64000,)
+    rel = ((got - want) / want).abs()
+    assert rel.median().item() < 0.15
+
+
+def _quantised_gaussian(m, s, n, d, seed=0):
+    """8-bit data in [-1, 1] drawn from N(m, s^2) quantised to the 256 levels, and its entropy in bits."""
+    levels = torch.arange(256, dtype=torch.float64) * 2 / 255 - 1
+    edges = torch.cat([torch.tensor([-math.inf]), (levels[:-1] + levels[1:]) / 2, torch.tensor([math.inf])])
+    p = torch.special.ndtr((edges[1:] - m) / s) - torch.special.ndtr((edges[:-1] - m) / s)
+    entropy = float(-(p[p > 0] * torch.log2(p[p > 0])).sum())
+    idx = torch.multinomial(p, n * d, replacement=True, generator=torch.Generator().manual_seed(seed))
+    return levels[idx].reshape(n, d).float(), entropy
+
+
+def _expected_kl_bits(var_type, s):
+    """E over x0, x_t of the KL terms L_1..L_{T-1} with the oracle, in closed form (bits/dim)."""
+    abar = abar_of(BETAS)
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    post = BETAS * (1 - abar_prev) / (1 - abar)
+    sigma2 = BETAS if var_type == "fixedlarge" else post
+    c1 = BETAS * abar_prev.sqrt() / (1 - abar)
+    var_x0 = s**2 * (1 - abar) / (abar * s**2 + 1 - abar)
+    kl = 0.5 * (torch.log(sigma2 / post) + post / sigma2 - 1 + c1**2 * var_x0 / sigma2)
+    return float(kl[1:].sum() / math.log(2))
+
+
+@pytest.mark.parametrize("var_type,gap_range", [("fixedlarge", (0.0, 0.3)), ("fixedsmall", (0.45, 0.9))])
+@pytest.mark.parametrize("mean_type", PARAMS)
+def test_bpd_of_oracle_is_above_entropy(mean_type, var_type, gap_range):
+    """The bound of quantised Gaussian data sits above its entropy: by about 0.1 bit/dim for fixedlarge
+    and about 0.6 for fixedsmall (measured: 0.14 and 0.67 at s = 0.1); its KL part has a closed form."""
+    s = 0.1
+    x0, entropy = _quantised_gaussian(0.0, s, 600, 4)
+    d = GaussianDiffusion(BETAS, mean_type=mean_type, var_type=var_type)
+    res = d.bpd(GaussianOracle(BETAS, 0.0, s, mean_type), x0, generator=torch.Generator().manual_seed(1), clip_denoised=False)
+    assert res.terms.shape == (600, 1000) and res.total.shape == (600,) and res.prior.shape == (600,)
+    torch.testing.assert_close(res.total, res.prior + res.terms.sum(1))
+    gap = res.total.mean().item() - entropy
+    assert gap_range[0] < gap < gap_range[1], gap
+    kl_sum = res.terms[:, 1:].sum(1)
+    se = kl_sum.std().item() / 600**0.5
+    assert abs(kl_sum.mean().item() - _expected_kl_bits(var_type, s)) < 4 * se + 0.02
+    # the prior term: KL(N(sqrt(abar_T) x0, 1 - abar_T) || N(0, 1)) is tiny for this schedule
+    assert 0 < res.prior.mean().item() < 1e-4
+
+
+def test_loss_types_run_and_kl_is_the_bound_term():
+    x0, _ = _quantised_gaussian(0.0, 0.3, 8, 4)
+    oracle = GaussianOracle(BETAS, 0.0, 0.3, "eps")
+    d = GaussianDiffusion(BETAS, loss_type="kl")
+    t = torch.tensor([0, 0, 1, 5, 100, 500, 900, 999])
+    noise = torch.randn_like(x0)
+    loss = d.training_losses(oracle, x0, t=t, noise=noise)
+    x_t = d.q_sample(x0, t, noise)
+    p = d.p_mean_variance(oracle, x_t, t, clip_denoised=False)
+    mean, _, log_var = d.q_posterior(x0, x_t, t)
+    kl = normal_kl(mean, log_var, p.mean, p.log_variance).mean(1) / math.log(2)
+    nll = -discretized_gaussian_log_likelihood(x0, p.mean, 0.5 * p.log_variance).mean(1) / math.log(2)
+    want = torch.where(t == 0, nll, kl).float()
+    torch.testing.assert_close(loss, want)
+
+
+# ------------------------------------------------------------------ likelihood pieces
+
+
+def test_normal_kl_closed_form():
+    assert normal_kl(0.0, 0.0, 0.0, 0.0).item() == 0.0
+    # KL(N(1, 1) || N(0, 4)) = log 2 + (1 + 1) / 8 - 1/2
+    assert normal_kl(1.0, 0.0, 0.0, math.log(4.0)).item() == pytest.approx(math.log(2) + 2 / 8 - 0.5)
+
+
+def test_discretized_gaussian_sums_to_one():
+    levels = torch.arange(256, dtype=torch.float64) * 2 / 255 - 1
+    for mean, log_scale in [(0.0, math.log(0.1)), (0.9, math.log(0.5)), (-0.3, math.log(0.004))]:
+        logp = discretized_gaussian_log_likelihood(levels, torch.full_like(levels, mean), torch.full_like(levels, log_scale))
+        assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
+    # a narrow decoder centred on a level puts almost all mass there (no cancellation at the tails)
+    lp = discretized_gaussian_log_likelihood(torch.tensor([0.6]), torch.tensor([0.6]), torch.tensor([math.log(1e-4)]))
+    assert lp.item() == pytest.approx(0.0, abs=1e-9)
+    far = discretized_gaussian_log_likelihood(torch.tensor([0.6]), torch.tensor([-0.9]), torch.tensor([math.log(0.05)]))
+    assert torch.isfinite(far) and far.item() < -20
+
+
+# ------------------------------------------------------------------ diffusers' scheduler as a reference
+
+
+def _diffusers_in_float64(sched):
+    """diffusers keeps its tables in float32, where 1 - abar_t loses ~3e-4 relative accuracy at t = 2 (our
+    float64 tables do not); compare the formulas, so give its scheduler float64 tables of the same betas."""
+    sched.betas = sched.betas.double()
+    sched.alphas = 1.0 - sched.betas
+    sched.alphas_cumprod = torch.cumprod(sched.alphas, 0)
+    sched.one = torch.tensor(1.0, dtype=torch.float64)
+    return sched
+
+
+@pytest.mark.parametrize("var_type,diffusers_var", [("fixedlarge", "fixed_large"), ("fixedsmall", "fixed_small")])
+@pytest.mark.parametrize("mean_type,prediction_type", [("eps", "epsilon"), ("x0", "sample")])
+def test_p_mean_variance_matches_diffusers(var_type, diffusers_var, mean_type, prediction_type):
+    diffusers = pytest.importorskip("diffusers")
+    sched = _diffusers_in_float64(diffusers.DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+        variance_type=diffusers_var, clip_sample=True, prediction_type=prediction_type,
+    ))
+    ours = GaussianDiffusion(BETAS, mean_type=mean_type, var_type=var_type)
+    torch.testing.assert_close(sched.betas, BETAS, rtol=1e-6, atol=0)  # float32 linspace vs float64
+    ours = GaussianDiffusion(sched.betas, mean_type=mean_type, var_type=var_type)
+    g = torch.Generator().manual_seed(3)
+    for t in [1, 2, 50, 400, 999]:
+        x_t = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+        output = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64) * (0.5 if mean_type == "x0" else 1.0)
+        step = sched.step(output, t, x_t, generator=torch.Generator().manual_seed(t))
+        noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
+        p = ours.p_mean_variance_from_output(output, x_t, torch.full((4,), t), clip_denoised=True)
+        torch.testing.assert_close(p.pred_x0, step.pred_original_sample, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(p.mean + p.variance.sqrt() * noise, step.prev_sample, rtol=1e-6, atol=1e-6)
+        assert p.variance.shape == (4, 1, 1, 1)
+
+
+def test_model_output_shape_is_checked():
+    d = GaussianDiffusion(BETAS)
+    with pytest.raises(ValueError, match="model output shape"):
+        d.p_mean_variance(lambda x, t: x[:, :1], torch.randn(2, 3), torch.tensor([1, 2]))
