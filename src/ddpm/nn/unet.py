@@ -1,0 +1,264 @@
+"""The paper's U-Net (Ho et al. 2020, appendix B; PixelCNN++ backbone): Wide-ResNet blocks with group norm and
+swish, a sinusoidal timestep embedding added in every block, single-head self-attention at the listed
+resolutions and in the middle.
+
+Module names follow the original code's variables (`temb.dense.0`, `down.0.block.1`, `mid.attn_1`,
+`up.3.upsample.conv`, `norm_out`, ...), so the released checkpoints map one to one. The network knows
+nothing of noise schedules: it maps (x_t [B, C, H, W], t [B]) to a tensor of x's spatial shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features [B, dim] of timesteps t [B]: sin then cos, frequencies exp(-log(10000) i / (half - 1)),
+    as in the paper's code (diffusers: flip_sin_to_cos=False, freq_shift=1)."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000.0) / (half - 1)))
+    args = t.to(torch.float32)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """GN -> swish -> conv3x3 -> + dense(swish(temb)) -> GN -> swish -> dropout -> conv3x3 (zero init),
+    plus a 1x1 "nin" shortcut when the channel count changes. x [B, C_in, H, W] -> [B, C_out, H, W]."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float):
+        super().__init__()
+        self.norm1 = _norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_ch, out_ch)
+        self.norm2 = _norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
+        # temb_act = swish(temb) [B, temb_ch], computed once per forward for all blocks
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(temb_act)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions: GN -> 1x1 q, k, v -> softmax(q k^T / sqrt(C)) v
+    -> 1x1 proj_out (zero init) -> residual. x [B, C, H, W] -> same."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = _norm(ch)
+        self.q = nn.Conv2d(ch, ch, 1)
+        self.k = nn.Conv2d(ch, ch, 1)
+        self.v = nn.Conv2d(ch, ch, 1)
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q = self.q(h).reshape(B, 1, C, H * W).transpose(-1, -2)  # (B, 1 head, HW, C)
+        k = self.k(h).reshape(B, 1, C, H * W).transpose(-1, -2)
+        v = self.v(h).reshape(B, 1, C, H * W).transpose(-1, -2)
+        a = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, fused
+        a = a.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj_out(a)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv with TensorFlow "SAME" padding: pad right and bottom by one, then no padding."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """One resolution level: `block` (residual blocks), `attn` (attention after each block, if any), and
+    `downsample` or `upsample`."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.ModuleList()
+        self.attn = nn.ModuleList()
+
+
+class _Mid(nn.Module):
+    def __init__(self, ch: int, temb_ch: int, dropout: float):
+        super().__init__()
+        self.block_1 = ResnetBlock(ch, ch, temb_ch, dropout)
+        self.attn_1 = AttnBlock(ch)
+        self.block_2 = ResnetBlock(ch, ch, temb_ch, dropout)
+
+
+class _Temb(nn.Module):
+    def __init__(self, ch: int, temb_ch: int):
+        super().__init__()
+        self.dense = nn.ModuleList([nn.Linear(ch, temb_ch), nn.Linear(temb_ch, temb_ch)])
+
+
+class UNet(nn.Module):
+    """The paper's noise-prediction network. `net(x [B, C, H, W], t [B]) -> [B, out_channels, H, W]`.
+
+    Args:
+        in_channels: image channels.
+        ch: base width (a multiple of 32: group norm uses 32 groups).
+        ch_mult: width multiplier per level; each level but the last halves the resolution.
+        num_res_blocks: residual blocks per level on the way down (one more on the way up).
+        attn_resolutions: feature-map sizes that get self-attention after each residual block.
+        dropout: dropout in the residual blocks.
+        resolution: input height = width.
+        out_channels: defaults to in_channels (2 x in_channels for learned variances).
+        num_classes: when set, a class embedding (num_classes + 1 rows; the last is "no class", for
+            classifier-free guidance) is added to the time embedding; forward takes y [B] (None -> no class).
+    """
+
+    def __init__(self, in_channels: int = 3, ch: int = 128, ch_mult: tuple[int, ...] = (1, 2, 2, 2),
+                 num_res_blocks: int = 2, attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1,
+                 resolution: int = 32, out_channels: int | None = None, num_classes: int | None = None):
+        super().__init__()
+        ch_mult = tuple(int(c) for c in ch_mult)
+        attn_resolutions = tuple(int(r) for r in attn_resolutions)
+        if ch < 32 or ch % 32:
+            raise ValueError(f"ch must be a positive multiple of 32 (group norm with 32 groups); got {ch}")
+        if not ch_mult or any(c < 1 for c in ch_mult):
+            raise ValueError(f"ch_mult must be positive integers; got {ch_mult}")
+        if num_res_blocks < 1:
+            raise ValueError(f"num_res_blocks must be >= 1; got {num_res_blocks}")
+        if resolution < 1 or resolution % (2 ** (len(ch_mult) - 1)):
+            raise ValueError(f"resolution {resolution} must be divisible by 2^{len(ch_mult) - 1} "
+                             f"(ch_mult has {len(ch_mult)} levels)")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1); got {dropout}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be positive or None; got {num_classes}")
+        self.config = dict(in_channels=in_channels, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+                           attn_resolutions=attn_resolutions, dropout=dropout, resolution=resolution,
+                           out_channels=out_channels or in_channels, num_classes=num_classes)
+        self.ch, self.num_classes = ch, num_classes
+        self.num_res_blocks = num_res_blocks
+        self.num_levels = len(ch_mult)
+        temb_ch = 4 * ch
+
+        self.temb = _Temb(ch, temb_ch)
+        self.label_emb = nn.Embedding(num_classes + 1, temb_ch) if num_classes is not None else None
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+
+        in_mult = (1,) + ch_mult
+        res = resolution
+        self.down = nn.ModuleList()
+        block_in = ch
+        for i, mult in enumerate(ch_mult):
+            level = _Level()
+            block_in, block_out = ch * in_mult[i], ch * mult
+            for _ in range(num_res_blocks):
+                level.block.append(ResnetBlock(block_in, block_out, temb_ch, dropout))
+                block_in = block_out
+                if res in attn_resolutions:
+                    level.attn.append(AttnBlock(block_in))
+            if i != len(ch_mult) - 1:
+                level.downsample = Downsample(block_in)
+                res //= 2
+            self.down.append(level)
+
+        self.mid = _Mid(block_in, temb_ch, dropout)
+
+        ups = []
+        for i in reversed(range(len(ch_mult))):
+            level = _Level()
+            block_out = ch * ch_mult[i]
+            for j in range(num_res_blocks + 1):
+                skip = ch * (ch_mult[i] if j < num_res_blocks else in_mult[i])
+                level.block.append(ResnetBlock(block_in + skip, block_out, temb_ch, dropout))
+                block_in = block_out
+                if res in attn_resolutions:
+                    level.attn.append(AttnBlock(block_in))
+            if i != 0:
+                level.upsample = Upsample(block_in)
+                res *= 2
+            ups.insert(0, level)
+        self.up = nn.ModuleList(ups)  # up[i] works at the resolution of down[i]
+
+        self.norm_out = _norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_channels or in_channels, 3, padding=1)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The paper's initialisation: variance scaling (fan_avg, uniform, scale 1) for dense and conv
+        weights, zero biases; the last conv of every residual block, the attention output projection and
+        conv_out start at zero, so the network outputs exactly 0 at initialisation."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, ResnetBlock):
+                nn.init.zeros_(m.conv2.weight)
+            elif isinstance(m, AttnBlock):
+                nn.init.zeros_(m.proj_out.weight)
+        nn.init.zeros_(self.conv_out.weight)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C, H, W], t [B] (int or float timesteps), y [B] int64 class labels or None -> [B, C_out, H, W]."""
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        temb = timestep_embedding(t, self.ch).to(x.dtype)
+        temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))
+        if self.label_emb is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            temb = temb + self.label_emb(y)
+        elif y is not None:
+            raise ValueError("this UNet has no class embedding (num_classes=None) but labels were given")
+        temb_act = F.silu(temb)
+
+        hs = [self.conv_in(x)]
+        for i, level in enumerate(self.down):
+            for j, block in enumerate(level.block):
+                h = block(hs[-1], temb_act)
+                if len(level.attn):
+                    h = level.attn[j](h)
+                hs.append(h)
+            if i != self.num_levels - 1:
+                hs.append(level.downsample(hs[-1]))
+
+        h = self.mid.block_1(hs[-1], temb_act)
+        h = self.mid.attn_1(h)
+        h = self.mid.block_2(h, temb_act)
+
+        for i in reversed(range(self.num_levels)):
+            level = self.up[i]
+            for j, block in enumerate(level.block):
+                h = block(torch.cat([h, hs.pop()], dim=1), temb_act)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if i != 0:
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
