@@ -1,0 +1,350 @@
+"""Datasets and the [0, 255] <-> [-1, 1] mapping.
+
+Every dataset yields uint8 images [C, H, W] and an int64 label (-1 when the data has none); the trainer maps
+them to [-1, 1] with `to_model_range`. Nothing here downloads: a missing file is an error that says what to
+put where.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DIGITS_TEST_FRACTION = 0.5  # the digits split: two halves, so "real train vs real test" is the quality floor
+DIGITS_SPLIT_SEED = 0
+
+
+def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [..] in 0..255 -> float32 in [-1, 1] (the paper's data scaling)."""
+    return images_u8.to(torch.float32) / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float in [-1, 1] -> uint8 0..255, rounding to the nearest level (inverse of `to_model_range`)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def load_digits(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled 8x8 digits as uint8 images [N, 1, 8, 8] and int64 labels [N].
+
+    The 17 levels 0..16 become round(v * 255 / 16). The split is a fixed permutation (seed 0) cut in two
+    halves: "train" (899 images) and "test" (898 images); "all" returns all 1,797.
+    """
+    from sklearn.datasets import load_digits as _sk_load_digits
+
+    bunch = _sk_load_digits()
+    levels = np.asarray(bunch.images, dtype=np.float64)  # [1797, 8, 8] in 0..16
+    images = np.round(levels * 255.0 / 16.0).astype(np.uint8)[:, None]
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    order = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(images))
+    n_test = int(round(len(images) * DIGITS_TEST_FRACTION))
+    if split == "all":
+        idx = np.arange(len(images))
+    elif split == "train":
+        idx = np.sort(order[n_test:])
+    elif split == "test":
+        idx = np.sort(order[:n_test])
+    else:
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    return torch.from_numpy(images[idx]), torch.from_numpy(labels[idx])
+
+
+# ---------------------------------------------------------------------------------------------- in memory
+
+
+class TensorImageDataset(torch.utils.data.Dataset):
+    """In-memory uint8 images [N, C, H, W] with int64 labels [N] (or none: label -1)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W]; got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+        self.labels = labels if labels is not None else torch.full((images.shape[0],), -1, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR-10
+
+_CIFAR_HELP = ("put the official python-format archive cifar-10-python.tar.gz (or its extracted folder "
+               "cifar-10-batches-py) there and pass --data PATH")
+
+
+class _ArrayUnpickler:
+    """Unpickles the CIFAR-10 batches while refusing every global but numpy's array reconstruction, so a
+    doctored archive cannot run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+    }
+
+    @classmethod
+    def load(cls, f, name: str):
+        import pickle
+
+        class Restricted(pickle.Unpickler):
+            def find_class(self, module, qualname):
+                if (module, qualname) in cls.ALLOWED:
+                    return super().find_class(module, qualname)
+                raise pickle.UnpicklingError(f"{name}: refusing to load {module}.{qualname} (not a CIFAR-10 batch)")
+
+        return Restricted(f, encoding="bytes").load()
+
+
+def load_cifar10(path: str | Path, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10 as uint8 [N, 3, 32, 32] and int64 labels [N] from cifar-10-python.tar.gz, its extracted
+    folder cifar-10-batches-py, or a folder containing either."""
+    import pickle
+    import tarfile
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    p = Path(path)
+    if p.is_dir():
+        for cand in (p / "cifar-10-batches-py", p):
+            if all((cand / n).is_file() for n in names):
+                p = cand
+                break
+        else:
+            if (p / "cifar-10-python.tar.gz").is_file():
+                p = p / "cifar-10-python.tar.gz"
+            else:
+                raise FileNotFoundError(f"CIFAR-10 not found at {path}: {_CIFAR_HELP}")
+    elif not p.is_file():
+        raise FileNotFoundError(f"CIFAR-10 not found at {path}: {_CIFAR_HELP}")
+
+    batches = []
+    try:
+        if p.is_dir():
+            for n in names:
+                with open(p / n, "rb") as f:
+                    batches.append(_ArrayUnpickler.load(f, str(p / n)))
+        else:
+            with tarfile.open(p, "r:*") as tar:
+                members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+                for n in names:
+                    if n not in members:
+                        raise ValueError(f"{p} has no member {n}: {_CIFAR_HELP}")
+                    batches.append(_ArrayUnpickler.load(tar.extractfile(members[n]), f"{p}:{n}"))
+    except (pickle.UnpicklingError, tarfile.TarError, EOFError) as e:
+        raise ValueError(f"cannot read CIFAR-10 from {p}: {e}") from None
+    data = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
+    labels = np.concatenate([np.asarray(b[b"labels"], dtype=np.int64) for b in batches])
+    # each row: 1024 red, 1024 green, 1024 blue values of a 32x32 image, row-major
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
+
+
+# ---------------------------------------------------------------------------------------------- image files
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
+
+
+def to_rgb8(img) -> np.ndarray:
+    """Any PIL image -> uint8 [H, W, 3] with its levels kept: 16-bit data is scaled by 255/65535 (a plain
+    convert("RGB") clips it to two grey levels), transparency is composited onto white, CMYK, palette and
+    grayscale images are converted."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.round(np.clip(arr, 0, 65535) / 257.0).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if arr.max(initial=0) > 1.0 else 255.0 * 255.0
+        arr = np.round(np.clip(arr * (scale / 255.0), 0, 255)).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        img = Image.alpha_composite(bg, rgba)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def center_crop_resize(arr: np.ndarray, resolution: int) -> np.ndarray:
+    """uint8 [H, W, C] -> centre square crop -> [resolution, resolution, C]; equal sizes pass unchanged.
+    Downscaling uses Pillow's BICUBIC with its antialiasing (reducing in steps for large factors)."""
+    from PIL import Image
+
+    h, w = arr.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    arr = arr[top : top + s, left : left + s]
+    if s == resolution:
+        return np.ascontiguousarray(arr)
+    img = Image.fromarray(arr)
+    img = img.resize((resolution, resolution), Image.Resampling.BICUBIC, reducing_gap=3.0 if s > 2 * resolution else None)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def decode_image(data_or_path, resolution: int, channels: int = 3) -> torch.Tensor:
+    """An image file (path or bytes) -> uint8 [channels, resolution, resolution]."""
+    import io
+
+    from PIL import Image
+
+    src = io.BytesIO(data_or_path) if isinstance(data_or_path, (bytes, bytearray)) else data_or_path
+    with Image.open(src) as img:
+        img.load()
+        arr = center_crop_resize(to_rgb8(img), resolution)
+    t = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    if channels == 1:  # ITU-R 601 luma, as Pillow's "L"
+        t = (t.double() * torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)[:, None, None]).sum(0, keepdim=True)
+        t = t.round().clamp(0, 255).to(torch.uint8)
+    return t
+
+
+def read_image(path: str | Path, resolution: int, channels: int = 3) -> torch.Tensor:
+    """A user's image file -> uint8 [channels, resolution, resolution]; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} not found")
+    try:
+        return decode_image(path, resolution, channels)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def _check_file(path: Path) -> str | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception as e:  # Pillow raises many types for damaged files
+        return f"{path} ({type(e).__name__}: {e})"
+    return None
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Every image below `root` (nested folders, any case of extension), centre-cropped and resized.
+
+    Hidden files and folders, non-image files and empty files are skipped and counted in one warning; every
+    candidate is decoded once at scan time, and damaged images are reported by path before training starts.
+    """
+
+    def __init__(self, root: str | Path, resolution: int, channels: int = 3, check: bool = True):
+        import warnings
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.root, self.resolution, self.channels = Path(root), resolution, channels
+        if not self.root.exists():
+            raise FileNotFoundError(f"image folder {self.root} not found: pass --data with a folder of images")
+        if not self.root.is_dir():
+            raise ValueError(f"{self.root} is not a folder of images")
+        skipped = {"hidden": 0, "not an image": 0, "empty": 0}
+        files = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            skipped["hidden"] += sum(1 for d in dirnames if d.startswith("."))
+            for name in sorted(filenames):
+                p = Path(dirpath) / name
+                if name.startswith("."):
+                    skipped["hidden"] += 1
+                elif p.suffix.lower() not in IMAGE_EXTENSIONS:
+                    skipped["not an image"] += 1
+                elif p.stat().st_size == 0:
+                    skipped["empty"] += 1
+                else:
+                    files.append(p)
+        self.files = sorted(files)
+        if any(skipped.values()):
+            what = ", ".join(f"{n} {k}" for k, n in skipped.items() if n)
+            warnings.warn(f"{self.root}: skipped {sum(skipped.values())} file(s): {what}", stacklevel=2)
+        if not self.files:
+            raise ValueError(f"no images found in {self.root}")
+        if check:
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                bad = [b for b in pool.map(_check_file, self.files) if b]
+            if bad:
+                more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+                raise ValueError(f"{len(bad)} damaged image(s) in {self.root}: " + "; ".join(bad[:10]) + more)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        try:
+            return decode_image(self.files[i], self.resolution, self.channels), -1
+        except Exception as e:
+            raise ValueError(f"cannot read image {self.files[i]}: {e}") from None
+
+
+class LmdbImageDataset(torch.utils.data.Dataset):
+    """LSUN's LMDB export (keys -> encoded WebP/JPEG bytes), centre-cropped and resized. The environment is
+    opened lazily in each process, so DataLoader workers can share the dataset."""
+
+    def __init__(self, path: str | Path, resolution: int, channels: int = 3):
+        import lmdb
+
+        self.path, self.resolution, self.channels = Path(path), resolution, channels
+        if not (self.path / "data.mdb").is_file():
+            raise FileNotFoundError(f"LSUN LMDB not found at {self.path}: pass --data with the <category>_train_lmdb "
+                                    "folder (holding data.mdb) of the LSUN export, or a folder of images")
+        env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, meminit=False)
+        with env.begin(write=False) as txn:
+            self.keys = [k for k, _ in txn.cursor()]
+        env.close()
+        if not self.keys:
+            raise ValueError(f"LMDB {self.path} holds no images")
+        self._env, self._pid = None, None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        import lmdb
+
+        if self._env is None or self._pid != os.getpid():
+            self._env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, meminit=False)
+            self._pid = os.getpid()
+        with self._env.begin(write=False) as txn:
+            data = txn.get(self.keys[i])
+        try:
+            return decode_image(bytes(data), self.resolution, self.channels), -1
+        except Exception as e:
+            raise ValueError(f"cannot decode LMDB entry {self.keys[i]!r} of {self.path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------- choosing one
+
+DATASETS = ("digits", "cifar10", "folder", "lmdb")
+
+
+def build_dataset(name: str, path: str | None, resolution: int, split: str = "train", channels: int = 3):
+    """The dataset a run trains on: "digits" (bundled), "cifar10", "folder" (images), "lmdb" (LSUN)."""
+    if name == "digits":
+        images, labels = load_digits(split)
+        return TensorImageDataset(images, labels)
+    if name not in DATASETS:
+        raise ValueError(f"data.dataset must be one of {', '.join(DATASETS)}; got {name!r}")
+    if not path:
+        raise FileNotFoundError(f"data.dataset {name!r} needs --data PATH" + (f": {_CIFAR_HELP}" if name == "cifar10" else ""))
+    if name == "cifar10":
+        images, labels = load_cifar10(path, split)
+        return TensorImageDataset(images, labels)
+    p = Path(path)
+    if name == "lmdb" and not (p / "data.mdb").is_file() and p.is_dir():
+        return ImageFolderDataset(p, resolution, channels)
+    if name == "lmdb":
+        return LmdbImageDataset(p, resolution, channels)
+    return ImageFolderDataset(p, resolution, channels)
+
+
+def check_enough(dataset, batch_size: int, source: str) -> None:
+    """Fewer images than one batch is an error (raised at once, never a hang)."""
+    if len(dataset) < batch_size:
+        raise ValueError(f"{source} holds {len(dataset)} images, fewer than one batch of {batch_size}")
