@@ -1,0 +1,143 @@
+"""Generating many samples from a run: seeded per sample, batched, streamed to disk, resumable, and shared
+across torchrun ranks, so that the images are the same whatever the batch size or the number of ranks.
+
+Each finished batch is written at once as `<out>.parts/part_<start>_<end>.npy` (atomically); an interrupted
+run skips the parts already on disk, and the final file is assembled from the parts without holding all of
+them in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ddpm.images import save_grid, to_nhwc_uint8
+from ddpm.sampling import SAMPLERS
+from ddpm.train import Run, derived_seed
+
+
+@dataclass
+class SampleOptions:
+    sampler: str = "ancestral"  # a name in ddpm.sampling.SAMPLERS
+    steps: int | None = None  # network evaluations for the fast samplers (None: all T)
+    eta: float = 0.0  # DDIM's eta
+    class_label: int | None = None  # class-conditional runs: the class to draw (None: unconditional)
+    guidance: float = 1.0  # classifier-free guidance scale (1: plain conditional)
+    clip_denoised: bool = True  # clip the predicted x_0 to [-1, 1] at every step, as the paper's sampler
+
+
+def sample_generators(seed: int, indices: range, device: torch.device) -> list[torch.Generator]:
+    """One generator per sample index: sample i's noise depends on (seed, i) alone."""
+    return [torch.Generator(device=device).manual_seed(derived_seed(seed, "sample", i)) for i in indices]
+
+
+def model_for(run: Run, opts: SampleOptions, batch: int, device: torch.device) -> Callable:
+    """The callable the sampler sees: the run's model, conditioned and guided as asked."""
+    m = run.config.model
+    if m.num_classes is None:
+        if opts.class_label is not None:
+            raise ValueError(f"--class needs a class-conditional run; {run.path} was trained without labels")
+        return run.model
+    label = m.num_classes if opts.class_label is None else opts.class_label
+    if not 0 <= label <= m.num_classes:
+        raise ValueError(f"--class must lie in 0..{m.num_classes - 1}; got {opts.class_label}")
+    y = torch.full((batch,), label, device=device, dtype=torch.long)
+    if opts.class_label is None or opts.guidance == 1.0:
+        return lambda x, t: run.model(x, t, y[: x.shape[0]])
+    from ddpm.guidance import guided_model
+
+    return guided_model(run.model, y, opts.guidance, null_label=m.num_classes)
+
+
+def sample_batch(run: Run, indices: range, seed: int, opts: SampleOptions, device: torch.device,
+                 progress: bool = False, callback=None) -> torch.Tensor:
+    """Samples [len(indices), C, H, W] in [-1, 1] for the given global sample indices."""
+    if opts.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {opts.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    m = run.config.model
+    gens = sample_generators(seed, indices, device)
+    from ddpm.diffusion import randn
+
+    x_T = randn((len(indices), m.in_channels, m.resolution, m.resolution), gens, device)
+    kwargs = {"eta": opts.eta} if opts.sampler == "ddim" else {}
+    fn = SAMPLERS[opts.sampler]
+    return fn(run.diffusion, model_for(run, opts, len(indices), device), x_T, steps=opts.steps, generator=gens,
+              clip_denoised=opts.clip_denoised, progress=progress, callback=callback, **kwargs)
+
+
+def _parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def generate_to_parts(run: Run, n: int, out: str | Path, seed: int = 0, batch_size: int = 64,
+                      opts: SampleOptions | None = None, device: str | torch.device = "cpu", rank: int = 0,
+                      world: int = 1, progress: bool = True) -> Path:
+    """Make samples 0..n-1 (this rank's share: batches b with b % world == rank) into `<out>.parts/`,
+    skipping parts already there. Returns the parts folder."""
+    opts = opts or SampleOptions()
+    device = torch.device(device)
+    parts = _parts_dir(Path(out))
+    parts.mkdir(parents=True, exist_ok=True)
+    batches = [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    mine = [b for i, b in enumerate(batches) if i % world == rank]
+    todo = [b for b in mine if not (parts / f"part_{b.start:09d}_{b.stop:09d}.npy").exists()]
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, initial=n - sum(len(b) for b in todo) * world, desc="samples", dynamic_ncols=True)
+    for b in todo:
+        x = sample_batch(run, b, seed, opts, device)
+        _atomic_save_npy(parts / f"part_{b.start:09d}_{b.stop:09d}.npy", to_nhwc_uint8(x))
+        if bar is not None:
+            bar.update(len(b) * world)
+    if bar is not None:
+        bar.close()
+    return parts
+
+
+def assemble(parts: Path, n: int, out: str | Path) -> Path:
+    """Join the parts into `out`: .npz (uint8 [N, H, W, C] under `arr_0`, streamed) or .png (a grid)."""
+    out = Path(out)
+    files = sorted(parts.glob("part_*.npy"))
+    covered = sum(int(f.stem.split("_")[2]) - int(f.stem.split("_")[1]) for f in files)
+    if covered != n:
+        raise RuntimeError(f"{parts} holds {covered} of {n} samples; run the same command again to finish")
+    first = np.load(files[0], mmap_mode="r")
+    shape, dtype = (n, *first.shape[1:]), first.dtype
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    if out.suffix == ".npz":
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+            with z.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                         "fortran_order": False, "shape": shape})
+                for p in files:
+                    f.write(np.ascontiguousarray(np.load(p)).tobytes())
+    elif out.suffix == ".png":
+        arr = np.concatenate([np.load(p) for p in files])
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+        save_grid(x, tmp.with_suffix(".png"))
+        tmp = tmp.with_suffix(".png")
+    else:
+        raise ValueError(f"--out must end in .npz or .png; got {out}")
+    os.replace(tmp, out)
+    for p in files:
+        p.unlink()
+    parts.rmdir()
+    return out

@@ -1,0 +1,513 @@
+"""Trainer: the paper's training loop (Adam, warm-up, gradient clipping, EMA), checkpoints, exact resume,
+signals, non-finite steps, and DistributedDataParallel under torchrun; plus `load_run` for scripts.
+
+Determinism: every random choice of step k (data order, flips, class dropout, t, noise, dropout) comes from
+generators seeded by (seed, k) and drawn for the whole global batch, each rank taking its slice. So a resumed
+run repeats an uninterrupted one bit for bit, and the same run on 1 or N ranks sees the same examples with the
+same t and noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ddpm import checkpoint as ckpt
+from ddpm.config import Config, ConfigError, diff_configs
+from ddpm.data import build_dataset, check_enough, to_model_range
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.nn import UNet
+from ddpm.schedule import beta_schedule
+
+FORMAT_VERSION = 1
+# Changing these makes old weights or optimizer state meaningless for the run: refuse such a resume.
+INCOMPATIBLE_ON_RESUME = (
+    "model.in_channels", "model.ch", "model.ch_mult", "model.num_res_blocks", "model.attn_resolutions",
+    "model.resolution", "model.num_classes", "diffusion.schedule", "diffusion.num_timesteps",
+    "diffusion.beta_start", "diffusion.beta_end", "diffusion.mean_type", "diffusion.var_type",
+    "train.batch_size",
+)
+EXIT_SIGTERM, EXIT_SIGINT = 143, 130
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite steps in a row, an incompatible resume); the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------- builders
+
+
+def build_diffusion(cfg: Config) -> GaussianDiffusion:
+    d = cfg.diffusion
+    betas = beta_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
+    return GaussianDiffusion(betas, mean_type=d.mean_type, var_type=d.var_type, loss_type=d.loss_type)
+
+
+def build_model(cfg: Config) -> UNet:
+    m = cfg.model
+    out = 2 * m.in_channels if cfg.diffusion.var_type == "learned_range" else m.in_channels
+    return UNet(
+        in_channels=m.in_channels, ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+        attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, resolution=m.resolution,
+        out_channels=out, num_classes=m.num_classes,
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but no CUDA device is available")
+    return dev
+
+
+def derived_seed(seed: int, purpose: str, step: int) -> int:
+    """A 63-bit seed for one purpose at one step: independent streams without any saved RNG state."""
+    digest = hashlib.blake2b(f"{seed}/{purpose}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def generator(seed: int, purpose: str, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derived_seed(seed, purpose, step))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, for every parameter; buffers are copied."""
+    e_params = [p for p in ema.parameters()]
+    m_params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(e_params, m_params, 1.0 - decay)
+    for eb, mb in zip(ema.buffers(), model.buffers()):
+        eb.copy_(mb)
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    """Linear warm-up to train.lr over train.warmup steps (step 0 gets lr / warmup, not 0), then constant."""
+    t = cfg.train
+    return t.lr * min(1.0, (step + 1) / t.warmup) if t.warmup > 0 else t.lr
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1: NCCL on GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device_name != "cpu"
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistInfo(rank=rank, world=world, local_rank=local)
+
+
+# ---------------------------------------------------------------------------------------------- data order
+
+
+class BatchOrder:
+    """Which examples micro-batch k of the run uses: epoch-wise permutations seeded by (seed, epoch), cut into
+    global micro-batches (the last partial one dropped). Derived from k alone, so resuming needs no state."""
+
+    def __init__(self, n: int, micro_batch: int, seed: int):
+        self.n, self.micro_batch, self.seed = n, micro_batch, seed
+        self.per_epoch = n // micro_batch
+        self._epoch, self._perm = -1, None
+
+    def indices(self, k: int) -> torch.Tensor:
+        epoch, pos = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            self._perm = torch.randperm(self.n, generator=generator(self.seed, "epoch", epoch))
+            self._epoch = epoch
+        return self._perm[pos * self.micro_batch : (pos + 1) * self.micro_batch]
+
+
+class Batches:
+    """uint8 images [b, C, H, W] and labels for a list of indices; in-memory data is indexed directly."""
+
+    def __init__(self, dataset, num_workers: int):
+        self.dataset = dataset
+        self.images = getattr(dataset, "images", None)
+        self.labels = getattr(dataset, "labels", None)
+        self.pool = None
+        if self.images is None and num_workers > 0:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(num_workers)
+
+    def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.images is not None:
+            labels = self.labels[idx] if self.labels is not None else torch.full((len(idx),), -1)
+            return self.images[idx], labels
+        items = list(self.pool.map(self.dataset.__getitem__, idx.tolist())) if self.pool else [
+            self.dataset[i] for i in idx.tolist()
+        ]
+        return torch.stack([im for im, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Runs `cfg` into `run_dir` (config.json, checkpoints/, tb/, grids/, log.jsonl).
+
+    Args:
+        resume: continue from the newest complete checkpoint (an error if there is none).
+        force: start afresh in a directory that already holds a run (its checkpoints are moved aside).
+        weights_only: with resume, accept a checkpoint without optimizer state (weights and EMA only).
+    """
+
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, force: bool = False,
+                 weights_only: bool = False, dist_info: DistInfo | None = None):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.dist = dist_info or init_distributed(cfg.train.device)
+        self.device = resolve_device(cfg.train.device)
+        t = cfg.train
+        per_rank, rem = divmod(t.batch_size, self.dist.world * t.grad_accum)
+        if rem or per_rank < 1:
+            raise ConfigError(f"train.batch_size {t.batch_size} must split evenly over {self.dist.world} rank(s) x "
+                              f"{t.grad_accum} accumulation step(s)")
+        self.micro_global = t.batch_size // t.grad_accum  # examples per micro-batch over all ranks
+        self.per_rank = per_rank
+        if t.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("train.precision fp16 needs a CUDA device (use bf16 on the CPU)")
+
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self._prepare_run_dir(resume, force)
+
+        data = cfg.data
+        self.dataset = build_dataset(data.dataset, data.path, cfg.model.resolution, "train", cfg.model.in_channels)
+        check_enough(self.dataset, self.micro_global, data.path or data.dataset)
+        self.order = BatchOrder(len(self.dataset), self.micro_global, t.seed)
+        self.batches = Batches(self.dataset, data.num_workers)
+
+        torch.manual_seed(t.seed)
+        self.diffusion = build_diffusion(cfg)
+        self.model = build_model(cfg).to(self.device)
+        self.ema = build_model(cfg).to(self.device)
+        self.ema.load_state_dict(self.model.state_dict())
+        self.ema.eval().requires_grad_(False)
+        fused = self.device.type == "cuda"
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, eps=t.adam_eps, fused=fused or None,
+                                    foreach=None if fused else True)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=t.precision == "fp16")
+        self.step = 0
+        self.bad_in_a_row = 0
+        self.bad_total = 0
+        if resume:
+            self._resume(weights_only)
+        self.net = self.model
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------ run directory
+
+    def _prepare_run_dir(self, resume: bool, force: bool) -> None:
+        cfg_path = self.run_dir / "config.json"
+        if self.dist.main:
+            if cfg_path.exists() and not (resume or force):
+                raise ConfigError(f"{self.run_dir} already holds a run: pass --resume to continue it or --force to replace it")
+            if resume and ckpt.latest_checkpoint(self.ckpt_dir) is None:
+                raise TrainingError(f"--resume: no complete checkpoint in {self.ckpt_dir}; nothing to resume "
+                                    "(a fresh run needs no --resume)")
+            if resume and cfg_path.exists():
+                old = Config.load(cfg_path)
+                changed = diff_configs(old, self.cfg, INCOMPATIBLE_ON_RESUME)
+                if changed:
+                    raise TrainingError(f"cannot resume {self.run_dir} with a different set-up:\n  " + "\n  ".join(changed))
+            if force and not resume and self.ckpt_dir.exists():
+                aside = self.run_dir / "checkpoints.replaced"
+                shutil.rmtree(aside, ignore_errors=True)
+                self.ckpt_dir.rename(aside)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.cfg.save(cfg_path)
+        if self.dist.world > 1:
+            dist.barrier()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
+        opt_tensors, opt_skeleton = ckpt.flatten_state(self.opt.state_dict(), "optim")
+        tensors.update(opt_tensors)
+        state = {
+            "format": FORMAT_VERSION,
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "optimizer": opt_skeleton,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "ema_updates": self.step,
+            "bad_steps_total": self.bad_total,
+            "rng": "every random stream is derived from (train.seed, step); nothing else to restore",
+            "world_size": self.dist.world,
+        }
+        return tensors, state
+
+    def save(self) -> Path | None:
+        path = None
+        if self.dist.main:
+            tensors, state = self.state_tensors()
+            path = ckpt.save_checkpoint(self.ckpt_dir, self.step, tensors, state, keep=self.cfg.train.keep_checkpoints)
+        if self.dist.world > 1:
+            dist.barrier()
+        return path
+
+    def _resume(self, weights_only: bool) -> None:
+        path = ckpt.latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            raise TrainingError(f"--resume: no complete checkpoint in {self.ckpt_dir}")
+        c = ckpt.load_checkpoint(path)
+        model_sd = {k[6:]: v for k, v in c.tensors.items() if k.startswith("model/")}
+        ema_sd = {k[4:]: v for k, v in c.tensors.items() if k.startswith("ema/")}
+        missing = [name for name, sd in (("model", model_sd), ("ema", ema_sd)) if not sd]
+        has_opt = any(k.startswith("optim/") for k in c.tensors) and c.state.get("optimizer") is not None
+        if not has_opt and not weights_only:
+            missing.append("optimizer")
+        if missing:
+            raise TrainingError(f"checkpoint {path} lacks {', '.join(missing)} state; "
+                                "pass --weights-only to resume from its weights alone" if "optimizer" in missing
+                                else f"checkpoint {path} lacks {', '.join(missing)} weights")
+        self.model.load_state_dict(model_sd)
+        self.ema.load_state_dict(ema_sd)
+        if has_opt:
+            self.opt.load_state_dict(ckpt.unflatten_state(c.tensors, c.state["optimizer"], "optim"))
+        if c.state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(c.state["scaler"])
+        self.step = int(c.state["step"])
+        self.bad_total = int(c.state.get("bad_steps_total", 0))
+        if self.dist.main:
+            print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+
+    # ------------------------------------------------------------------ one step
+
+    def _micro_batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Micro-batch k of the whole run: this rank's x0 [b, C, H, W] in [-1, 1], t [b], noise, labels."""
+        cfg, B = self.cfg, self.micro_global
+        idx = self.order.indices(k)
+        lo, hi = self.dist.rank * self.per_rank, (self.dist.rank + 1) * self.per_rank
+        images, labels = self.batches.get(idx[lo:hi])
+        x0 = to_model_range(images)
+        if cfg.data.hflip:
+            flip = torch.rand(B, generator=generator(cfg.train.seed, "flip", k))[lo:hi] < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        x0 = x0.to(self.device, non_blocking=True)
+        g = generator(cfg.train.seed, "diffusion", k)
+        t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=g)[lo:hi].to(self.device)
+        noise = torch.randn((B, *x0.shape[1:]), generator=g)[lo:hi].to(self.device)
+        y = None
+        if cfg.model.num_classes is not None:
+            drop = torch.rand(B, generator=generator(cfg.train.seed, "class_dropout", k))[lo:hi] < cfg.train.class_dropout
+            y = torch.where(drop, torch.full_like(labels, cfg.model.num_classes), labels).to(self.device)
+        return x0, t, noise, y
+
+    def train_step(self) -> dict:
+        """One optimizer step over train.grad_accum micro-batches; a non-finite loss or gradient is skipped."""
+        cfg = self.cfg.train
+        lr = lr_at(self.cfg, self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(derived_seed(cfg.seed, f"dropout/{self.dist.rank}", self.step))
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            x0, t, noise, y = self._micro_batch(self.step * cfg.grad_accum + micro)
+            sync = micro == cfg.grad_accum - 1 or self.dist.world == 1
+            ctx = self.net.no_sync() if not sync and isinstance(self.net, nn.parallel.DistributedDataParallel) else _null()
+            with ctx, torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                fn = self.net if y is None else (lambda x, tt: self.net(x, tt, y))
+                loss = self.diffusion.training_losses(fn, x0, t=t, noise=noise).float().mean() / cfg.grad_accum
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.opt)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.dist.world > 1:  # the mean loss over ranks, for logging
+            dist.all_reduce(total)
+            total /= self.dist.world
+        loss_value, norm_value = float(total), float(grad_norm)  # one host sync per step
+        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if finite:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            ema_update(self.ema, self.model, cfg.ema_decay)
+            self.bad_in_a_row = 0
+        else:
+            # weights, EMA and optimizer are left untouched; fp16's scaler lowers its scale and tries again
+            if self.scaler.is_enabled():
+                self.scaler.update()
+            self.bad_in_a_row += 1
+            self.bad_total += 1
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": loss_value, "grad_norm": norm_value, "lr": lr, "finite": finite}
+
+    # ------------------------------------------------------------------ the loop
+
+    def _on_signal(self, signum, frame) -> None:  # only sets a flag: the step in flight finishes first
+        self._stop_signal = signum
+
+    def train(self, progress: bool = True) -> int:
+        """Train to train.steps; returns the process exit code (0, or 143/130 after SIGTERM/SIGINT)."""
+        cfg = self.cfg.train
+        writer = None
+        log = None
+        if self.dist.main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.run_dir / "tb"))
+            log = open(self.run_dir / "log.jsonl", "a")
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        bar = None
+        if progress and self.dist.main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True)
+        try:
+            t_last, n_last = time.perf_counter(), self.step
+            while self.step < cfg.steps:
+                info = self.train_step()
+                s = self.step
+                if not info["finite"]:
+                    msg = f"step {s}: non-finite loss or gradient (loss {info['loss']}, grad norm {info['grad_norm']}); step skipped"
+                    if self.dist.main:
+                        print(msg, file=sys.stderr)
+                    if self.bad_in_a_row >= cfg.max_bad_steps:
+                        raise TrainingError(f"{self.bad_in_a_row} non-finite steps in a row; stopping. The last good "
+                                            f"checkpoint in {self.ckpt_dir} is intact")
+                if self.dist.main:
+                    log.write(json.dumps({"step": s, **info}) + "\n")
+                    if cfg.log_every and s % cfg.log_every == 0:
+                        now = time.perf_counter()
+                        ips = (s - n_last) * cfg.batch_size / max(now - t_last, 1e-9)
+                        t_last, n_last = now, s
+                        writer.add_scalar("loss", info["loss"], s)
+                        writer.add_scalar("lr", info["lr"], s)
+                        writer.add_scalar("grad_norm", info["grad_norm"], s)
+                        writer.add_scalar("images_per_sec", ips, s)
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{info['loss']:.4f}", img_s=f"{ips:.1f}")
+                    if bar is not None:
+                        bar.update(1)
+                if cfg.sample_every and s % cfg.sample_every == 0:
+                    self.sample_grid()
+                if self._stop_signal is None and cfg.ckpt_every and s % cfg.ckpt_every == 0:
+                    self.save()
+                if self._stop_signal is not None:
+                    break
+            path = self.save()
+            if self._stop_signal is not None:
+                name = signal.Signals(self._stop_signal).name
+                if self.dist.main:
+                    print(f"\n{name}: stopped at step {self.step}; checkpoint {path}. Resume with:\n  ddpm train --out "
+                          f"{self.run_dir} --resume", file=sys.stderr)
+                return EXIT_SIGTERM if self._stop_signal == signal.SIGTERM else EXIT_SIGINT
+            if cfg.sample_every and self.step % cfg.sample_every != 0:
+                self.sample_grid()
+            return 0
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+            if log is not None:
+                log.close()
+
+    @torch.no_grad()
+    def sample_grid(self, n: int = 64) -> Path | None:
+        """A grid of EMA samples (fixed seed) in grids/; never touches the training weights or RNG streams."""
+        if not self.dist.main:
+            return None
+        from ddpm.images import save_grid
+
+        n = n if self.cfg.model.resolution <= 32 else 16
+        m = self.cfg.model
+        fn = self.ema if m.num_classes is None else _with_label(self.ema, torch.full((n,), m.num_classes, device=self.device))
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
+        rng_state = torch.get_rng_state()
+        x = self.diffusion.sample(fn, (n, m.in_channels, m.resolution, m.resolution), generator=g, device=self.device)
+        torch.set_rng_state(rng_state)
+        path = self.run_dir / "grids" / f"step_{self.step:09d}.png"
+        save_grid(x, path)
+        return path
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _with_label(model: nn.Module, y: torch.Tensor):
+    return lambda x, t: model(x, t, y[: x.shape[0]])
+
+
+# ---------------------------------------------------------------------------------------------- load_run
+
+
+@dataclass
+class Run:
+    """A trained run: `model` (EMA weights unless ema=False, eval mode), its `diffusion`, `config`, `step`."""
+
+    model: nn.Module
+    diffusion: GaussianDiffusion
+    config: Config
+    step: int
+    path: Path
+
+
+def load_run(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> Run:
+    """Load the newest complete checkpoint of a run directory. The sampler settings (schedule, variance type)
+    always come from the run's own configuration."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: {cfg_path} is missing")
+    cfg = Config.load(cfg_path)
+    path = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    if path is None:
+        raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}")
+    c = ckpt.load_checkpoint(path)
+    prefix = "ema/" if ema else "model/"
+    sd = {k[len(prefix):]: v for k, v in c.tensors.items() if k.startswith(prefix)}
+    if not sd:
+        raise ckpt.CheckpointError(f"checkpoint {path} holds no {'EMA' if ema else 'raw'} weights")
+    model = build_model(cfg)
+    model.load_state_dict(sd)
+    model.to(device).eval().requires_grad_(False)
+    return Run(model=model, diffusion=build_diffusion(cfg), config=cfg, step=int(c.state["step"]), path=run_dir)
