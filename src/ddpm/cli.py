@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -38,6 +39,18 @@ def _sample(args: argparse.Namespace) -> int:
     d = init_distributed(args.device)
     device = resolve_device(args.device)
     run = load_run(args.run, ema=not args.raw_weights, device=device)
+    if args.progressive or args.share_from:
+        from ddpm import evaluate
+
+        out_dir = Path(args.out)
+        if args.progressive:
+            evaluate.progressive(run, out_dir, n=args.n, seed=args.seed, frames=args.frames, device=device)
+            print(f"wrote {out_dir / 'progressive.png'}, {out_dir / 'progressive.gif'} and progressive.json")
+        if args.share_from:
+            ts = [int(v) for v in args.share_from.split(",") if v.strip()]
+            evaluate.share_from(run, out_dir, ts, k=args.n, seed=args.seed, device=device)
+            print(f"wrote {out_dir / 'share_from.png'} and share_from.json")
+        return 0
     opts = SampleOptions(sampler=args.sampler, steps=args.steps, eta=args.eta, class_label=args.class_label,
                          guidance=args.guidance)
     out = Path(args.out)
@@ -50,6 +63,87 @@ def _sample(args: argparse.Namespace) -> int:
     if d.main:
         assemble(parts, args.n, out)
         print(f"wrote {args.n} samples from {args.run} (step {run.step}, {opts.sampler}) to {out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ddpm import evaluate
+    from ddpm.train import load_run, resolve_device
+
+    device = resolve_device(args.device)
+    out_dir = Path(args.out) if args.out else Path(args.run) / "eval"
+    if args.metric == "fid":
+        return _eval_fid(args, out_dir, device)
+    run = load_run(args.run, device=device)
+    fn = evaluate.eval_bpd if args.metric == "bpd" else evaluate.eval_rate_distortion
+    report = fn(run, out_dir / args.metric, split=args.split, n=args.n, batch_size=args.batch_size, seed=args.seed,
+                device=device, data_path=args.data, progress=not args.quiet)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _eval_fid(args: argparse.Namespace, out_dir: Path, device) -> int:
+    import numpy as np
+
+    from ddpm.generate import SampleOptions, assemble, generate_to_parts
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.samples:
+        samples_path = Path(args.samples)
+    else:
+        from ddpm.train import load_run
+
+        if not args.run:
+            raise ValueError("ddpm eval fid needs --run RUN_DIR or --samples FILE.npz")
+        run = load_run(args.run, device=device)
+        n = args.n or 50_000
+        samples_path = out_dir / f"samples_{n}_seed{args.seed}.npz"
+        if not samples_path.exists():
+            opts = SampleOptions(sampler=args.sampler, steps=args.steps, eta=args.eta)
+            parts = generate_to_parts(run, n, samples_path, seed=args.seed, batch_size=args.batch_size, opts=opts,
+                                      device=device, progress=not args.quiet)
+            assemble(parts, n, samples_path)
+    samples = np.load(samples_path)["arr_0"]
+    if args.features == "digits":
+        from ddpm.metrics.digits import evaluate_digits
+
+        rep = evaluate_digits(samples)
+        report = {"samples": str(samples_path), "n": int(samples.shape[0]), **_asdict(rep)}
+        name = "fid_digits.json"
+    else:
+        from ddpm.metrics.inception import fidelity_metrics
+
+        if not args.ref:
+            raise ValueError("ddpm eval fid needs --ref (a folder of reference images, an .npz, or cifar10-train)")
+        if not args.inception_weights:
+            raise ValueError("ddpm eval fid needs --inception-weights PATH (see the README: FID without downloads)")
+        rep = fidelity_metrics(samples, args.ref, inception_weights=args.inception_weights,
+                               cache_dir=out_dir / "ref_stats", batch_size=args.batch_size, device=str(device))
+        report = {"samples": str(samples_path), "ref": args.ref, **_asdict(rep)}
+        name = "fid.json"
+    (out_dir / name).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _asdict(obj) -> dict:
+    import dataclasses
+
+    return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in dataclasses.asdict(obj).items()}
+
+
+def _interpolate(args: argparse.Namespace) -> int:
+    from ddpm import evaluate
+    from ddpm.data import read_image
+    from ddpm.train import load_run, resolve_device
+
+    device = resolve_device(args.device)
+    run = load_run(args.run, device=device)
+    m = run.config.model
+    a = read_image(args.a, m.resolution, m.in_channels)
+    b = read_image(args.b, m.resolution, m.in_channels)
+    info = evaluate.interpolate(run, args.out, a, b, t=args.t, steps=args.steps, seed=args.seed, device=device)
+    print(json.dumps(info, indent=2))
     return 0
 
 
@@ -86,9 +180,45 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class", dest="class_label", type=int, help="class to draw (class-conditional runs)")
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     s.add_argument("--raw-weights", action="store_true", help="use the raw trained weights instead of the EMA")
+    s.add_argument("--progressive", action="store_true",
+                   help="Figure 6: predicted x_0 along one reverse run (--out is a folder; --n samples)")
+    s.add_argument("--frames", type=int, default=10, help="with --progressive: how many steps to show")
+    s.add_argument("--share-from", metavar="T1,T2,...",
+                   help="Figure 7: --n samples sharing x_t for each listed t (--out is a folder)")
     s.add_argument("--device", default="auto")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_sample)
+
+    e = sub.add_parser("eval", help="the paper's evaluations: fid, bpd, rate-distortion")
+    e.add_argument("metric", choices=["fid", "bpd", "rate-distortion"])
+    e.add_argument("--run", help="run directory (the sampler settings come from it)")
+    e.add_argument("--out", help="output folder (default RUN_DIR/eval)")
+    e.add_argument("--n", type=int, help="fid: samples to generate (default 50,000); bpd: test images (default all)")
+    e.add_argument("--split", default="test", choices=["train", "test"])
+    e.add_argument("--data", help="dataset path when it differs from the run's")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--samples", help="fid: an .npz of uint8 images [N, H, W, C] made elsewhere")
+    e.add_argument("--ref", help="fid: reference images (folder or .npz); statistics are cached")
+    e.add_argument("--inception-weights", help="fid: local file of the FID Inception weights")
+    e.add_argument("--features", choices=["inception", "digits"], default="inception")
+    e.add_argument("--sampler", default="ancestral")
+    e.add_argument("--steps", type=int)
+    e.add_argument("--eta", type=float, default=0.0)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_eval)
+
+    i = sub.add_parser("interpolate", help="Figure 8: interpolate two images through x_t")
+    i.add_argument("--run", required=True)
+    i.add_argument("--a", required=True, help="first image file")
+    i.add_argument("--b", required=True, help="second image file")
+    i.add_argument("--t", type=int, default=500, help="encoding timestep (0-based)")
+    i.add_argument("--steps", type=int, default=8, help="interpolation points")
+    i.add_argument("--out", required=True, help="output folder")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--device", default="auto")
+    i.set_defaults(func=_interpolate)
     return p
 
 
