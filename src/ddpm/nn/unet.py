@@ -229,6 +229,8 @@ class UNet(nn.Module):
         """x [B, C, H, W], t [B] (int or float timesteps), y [B] int64 class labels or None -> [B, C_out, H, W]."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must be [B] with B = {x.shape[0]}; got shape {tuple(t.shape)}")
         temb = timestep_embedding(t, self.ch).to(x.dtype)
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))
         if self.label_emb is not None:
