@@ -248,8 +248,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         skipped = {"hidden": 0, "not an image": 0, "empty": 0}
         files = []
         for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             skipped["hidden"] += sum(1 for d in dirnames if d.startswith("."))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
                 p = Path(dirpath) / name
                 if name.startswith("."):
