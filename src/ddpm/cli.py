@@ -147,6 +147,27 @@ def _interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from ddpm.convert import write_run
+
+    path = write_run(args.from_path, args.out, preset_name=args.preset, step=args.step, resolution=args.resolution,
+                     force=args.force)
+    print(f"converted {args.from_path} into run directory {args.out} ({path.name})")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ddpm.convert import export_diffusers, scheduler_config_for
+    from ddpm.train import load_run
+
+    if args.to != "diffusers":
+        raise ValueError(f"--to must be diffusers; got {args.to}")
+    run = load_run(args.run, ema=not args.raw_weights)
+    out = export_diffusers(run.model, args.out_dir, scheduler_config_for(run.config.diffusion))
+    print(f"wrote a diffusers DDPMPipeline folder to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ddpm.config import PRESETS
 
@@ -219,6 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--device", default="auto")
     i.set_defaults(func=_interpolate)
+
+    c = sub.add_parser("convert", help="released weights (diffusers folder or the PyTorch port) -> a run directory")
+    c.add_argument("--from", dest="from_path", required=True, help="diffusers model/pipeline folder, or a port .ckpt/.pth")
+    c.add_argument("--out", required=True, help="run directory to create")
+    c.add_argument("--preset", help="recipe whose diffusion settings apply (default: cifar10 for 32x32, "
+                   "lsun-church for 256x256)")
+    c.add_argument("--resolution", type=int, help="port files: the image size (default 32 for 4 levels, else 256)")
+    c.add_argument("--step", type=int, default=0, help="training step to record (e.g. 790000)")
+    c.add_argument("--force", action="store_true")
+    c.set_defaults(func=_convert)
+
+    x = sub.add_parser("export", help="a run -> a diffusers DDPMPipeline folder")
+    x.add_argument("--run", required=True)
+    x.add_argument("--to", default="diffusers", choices=["diffusers"])
+    x.add_argument("out_dir")
+    x.add_argument("--raw-weights", action="store_true")
+    x.set_defaults(func=_export)
     return p
 
 
@@ -231,6 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ddpm {args.command}: configuration error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # CheckpointError, TrainingError among them
+    except (OSError, ValueError) as e:  # missing or unreadable files, bad values (ConversionError too)
+        print(f"ddpm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        from ddpm.checkpoint import CheckpointError
+        from ddpm.train import TrainingError
+
+        if not isinstance(e, (CheckpointError, TrainingError)):
+            raise
         print(f"ddpm {args.command}: error: {e}", file=sys.stderr)
         return 1

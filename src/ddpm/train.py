@@ -245,10 +245,15 @@ class Trainer:
                 changed = diff_configs(old, self.cfg, INCOMPATIBLE_ON_RESUME)
                 if changed:
                     raise TrainingError(f"cannot resume {self.run_dir} with a different set-up:\n  " + "\n  ".join(changed))
-            if force and not resume and self.ckpt_dir.exists():
-                aside = self.run_dir / "checkpoints.replaced"
-                shutil.rmtree(aside, ignore_errors=True)
-                self.ckpt_dir.rename(aside)
+            if force and not resume:  # the old run's files go aside (replacing an older aside), not mixed in
+                aside = self.run_dir / "replaced"
+                olds = [self.run_dir / n for n in ("checkpoints", "log.jsonl", "tb", "grids", "config.json")]
+                if any(p.exists() for p in olds):
+                    shutil.rmtree(aside, ignore_errors=True)
+                    aside.mkdir(parents=True)
+                    for p in olds:
+                        if p.exists():
+                            p.rename(aside / p.name)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.cfg.save(cfg_path)
         if self.dist.world > 1:
