@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ddpm.checkpoint import latest_checkpoint, load_checkpoint
+from ddpm import load_run
 from ddpm.cli import main
 
 TINY = ["--set", "model.ch=32", "--set", "model.ch_mult=1,2", "--set", "model.attn_resolutions=4",
@@ -34,20 +35,38 @@ def _torchrun(nproc: int, *args: str) -> None:
 @pytest.mark.slow
 def test_two_ranks_train_like_one_process_and_resume_with_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main(["train", "--out", str(one), "--steps", "3", "--batch-size", "16", *TINY]) == 0
-    _torchrun(2, "train", "--out", str(two), "--steps", "3", "--batch-size", "16", *TINY)
-    a = load_checkpoint(latest_checkpoint(one / "checkpoints"))
-    b = load_checkpoint(latest_checkpoint(two / "checkpoints"))
-    assert a.step == b.step == 3 and b.state["world_size"] == 2
-    for k in a.tensors:
-        if k.startswith(("model/", "ema/")):
-            torch.testing.assert_close(b.tensors[k], a.tensors[k], rtol=1e-4, atol=1e-6, msg=k)
+    common = ["--batch-size", "16", *TINY]
+
+    def weights(run):
+        c = load_checkpoint(latest_checkpoint(run / "checkpoints"))
+        return c, {k: v for k, v in c.tensors.items() if k.startswith(("model/", "ema/"))}
+
+    # one step: the same gradients up to the order of float32 sums
+    assert main(["train", "--out", str(one), "--steps", "1", *common]) == 0
+    _torchrun(2, "train", "--out", str(two), "--steps", "1", *common)
+    (ca, a), (cb, b) = weights(one), weights(two)
+    assert ca.step == cb.step == 1 and cb.state["world_size"] == 2
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-9, msg=k)
+    # three steps (2-rank resume): Adam divides by sqrt(v), so on parameters whose gradients are ~0 (biases
+    # ahead of a group norm) it turns rounding into steps of its own; the networks still compute the same
+    # function, and all weights together agree to 1e-3 in norm
+    assert main(["train", "--out", str(one), "--steps", "3", "--resume", *common]) == 0
+    _torchrun(2, "train", "--out", str(two), "--steps", "3", "--resume", *common)
+    (_, a), (_, b) = weights(one), weights(two)
+    flat_a, flat_b = torch.cat([v.flatten() for v in a.values()]), torch.cat([b[k].flatten() for k in a])
+    assert (flat_a - flat_b).norm() <= 1e-3 * flat_a.norm()
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 5, 10, 20, 30, 39])
+    for ema in (True, False):
+        fa, fb = load_run(one, ema=ema).model(x, t), load_run(two, ema=ema).model(x, t)
+        assert (fa - fb).norm() <= 1e-3 * fa.norm()
     # the 2-rank checkpoint resumes in one process
-    assert main(["train", "--out", str(two), "--steps", "5", "--batch-size", "16", "--resume", *TINY]) == 0
+    assert main(["train", "--out", str(two), "--steps", "5", "--resume", *common]) == 0
     assert load_checkpoint(latest_checkpoint(two / "checkpoints")).step == 5
 
     # sampling: 2 ranks give exactly the images of 1 rank with the same seed
     s1, s2 = tmp_path / "s1.npz", tmp_path / "s2.npz"
     assert main(["sample", "--run", str(one), "--n", "10", "--batch-size", "3", "--out", str(s1), "--seed", "4", "--quiet"]) == 0
-    _torchrun(2, "sample", "--run", str(one), "--n", "10", "--batch-size", "3", "--out", str(s2), "--seed", "4", "--quiet")
+    _torchrun(2, "sample", "--run-dir", str(one), "--num-samples", "10", "--batch-size", "3", "--out", str(s2), "--seed", "4", "--quiet")
     np.testing.assert_array_equal(np.load(s1)["arr_0"], np.load(s2)["arr_0"])

@@ -190,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     s = sub.add_parser("sample", help="draw samples from a run's EMA weights")
-    s.add_argument("--run", required=True)
-    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run directory (under torchrun spell it --run-dir: torchrun reads --run as its --run-path)")
+    s.add_argument("--n", "--num-samples", dest="n", type=int, default=64,
+                   help="how many (under torchrun spell it --num-samples: torchrun reads --n as one of its options)")
     s.add_argument("--out", required=True, help=".png (a grid) or .npz (uint8 [N, H, W, C] under arr_0)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=64)
@@ -212,9 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="the paper's evaluations: fid, bpd, rate-distortion")
     e.add_argument("metric", choices=["fid", "bpd", "rate-distortion"])
-    e.add_argument("--run", help="run directory (the sampler settings come from it)")
+    e.add_argument("--run", "--run-dir", dest="run", help="run directory (the sampler settings come from it)")
     e.add_argument("--out", help="output folder (default RUN_DIR/eval)")
-    e.add_argument("--n", type=int, help="fid: samples to generate (default 50,000); bpd: test images (default all)")
+    e.add_argument("--n", "--num-samples", dest="n", type=int, help="fid: samples to generate (default 50,000); bpd: test images (default all)")
     e.add_argument("--split", default="test", choices=["train", "test"])
     e.add_argument("--data", help="dataset path when it differs from the run's")
     e.add_argument("--batch-size", type=int, default=64)
@@ -231,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_eval)
 
     i = sub.add_parser("interpolate", help="Figure 8: interpolate two images through x_t")
-    i.add_argument("--run", required=True)
+    i.add_argument("--run", "--run-dir", dest="run", required=True)
     i.add_argument("--a", required=True, help="first image file")
     i.add_argument("--b", required=True, help="second image file")
     i.add_argument("--t", type=int, default=500, help="encoding timestep (0-based)")
@@ -252,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_convert)
 
     x = sub.add_parser("export", help="a run -> a diffusers DDPMPipeline folder")
-    x.add_argument("--run", required=True)
+    x.add_argument("--run", "--run-dir", dest="run", required=True)
     x.add_argument("--to", default="diffusers", choices=["diffusers"])
     x.add_argument("out_dir")
     x.add_argument("--raw-weights", action="store_true")
