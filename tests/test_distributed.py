@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm.checkpoint import latest_checkpoint, load_checkpoint
 from ddpm import load_run
+from ddpm.checkpoint import latest_checkpoint, load_checkpoint
 from ddpm.cli import main
 
 TINY = ["--set", "model.ch=32", "--set", "model.ch_mult=1,2", "--set", "model.attn_resolutions=4",

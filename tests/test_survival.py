@@ -1,7 +1,6 @@
 """Runs that survive: signals, non-finite steps, interrupted sampling, refusals that keep saved work."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

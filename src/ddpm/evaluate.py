@@ -26,7 +26,7 @@ def _plot(path: Path, xs, ys_list, labels, xlabel: str, ylabel: str, title: str,
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    for ys, label in zip(ys_list, labels):
+    for ys, label in zip(ys_list, labels, strict=True):
         ax.plot(xs, ys, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -120,7 +120,7 @@ def eval_rate_distortion(run: Run, out_dir: str | Path, split: str = "test", n: 
     with open(out / "rate_distortion.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["t", "rate_bits_per_dim", "distortion_rmse_0_255"])
-        for t, r, d in zip(rd.t.tolist(), rd.rate.tolist(), rd.distortion.tolist()):
+        for t, r, d in zip(rd.t.tolist(), rd.rate.tolist(), rd.distortion.tolist(), strict=True):
             w.writerow([t, f"{r:.8g}", f"{d:.8g}"])
     T = list(range(len(rd.t)))
     _plot(out / "rate_vs_t.png", T, [rd.rate.tolist()], [""], "t", "rate (bits/dim)", "rate")

@@ -13,7 +13,7 @@ step. Samplers run under torch.inference_mode. Timesteps are 0-based, as in `ddp
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

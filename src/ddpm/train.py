@@ -92,7 +92,7 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     e_params = [p for p in ema.parameters()]
     m_params = [p.detach() for p in model.parameters()]
     torch._foreach_lerp_(e_params, m_params, 1.0 - decay)
-    for eb, mb in zip(ema.buffers(), model.buffers()):
+    for eb, mb in zip(ema.buffers(), model.buffers(), strict=True):
         eb.copy_(mb)
 
 
@@ -351,7 +351,7 @@ class Trainer:
             sync = micro == cfg.grad_accum - 1 or self.dist.world == 1
             ctx = self.net.no_sync() if not sync and isinstance(self.net, nn.parallel.DistributedDataParallel) else _null()
             with ctx, torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                fn = self.net if y is None else (lambda x, tt: self.net(x, tt, y))
+                fn = self.net if y is None else (lambda x, tt, y=y: self.net(x, tt, y))
                 loss = self.diffusion.training_losses(fn, x0, t=t, noise=noise).float().mean() / cfg.grad_accum
             self.scaler.scale(loss).backward()
             total += loss.detach()

@@ -1,0 +1,157 @@
+"""Training-step and sampling speed of our U-Net against the peers on the same machine, interleaved, in one
+process; FLOPs per image from torch's flop counter and the achieved rate against a measured 3x3-conv peak.
+
+    .venv/bin/python benchmarks/speed.py [--train-batch 16] [--sample-batch 64] [--reps 3] [--bf16]
+
+Peers: diffusers' UNet2DModel in the google/ddpm-cifar10-32 configuration (one attention head) with
+DDPMScheduler, and denoising-diffusion-pytorch's Unet at its closest configuration (each skipped with a note
+when not installed: `pip install -e .[bench]`). Prints a markdown table for benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from ddpm import GaussianDiffusion, UNet, beta_schedule
+
+
+def conv_peak(dtype, device, reps=5) -> float:
+    """GFLOP/s of a large 3x3 convolution (the bulk of the U-Net's work)."""
+    x = torch.randn(16, 256, 32, 32, device=device, dtype=dtype)
+    w = torch.randn(256, 256, 3, 3, device=device, dtype=dtype)
+    F.conv2d(x, w, padding=1)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        F.conv2d(x, w, padding=1)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / reps
+    return 2 * 16 * 256 * 256 * 9 * 32 * 32 / dt / 1e9
+
+
+def flops_per_image(model_fn, x, t) -> tuple[float, float]:
+    """(forward, forward+backward) FLOPs per image."""
+    with FlopCounterMode(display=False) as fc:
+        model_fn(x, t)
+    fwd = fc.get_total_flops() / x.shape[0]
+    with FlopCounterMode(display=False) as fc:
+        model_fn(x, t).float().pow(2).mean().backward()
+    return fwd, fc.get_total_flops() / x.shape[0]
+
+
+def make_models(device):
+    models = {}
+    torch.manual_seed(0)
+    models["ddpm (ours)"] = UNet(3, 128, (1, 2, 2, 2), 2, (16,), 0.1, 32).to(device)
+    try:
+        from diffusers import UNet2DModel
+
+        net = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+                          block_out_channels=(128, 256, 256, 256),
+                          down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
+                          norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, dropout=0.1).to(device)
+        models["diffusers UNet2DModel"] = net
+    except ImportError:
+        print("diffusers not installed: skipped")
+    try:
+        from denoising_diffusion_pytorch import Unet
+
+        models["denoising-diffusion-pytorch Unet"] = Unet(dim=128, dim_mults=(1, 2, 2, 2), dropout=0.1, attn_heads=1,
+                                                          full_attn=(False, True, False, False)).to(device)
+    except ImportError:
+        print("denoising-diffusion-pytorch not installed: skipped")
+    except TypeError as e:
+        print(f"denoising-diffusion-pytorch: {e}: skipped")
+    return models
+
+
+def call(name, model):
+    if name.startswith("diffusers"):
+        return lambda x, t: model(x, t).sample
+    return model
+
+
+def train_rate(fn, model, opt, B, device, amp):
+    x = torch.randn(B, 3, 32, 32, device=device)
+    t = torch.randint(0, 1000, (B,), device=device)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+        loss = (fn(x, t).float() - x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--train-batch", type=int, default=16)
+    p.add_argument("--sample-batch", type=int, default=64)
+    p.add_argument("--sample-steps", type=int, default=5, help="reverse steps timed per sampling measurement")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--bf16", action="store_true")
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = make_models(device)
+    peak = conv_peak(torch.float32, device)
+    peak_bf16 = conv_peak(torch.bfloat16, device)
+    diff = GaussianDiffusion(beta_schedule("linear", 1000))
+    try:
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler(num_train_timesteps=1000, variance_type="fixed_large")
+    except ImportError:
+        sched = None
+    rows = {n: {"train": [], "sample": []} for n in models}
+    opts = {n: torch.optim.Adam(m.parameters(), lr=2e-4, foreach=True) for n, m in models.items()}
+    flops = {}
+    for n, m in models.items():
+        x = torch.randn(2, 3, 32, 32, device=device)
+        flops[n] = flops_per_image(call(n, m), x, torch.tensor([1, 2], device=device))
+        m.zero_grad(set_to_none=True)
+        train_rate(call(n, m), m, opts[n], 2, device, args.bf16)  # warm-up
+    for _ in range(args.reps):  # interleaved: each rep times every model once
+        for n, m in models.items():
+            m.train()
+            t0 = time.perf_counter()
+            train_rate(call(n, m), m, opts[n], args.train_batch, device, args.bf16)
+            rows[n]["train"].append(args.train_batch / (time.perf_counter() - t0))
+            m.eval()
+            x = torch.randn(args.sample_batch, 3, 32, 32, device=device)
+            t0 = time.perf_counter()
+            with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
+                for i in range(999, 999 - args.sample_steps, -1):
+                    tt = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
+                    if n.startswith("diffusers") and sched is not None:
+                        out = m(x, tt).sample
+                        x = sched.step(out, i, x).prev_sample
+                    else:
+                        p_ = diff.p_mean_variance(call(n, m), x, tt)
+                        x = p_.mean + (0.5 * p_.log_variance).exp() * torch.randn_like(x)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            rows[n]["sample"].append(args.sample_batch * args.sample_steps / (time.perf_counter() - t0))
+    dtype = "bf16 autocast" if args.bf16 else "float32"
+    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, {dtype}; 3x3-conv peak {peak:.0f} GFLOP/s fp32, {peak_bf16:.0f} bf16\n")
+    print(f"| model | params | GFLOP/img fwd | train img/s (batch {args.train_batch}) | train GFLOP/s | % of conv peak "
+          f"| sample img-steps/s (batch {args.sample_batch}) |")
+    print("|---|---|---|---|---|---|---|")
+    for n, r in rows.items():
+        tr = sorted(r["train"])[len(r["train"]) // 2]
+        sm = sorted(r["sample"])[len(r["sample"]) // 2]
+        gf = tr * flops[n][1] / 1e9
+        ref = peak_bf16 if args.bf16 else peak
+        params = sum(p.numel() for p in models[n].parameters())
+        print(f"| {n} | {params:,} | {flops[n][0] / 1e9:.2f} | {tr:.2f} | {gf:.0f} | {100 * gf / ref:.0f}% | {sm:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
