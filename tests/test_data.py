@@ -5,6 +5,7 @@ import os
 import pickle
 import tarfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -174,6 +175,23 @@ def test_lmdb(tmp_path):
             txn.put(f"key{i}".encode(), buf.getvalue())
     env.close()
     ds = build_dataset("lmdb", str(tmp_path / "church_train_lmdb"), 16)
-    assert len(ds) == 3
-    img, _ = ds[1]
-    assert img.shape == (3, 16, 16) and img[0, 8, 8].item() == 80
+    assert isinstance(ds, LmdbImageDataset) and ds.keys == [b"key0", b"key1", b"key2"] and len(ds) == 3
+    img, label = ds[1]
+    assert img.shape == (3, 16, 16) and img[0, 8, 8].item() == 80 and label == -1
+    assert ds[0][0][0, 8, 8].item() == 0  # lossless webp
+
+    # a second dataset on the same files in this process (LMDB refuses a second open of them)
+    again = pickle.loads(pickle.dumps(LmdbImageDataset(tmp_path / "church_train_lmdb", 8, channels=1)))
+    assert again[1][0].shape == (1, 8, 8)
+    with ThreadPoolExecutor(3) as pool:
+        assert [x[0][0, 4, 4].item() for x in pool.map(again.__getitem__, [2, 1, 0])] == [48, 24, 0]  # luma of red
+    # a forked DataLoader worker after the parent has read: it opens its own environment
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=1, multiprocessing_context="fork")
+    (batch, labels), = list(loader)
+    assert batch[:, 0, 8, 8].tolist() == [0, 80, 160] and labels.tolist() == [-1, -1, -1]
+
+
+def test_lmdb_name_accepts_a_folder_of_images(tmp_path):
+    _save(Image.new("RGB", (12, 12), (9, 9, 9)), tmp_path / "x.png")
+    ds = build_dataset("lmdb", str(tmp_path), 12)
+    assert isinstance(ds, ImageFolderDataset) and ds[0][0][:, 0, 0].tolist() == [9, 9, 9]

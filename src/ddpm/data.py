@@ -8,6 +8,7 @@ put where.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -283,36 +284,64 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise ValueError(f"cannot read image {self.files[i]}: {e}") from None
 
 
+# LMDB refuses a second open of the same files in one process, and an environment must not be used across
+# a fork; so each process keeps one read-only environment per LMDB, shared by all datasets and threads.
+_LMDB_ENVS: dict[str, tuple[int, object]] = {}  # real path -> (pid that opened it, lmdb.Environment)
+_LMDB_LOCK = threading.Lock()
+
+
+def _reset_lmdb_lock() -> None:
+    global _LMDB_LOCK
+    _LMDB_LOCK = threading.Lock()  # a fork while another thread held the lock must not deadlock the child
+
+
+os.register_at_fork(after_in_child=_reset_lmdb_lock)
+
+
+def _lmdb_env(path: Path):
+    """This process's read-only environment for the LMDB folder `path` (opened on first use)."""
+    import lmdb
+
+    key = os.path.realpath(path)
+    with _LMDB_LOCK:
+        pid, env = _LMDB_ENVS.get(key, (None, None))
+        if pid != os.getpid():
+            if env is not None:
+                env.close()  # inherited through a fork: the child's copy is closed, the parent's stays open
+            # lock=False: LSUN is read-only; readahead=False: random access over a file larger than memory
+            env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False)
+            _LMDB_ENVS[key] = (os.getpid(), env)
+        return env
+
+
 class LmdbImageDataset(torch.utils.data.Dataset):
-    """LSUN's LMDB export (keys -> encoded WebP/JPEG bytes), centre-cropped and resized. The environment is
-    opened lazily in each process, so DataLoader workers can share the dataset."""
+    """LSUN's LMDB export (keys -> encoded WebP/JPEG/PNG bytes) as uint8 [channels, R, R], label -1.
+
+    Keys are listed once at init (in LMDB's sorted order); entries are decoded, centre-cropped and resized
+    like `ImageFolderDataset` when read, so a damaged entry is an error naming its key. The environment is
+    opened read-only, without locking or readahead, lazily and once per process (`_lmdb_env`); the dataset
+    holds only the path and keys, so DataLoader workers started by fork, spawn or forkserver each open
+    their own.
+    """
 
     def __init__(self, path: str | Path, resolution: int, channels: int = 3):
-        import lmdb
-
         self.path, self.resolution, self.channels = Path(path), resolution, channels
         if not (self.path / "data.mdb").is_file():
             raise FileNotFoundError(f"LSUN LMDB not found at {self.path}: pass --data with the <category>_train_lmdb "
                                     "folder (holding data.mdb) of the LSUN export, or a folder of images")
-        env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, meminit=False)
-        with env.begin(write=False) as txn:
-            self.keys = [k for k, _ in txn.cursor()]
-        env.close()
+        with _lmdb_env(self.path).begin(write=False) as txn:
+            self.keys = list(txn.cursor().iternext(keys=True, values=False))  # keys only: no image reads
         if not self.keys:
             raise ValueError(f"LMDB {self.path} holds no images")
-        self._env, self._pid = None, None
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        import lmdb
-
-        if self._env is None or self._pid != os.getpid():
-            self._env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, meminit=False)
-            self._pid = os.getpid()
-        with self._env.begin(write=False) as txn:
+        with _lmdb_env(self.path).begin(write=False) as txn:
             data = txn.get(self.keys[i])
+        if data is None:
+            raise ValueError(f"LMDB {self.path} has no entry {self.keys[i]!r} any more (changed since it was listed)")
         try:
             return decode_image(bytes(data), self.resolution, self.channels), -1
         except Exception as e:
