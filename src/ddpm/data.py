@@ -62,6 +62,8 @@ class TensorImageDataset(torch.utils.data.Dataset):
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W]; got {images.dtype} {tuple(images.shape)}")
+        if labels is not None and tuple(labels.shape) != (images.shape[0],):
+            raise ValueError(f"labels must be [N] = [{images.shape[0]}]; got {tuple(labels.shape)}")
         self.images = images
         self.labels = labels if labels is not None else torch.full((images.shape[0],), -1, dtype=torch.long)
 
@@ -101,6 +103,19 @@ class _ArrayUnpickler:
         return Restricted(f, encoding="bytes").load()
 
 
+def _cifar_batch(batch, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """An unpickled batch -> (uint8 data [n, 3072], int64 labels [n]), checked against the official layout."""
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise ValueError(f"{where} is not a CIFAR-10 batch (a dict with b'data' and b'labels')")
+    data = np.asarray(batch[b"data"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{where}: data must be uint8 [n, 3072]; got {data.dtype} {data.shape}")
+    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    if labels.shape != (len(data),):
+        raise ValueError(f"{where}: {len(data)} images but labels of shape {labels.shape}")
+    return data, labels
+
+
 def load_cifar10(path: str | Path, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """CIFAR-10 as uint8 [N, 3, 32, 32] and int64 labels [N] from cifar-10-python.tar.gz, its extracted
     folder cifar-10-batches-py, or a folder containing either."""
@@ -124,23 +139,24 @@ def load_cifar10(path: str | Path, split: str = "train") -> tuple[torch.Tensor, 
     elif not p.is_file():
         raise FileNotFoundError(f"CIFAR-10 not found at {path}: {_CIFAR_HELP}")
 
-    batches = []
+    batches = []  # (where, unpickled dict)
     try:
         if p.is_dir():
             for n in names:
                 with open(p / n, "rb") as f:
-                    batches.append(_ArrayUnpickler.load(f, str(p / n)))
+                    batches.append((str(p / n), _ArrayUnpickler.load(f, str(p / n))))
         else:
             with tarfile.open(p, "r:*") as tar:
                 members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
                 for n in names:
                     if n not in members:
                         raise ValueError(f"{p} has no member {n}: {_CIFAR_HELP}")
-                    batches.append(_ArrayUnpickler.load(tar.extractfile(members[n]), f"{p}:{n}"))
-    except (pickle.UnpicklingError, tarfile.TarError, EOFError) as e:
+                    batches.append((f"{p}:{n}", _ArrayUnpickler.load(tar.extractfile(members[n]), f"{p}:{n}")))
+    except (pickle.UnpicklingError, tarfile.TarError, EOFError, OSError, TypeError, LookupError) as e:
         raise ValueError(f"cannot read CIFAR-10 from {p}: {e}") from None
-    data = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
-    labels = np.concatenate([np.asarray(b[b"labels"], dtype=np.int64) for b in batches])
+    checked = [_cifar_batch(b, where) for where, b in batches]
+    data = np.concatenate([d for d, _ in checked])
+    labels = np.concatenate([y for _, y in checked])
     # each row: 1024 red, 1024 green, 1024 blue values of a 32x32 image, row-major
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
 
@@ -152,9 +168,13 @@ BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
 
 
 def to_rgb8(img) -> np.ndarray:
-    """Any PIL image -> uint8 [H, W, 3] with its levels kept: 16-bit data is scaled by 255/65535 (a plain
-    convert("RGB") clips it to two grey levels), transparency is composited onto white, CMYK, palette and
-    grayscale images are converted."""
+    """Any PIL image -> uint8 [H, W, 3] with its levels kept.
+
+    16-bit grayscale (I;16, I;16B, I up to 65535) becomes round(v / 257): a plain convert("RGB") clips it to
+    two grey levels. 16-bit RGB PNGs Pillow already opens as 8-bit "RGB" (keeping the high byte), so they
+    keep their gradations too. Transparency (RGBA, LA, palette with a transparent index) is composited onto
+    a white background; CMYK, palette, bilevel and grayscale images are converted to RGB.
+    """
     from PIL import Image
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -220,21 +240,35 @@ def read_image(path: str | Path, resolution: int, channels: int = 3) -> torch.Te
 
 
 def _check_file(path: Path) -> str | None:
+    """None if `path` decodes fully (pixels and colour conversion), else a line naming it and the error."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             img.load()
+            to_rgb8(img)
     except Exception as e:  # Pillow raises many types for damaged files
         return f"{path} ({type(e).__name__}: {e})"
     return None
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
-    """Every image below `root` (nested folders, any case of extension), centre-cropped and resized.
+def _raise(error: OSError) -> None:
+    raise error
 
-    Hidden files and folders, non-image files and empty files are skipped and counted in one warning; every
-    candidate is decoded once at scan time, and damaged images are reported by path before training starts.
+
+class NoImagesError(ValueError):
+    """A folder holds no images (after skipping hidden, non-image and empty files)."""
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Every image below `root` (nested folders, any case of extension) as uint8 [channels, R, R], label -1.
+
+    Files are in sorted path order. Hidden files and folders (leading "."), non-image files, empty files and
+    unreadable entries (a dangling link) are skipped and counted in one warning. With `check`, every
+    candidate is decoded once at scan time and damaged images are reported by path (a ValueError) before
+    training starts. Colours go through `to_rgb8` (transparency onto a white background, 16-bit levels
+    kept); `channels=1` then takes the ITU-R 601 luma. Each image is centre-cropped to a square and resized
+    to R = `resolution` by `center_crop_resize`.
     """
 
     def __init__(self, root: str | Path, resolution: int, channels: int = 3, check: bool = True):
@@ -246,27 +280,35 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"image folder {self.root} not found: pass --data with a folder of images")
         if not self.root.is_dir():
             raise ValueError(f"{self.root} is not a folder of images")
-        skipped = {"hidden": 0, "not an image": 0, "empty": 0}
+        skipped = {"hidden": 0, "not an image": 0, "empty": 0, "unreadable": 0}
         files = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        # onerror: a folder we may not list is an error, not a silently smaller data set
+        for dirpath, dirnames, filenames in os.walk(self.root, onerror=_raise):
             skipped["hidden"] += sum(1 for d in dirnames if d.startswith("."))
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
                 p = Path(dirpath) / name
                 if name.startswith("."):
                     skipped["hidden"] += 1
-                elif p.suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                if p.suffix.lower() not in IMAGE_EXTENSIONS:
                     skipped["not an image"] += 1
-                elif p.stat().st_size == 0:
+                    continue
+                try:
+                    size = p.stat().st_size
+                except OSError:
+                    skipped["unreadable"] += 1
+                    continue
+                if size == 0:
                     skipped["empty"] += 1
                 else:
                     files.append(p)
         self.files = sorted(files)
-        if any(skipped.values()):
-            what = ", ".join(f"{n} {k}" for k, n in skipped.items() if n)
+        what = ", ".join(f"{n} {k}" for k, n in skipped.items() if n)
+        if what:
             warnings.warn(f"{self.root}: skipped {sum(skipped.values())} file(s): {what}", stacklevel=2)
         if not self.files:
-            raise ValueError(f"no images found in {self.root}")
+            raise NoImagesError(f"no images found in {self.root}" + (f" (skipped {what})" if what else ""))
         if check:
             with ThreadPoolExecutor(max_workers=4) as pool:
                 bad = [b for b in pool.map(_check_file, self.files) if b]
@@ -353,8 +395,15 @@ class LmdbImageDataset(torch.utils.data.Dataset):
 DATASETS = ("digits", "cifar10", "folder", "lmdb")
 
 
-def build_dataset(name: str, path: str | None, resolution: int, split: str = "train", channels: int = 3):
-    """The dataset a run trains on: "digits" (bundled), "cifar10", "folder" (images), "lmdb" (LSUN)."""
+def build_dataset(
+    name: str, path: str | None, resolution: int, split: str = "train", channels: int = 3
+) -> torch.utils.data.Dataset:
+    """The dataset a run trains on; each item is (uint8 image [C, H, W], int label, -1 when none).
+
+    "digits": the bundled 8x8 digits (`path` and `resolution` ignored, [1, 8, 8]); "cifar10": `load_cifar10`
+    ([3, 32, 32], `split` "train" or "test"); "folder": `ImageFolderDataset`; "lmdb": `LmdbImageDataset`, or
+    `ImageFolderDataset` when `path` is a folder of images rather than an LMDB.
+    """
     if name == "digits":
         images, labels = load_digits(split)
         return TensorImageDataset(images, labels)
@@ -367,7 +416,11 @@ def build_dataset(name: str, path: str | None, resolution: int, split: str = "tr
         return TensorImageDataset(images, labels)
     p = Path(path)
     if name == "lmdb" and not (p / "data.mdb").is_file() and p.is_dir():
-        return ImageFolderDataset(p, resolution, channels)
+        try:
+            return ImageFolderDataset(p, resolution, channels)
+        except NoImagesError:
+            raise NoImagesError(f"{p} is neither an LMDB (no data.mdb) nor a folder of images: pass --data with the "
+                             "LSUN <category>_train_lmdb folder or a folder of images") from None
     if name == "lmdb":
         return LmdbImageDataset(p, resolution, channels)
     return ImageFolderDataset(p, resolution, channels)
