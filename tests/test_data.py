@@ -167,6 +167,14 @@ def test_image_folder_with_bad_files(tmp_path):
         assert [x[0].shape for x in pool.map(ds.__getitem__, range(3))] == [(3, 16, 16)] * 3
 
 
+def test_dangling_link_is_skipped_and_counted(tmp_path):
+    _save(Image.new("RGB", (8, 8), (1, 2, 3)), tmp_path / "real.png")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")
+    with pytest.warns(UserWarning, match="skipped 1 file\\(s\\): 1 unreadable"):
+        ds = ImageFolderDataset(tmp_path, 8)
+    assert [p.name for p in ds.files] == ["real.png"]
+
+
 def test_many_damaged_files_are_listed_up_to_ten(tmp_path):
     for i in range(12):
         (tmp_path / f"bad{i:02d}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
