@@ -168,6 +168,34 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inpaint_or_edit(args: argparse.Namespace) -> int:
+    import torch
+
+    from ddpm.data import read_image, to_model_range
+    from ddpm.images import save_grid
+    from ddpm.sampling import SAMPLERS, edit, inpaint
+    from ddpm.train import derived_seed, load_run, resolve_device
+
+    device = resolve_device(args.device)
+    run = load_run(args.run, device=device)
+    m = run.config.model
+    image = to_model_range(read_image(args.image, m.resolution, m.in_channels))[None].to(device)
+    x = image.expand(args.n, -1, -1, -1)
+    gens = [torch.Generator(device=device).manual_seed(derived_seed(args.seed, args.command, i)) for i in range(args.n)]
+    model = run.model if m.num_classes is None else (lambda x_, t_: run.model(x_, t_, None))
+    if args.command == "inpaint":
+        mask = read_image(args.mask, m.resolution, 1).to(device).float()[None] / 255.0  # white = known
+        mask = (mask > 0.5).to(x.dtype).expand(args.n, m.in_channels, -1, -1)
+        out = inpaint(run.diffusion, model, x, mask, generator=gens, resample=args.resample)
+    else:
+        if args.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        out = edit(run.diffusion, model, x, args.t, sampler=SAMPLERS[args.sampler], steps=args.steps, generator=gens)
+    path = save_grid(torch.cat([image, out]), args.out, nrow=args.n + 1)
+    print(f"wrote {path}: the input, then {args.n} results")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ddpm.config import PRESETS
 
@@ -242,6 +270,24 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--device", default="auto")
     i.set_defaults(func=_interpolate)
+
+    for name, what in (("inpaint", "fill the unknown pixels of an image (RePaint)"),
+                       ("edit", "noise an image to t and denoise it (SDEdit)")):
+        q = sub.add_parser(name, help=what)
+        q.add_argument("--run", "--run-dir", dest="run", required=True)
+        q.add_argument("--image", required=True, help="the image file")
+        if name == "inpaint":
+            q.add_argument("--mask", required=True, help="mask image: white where the pixel is known, black to fill")
+            q.add_argument("--resample", type=int, default=10, help="RePaint resampling rounds per step")
+        else:
+            q.add_argument("--t", type=int, default=500, help="noise level to edit from (0-based timestep)")
+            q.add_argument("--sampler", default="ancestral")
+            q.add_argument("--steps", type=int)
+        q.add_argument("--n", type=int, default=4, help="how many results")
+        q.add_argument("--out", required=True, help="PNG grid: the input, then the results")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--device", default="auto")
+        q.set_defaults(func=_inpaint_or_edit)
 
     c = sub.add_parser("convert", help="released weights (diffusers folder or the PyTorch port) -> a run directory")
     c.add_argument("--from", dest="from_path", required=True, help="diffusers model/pipeline folder, or a port .ckpt/.pth")

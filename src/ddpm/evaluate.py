@@ -150,11 +150,11 @@ def progressive(run: Run, out_dir: str | Path, n: int = 8, seed: int = 0, frames
     m = run.config.model
     gens = [torch.Generator(device=device).manual_seed(derived_seed(seed, "sample", i)) for i in range(n)]
     x_T = randn((n, m.in_channels, m.resolution, m.resolution), gens, device)
-    final = ancestral(run.diffusion, _conditional(run), x_T, generator=gens, callback=grab)
+    ancestral(run.diffusion, _conditional(run), x_T, generator=gens, callback=grab)
     cols = [shots[t] for t in keep]
     strip = torch.stack(cols, 1).reshape(-1, *cols[0].shape[1:])  # [n * frames, C, H, W], row-major
     save_grid(strip, out / "progressive.png", nrow=len(keep))
-    save_gif(cols + [final.cpu()], out / "progressive.gif")
+    save_gif(cols, out / "progressive.gif")  # the last frame (t = 0) is the sample itself, up to rounding
     info = {"run": str(run.path), "step": run.step, "timesteps": keep, "n": n, "seed": seed}
     _write_json(out / "progressive.json", info)
     return info

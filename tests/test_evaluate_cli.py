@@ -1,0 +1,98 @@
+"""The paper's evaluations and figures through the command, on a tiny run; bound pieces against closed forms."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from oracle import GaussianOracle
+from PIL import Image
+
+from ddpm import GaussianDiffusion, beta_schedule
+from ddpm.cli import main
+from ddpm.likelihood import rate_distortion
+
+TINY = ["--set", "model.ch=32", "--set", "model.ch_mult=1,2", "--set", "model.attn_resolutions=4",
+        "--set", "diffusion.num_timesteps=30", "--set", "train.sample_every=0", "--set", "train.warmup=2",
+        "--batch-size", "16", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["train", "--out", str(path), "--steps", "3", *TINY]) == 0
+    return path
+
+
+def test_eval_bpd_and_rate_distortion(run, tmp_path):
+    out = tmp_path / "ev"
+    assert main(["eval", "bpd", "--run", str(run), "--n", "6", "--batch-size", "4", "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "bpd" / "bpd.json").read_text())
+    assert report["n"] == 6 and report["split"] == "test" and report["var_type"] == "fixedlarge"
+    assert report["bpd"] == pytest.approx(report["prior_bpd"] + report["decoder_bpd"] + report["kl_bpd"], rel=1e-9)
+    assert 0 < report["bpd"] < 100
+    lines = (out / "bpd" / "terms.csv").read_text().splitlines()
+    assert lines[0] == "t,L_t_bits_per_dim" and len(lines) == 31
+    assert (out / "bpd" / "terms.png").stat().st_size > 0
+    assert main(["eval", "rate-distortion", "--run", str(run), "--n", "4", "--out", str(out), "--quiet"]) == 0
+    rd = json.loads((out / "rate-distortion" / "rate_distortion.json").read_text())
+    assert rd["final_rate_bpd"] >= rd["rate_at_T"]
+    for name in ("rate_vs_t.png", "distortion_vs_t.png", "distortion_vs_rate.png", "rate_distortion.csv"):
+        assert (out / "rate-distortion" / name).stat().st_size > 0
+
+
+def test_figures(run, tmp_path):
+    assert main(["sample", "--run", str(run), "--progressive", "--n", "3", "--frames", "4", "--out", str(tmp_path / "p"), "--quiet"]) == 0
+    info = json.loads((tmp_path / "p" / "progressive.json").read_text())
+    assert info["timesteps"] == [29, 19, 10, 0]
+    assert Image.open(tmp_path / "p" / "progressive.gif").n_frames == 4
+    assert main(["sample", "--run", str(run), "--share-from", "25,10", "--n", "3", "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "s" / "share_from.json").read_text())["timesteps"] == [25, 10]
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("L", (8, 8), 0).save(a)
+    Image.new("L", (8, 8), 255).save(b)
+    assert main(["interpolate", "--run", str(run), "--a", str(a), "--b", str(b), "--t", "10", "--steps", "5",
+                 "--out", str(tmp_path / "i")]) == 0
+    info = json.loads((tmp_path / "i" / "interpolation.json").read_text())
+    assert info["lambdas"][0] == 0 and info["lambdas"][-1] == 1 and len(info["reconstruction_rmse_0_255"]) == 2
+    assert Image.open(tmp_path / "i" / "interpolation.png").size[0] > 7 * 8
+
+
+def test_inpaint_and_edit_commands(run, tmp_path):
+    img, mask = tmp_path / "img.png", tmp_path / "mask.png"
+    Image.fromarray(np.tile(np.arange(0, 256, 32, dtype=np.uint8), (8, 1))).save(img)
+    m = np.zeros((8, 8), dtype=np.uint8)
+    m[:, :4] = 255
+    Image.fromarray(m).save(mask)
+    assert main(["inpaint", "--run", str(run), "--image", str(img), "--mask", str(mask), "--n", "2", "--resample", "2",
+                 "--out", str(tmp_path / "inp.png")]) == 0
+    grid = np.asarray(Image.open(tmp_path / "inp.png").convert("L"))
+    left = np.tile(np.arange(0, 128, 32, dtype=np.uint8), (8, 1))
+    np.testing.assert_array_equal(grid[1:9, 10:14], left)  # the first result keeps the known half exactly
+    assert main(["edit", "--run", str(run), "--image", str(img), "--t", "5", "--n", "2", "--sampler", "ddim",
+                 "--steps", "3", "--out", str(tmp_path / "ed.png")]) == 0
+
+
+def test_class_conditional_training_and_guided_sampling(tmp_path):
+    run = tmp_path / "cond"
+    assert main(["train", "--out", str(run), "--steps", "2", *TINY, "--set", "model.num_classes=10"]) == 0
+    out = tmp_path / "g.npz"
+    assert main(["sample", "--run", str(run), "--n", "3", "--out", str(out), "--class", "3", "--guidance", "2.0", "--quiet"]) == 0
+    assert np.load(out)["arr_0"].shape == (3, 8, 8, 1)
+    assert main(["sample", "--run", str(run), "--n", "3", "--out", str(out), "--class", "12", "--quiet"]) == 1
+
+
+def test_oracle_prior_term_and_rate_distortion_directions():
+    betas = beta_schedule("linear", 1000)
+    d = GaussianDiffusion(betas)
+    x0 = (torch.rand(64, 4) * 2 - 1).mul(127.5).round().div(127.5)
+    res = d.bpd(GaussianOracle(betas, 0.0, 0.5), x0, generator=torch.Generator().manual_seed(0), clip_denoised=False)
+    abar = torch.cumprod(1 - betas, 0)[-1]
+    # KL(N(sqrt(abar) x, 1 - abar) || N(0, 1)) per dimension, in bits
+    kl = 0.5 * (-torch.log(1 - abar) + (1 - abar) + abar * x0.double() ** 2 - 1) / math.log(2)
+    torch.testing.assert_close(res.prior, kl.mean(1).to(res.prior.dtype), rtol=1e-4, atol=1e-10)
+    rd = rate_distortion(res)
+    assert (rd.rate[:-1] >= rd.rate[1:]).all()  # more bits have been received once t is smaller
+    assert rd.distortion[0] < rd.distortion[500] < rd.distortion[-1]  # and the reconstruction gets better
+    assert rd.distortion[0] < 5 and rd.rate[-1] == pytest.approx(res.prior.mean().item())
