@@ -1,4 +1,5 @@
-"""The paper's U-Net: shapes, exact parameter counts, zero output at initialisation, the time embedding."""
+"""The paper's U-Net: shapes, exact parameter counts, zero output at initialisation, the initialisation's
+statistics, the time embedding and the attention against their formulas, argument checks."""
 
 import math
 
@@ -6,70 +7,142 @@ import pytest
 import torch
 
 from ddpm.nn import UNet, timestep_embedding
+from ddpm.nn.unet import AttnBlock
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # On the shared 2-core machine a second OpenMP thread waits on a busy core: 1 thread is ~10x faster here
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _count(m):
     return sum(p.numel() for p in m.parameters())
 
 
-def test_cifar10_network():
+def _randomise(net, std=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return net
+
+
+def _tiny(**kw):
+    args = dict(in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, resolution=8)
+    return UNet(**(args | kw))
+
+
+def test_cifar10_network_count_shape_and_zero_output():
     net = UNet(in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, resolution=32)
     assert _count(net) == 35_746_307  # diffusers' google/ddpm-cifar10-32 configuration
-    x = torch.randn(2, 3, 32, 32)
-    out = net(x, torch.tensor([0, 999]))
-    assert out.shape == (2, 3, 32, 32)
-    assert torch.count_nonzero(out) == 0  # zero-initialised output conv
     assert [len(level.attn) for level in net.down] == [0, 2, 0, 0]  # attention at 16x16 only (and the middle)
+    assert [len(level.attn) for level in net.up] == [0, 3, 0, 0]
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 32, 32), torch.tensor([999]))
+    assert out.shape == (1, 3, 32, 32) and out.dtype == torch.float32
+    assert torch.count_nonzero(out) == 0  # conv_out starts at zero
 
 
 def test_256_network_count_and_shape():
-    net = UNet(3, 128, (1, 1, 2, 2, 4, 4), 2, (16,), 0.0, 256)
+    with torch.device("meta"):  # counting needs no memory or initialisation
+        net = UNet(3, 128, (1, 1, 2, 2, 4, 4), 2, (16,), 0.0, 256)
     assert _count(net) == 113_673_219  # diffusers' google/ddpm-ema-church-256 configuration
     assert [len(level.attn) for level in net.down] == [0, 0, 0, 0, 2, 0]
-    small = UNet(3, 32, (1, 1, 2, 2, 4, 4), 1, (16,), 0.0, 256)  # same layout, narrower: a fast shape check
-    assert small(torch.randn(1, 3, 256, 256), torch.tensor([10])).shape == (1, 3, 256, 256)
-
-
-def test_output_channels_and_class_embedding():
-    net = UNet(1, 32, (1, 2), 1, (4,), 0.0, 8, out_channels=2, num_classes=10)
+    # The full network's forward at batch 1 takes 13 to 19 s on the shared 2-core CPU, so the shape is checked on the
+    # same layout at a quarter of the width and one block per level.
+    small = UNet(3, 32, (1, 1, 2, 2, 4, 4), 1, (16,), 0.0, 256)
     with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.05)
-    x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
-    a = net(x, t, torch.tensor([0, 1, 2]))
-    b = net(x, t, torch.tensor([5, 1, 2]))
-    assert a.shape == (3, 2, 8, 8)
-    assert not torch.allclose(a[0], b[0]) and torch.allclose(a[1:], b[1:])
-    torch.testing.assert_close(net(x, t), net(x, t, torch.full((3,), 10)))  # no label = the null class
-    with pytest.raises(ValueError, match="no class embedding"):
-        UNet(1, 32, (1, 2), 1, (), 0.0, 8)(x, t, torch.tensor([0, 1, 2]))
+        assert small(torch.randn(1, 3, 256, 256), torch.tensor([10])).shape == (1, 3, 256, 256)
+
+
+def test_initialisation_is_variance_scaling_with_zeroed_output_layers():
+    net = UNet(3, 64, (1, 2), 1, (16,), 0.0, 32)
+    for name, p in net.named_parameters():
+        if name.endswith(".bias"):
+            assert torch.count_nonzero(p) == 0, name
+    zeroed = {n for n, _ in net.named_parameters() if n.endswith(("conv2.weight", "proj_out.weight")) or n == "conv_out.weight"}
+    assert len(zeroed) == (2 + 4 + 2) + (1 + 2 + 1) + 1  # conv2 of 8 blocks, 4 attention outputs, conv_out
+    for name, p in net.named_parameters():
+        if name in zeroed:
+            assert torch.count_nonzero(p) == 0, name
+    # TF's variance_scaling(1.0, "fan_avg", "uniform"): U(-l, l), l = sqrt(3 / ((fan_in + fan_out) / 2))
+    for name in ("up.0.block.0.conv1.weight", "temb.dense.1.weight", "down.1.attn.0.q.weight"):
+        w = net.get_parameter(name)
+        receptive = w[0, 0].numel() if w.ndim == 4 else 1
+        limit = math.sqrt(3.0 / ((w.shape[0] + w.shape[1]) * receptive / 2))
+        assert w.abs().max() <= limit, name
+        assert w.var().item() == pytest.approx(limit**2 / 3, rel=0.05), name
 
 
 def test_timestep_embedding_formula():
     t = torch.tensor([0, 1, 37, 999])
     emb = timestep_embedding(t, 128)
     half = 64
-    i = 5
-    f = math.exp(-math.log(10000) * i / (half - 1))
-    assert emb[2, i].item() == pytest.approx(math.sin(37 * f), abs=1e-5)
-    assert emb[2, half + i].item() == pytest.approx(math.cos(37 * f), abs=1e-5)
-    assert emb.shape == (4, 128) and torch.equal(emb[0, :half], torch.zeros(half))
+    want = torch.tensor([[math.sin(s * math.exp(-math.log(10000) * i / (half - 1))) for i in range(half)]
+                         + [math.cos(s * math.exp(-math.log(10000) * i / (half - 1))) for i in range(half)]
+                         for s in (0, 1, 37, 999)], dtype=torch.float64)
+    assert emb.shape == (4, 128) and emb.dtype == torch.float32
+    torch.testing.assert_close(emb.double(), want, rtol=0, atol=2e-4)  # float32 arguments up to 999
+    torch.testing.assert_close(emb[:2].double(), want[:2], rtol=0, atol=1e-6)
+    torch.testing.assert_close(timestep_embedding(t.float(), 128), emb)  # float timesteps give the same
+    odd = timestep_embedding(t, 7)  # an odd width is padded with a zero column
+    assert odd.shape == (4, 7) and torch.equal(odd[:, 6], torch.zeros(4))
+
+
+def test_attention_is_the_single_head_formula():
+    attn = _randomise(AttnBlock(32), std=0.2, seed=1).double()
+    x = torch.randn(2, 32, 4, 5, dtype=torch.float64)
+    h = attn.norm(x)
+    q, k, v = (conv(h).flatten(2) for conv in (attn.q, attn.k, attn.v))  # [B, C, HW]
+    w = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(32), dim=-1)  # [B, HW_q, HW_k]
+    a = torch.einsum("bij,bcj->bci", w, v).reshape(2, 32, 4, 5)
+    torch.testing.assert_close(attn(x), x + attn.proj_out(a), rtol=1e-12, atol=1e-12)
+
+
+def test_output_channels_and_class_embedding():
+    net = _randomise(_tiny(out_channels=2, num_classes=10))
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
+    a = net(x, t, torch.tensor([0, 1, 2]))
+    b = net(x, t, torch.tensor([5, 1, 2]))
+    assert a.shape == (3, 2, 8, 8)
+    assert not torch.allclose(a[0], b[0]) and torch.allclose(a[1:], b[1:])  # labels act per sample
+    torch.testing.assert_close(net(x, t), net(x, t, torch.full((3,), 10)))  # no label = the null class
+    with pytest.raises(ValueError, match="no class embedding"):
+        _tiny()(x, t, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="y must be"):
+        net(x, t, torch.tensor([0, 1]))
+
+
+def test_timesteps_act_per_sample_and_may_be_float_or_scalar():
+    net = _randomise(_tiny()).eval()
+    x = torch.randn(2, 1, 8, 8)
+    out = net(x, torch.tensor([3, 500]))
+    torch.testing.assert_close(net(x, torch.tensor([3.0, 500.0])), out)
+    torch.testing.assert_close(net(x[1:], torch.tensor([500])), out[1:])  # no mixing across the batch
+    torch.testing.assert_close(net(x, 3), net(x, torch.tensor([3, 3])))
+    with pytest.raises(ValueError, match="t must be"):
+        net(x, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="divisible by 2"):
+        net(torch.randn(1, 1, 9, 8), torch.tensor([1]))
 
 
 @pytest.mark.parametrize("kwargs,field", [
-    (dict(ch=48), "ch"), (dict(resolution=36), "resolution"), (dict(ch_mult=()), "ch_mult"),
-    (dict(num_res_blocks=0), "num_res_blocks"), (dict(dropout=1.0), "dropout"),
+    (dict(ch=48), "ch"), (dict(ch=0), "ch"), (dict(resolution=36), "resolution"), (dict(ch_mult=()), "ch_mult"),
+    (dict(ch_mult=(1, 0)), "ch_mult"), (dict(num_res_blocks=0), "num_res_blocks"), (dict(dropout=1.0), "dropout"),
+    (dict(attn_resolutions=(12,)), "attn_resolutions"), (dict(in_channels=0), "in_channels"),
+    (dict(out_channels=0), "out_channels"), (dict(num_classes=0), "num_classes"),
 ])
 def test_bad_arguments_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
-        UNet(**kwargs)
+        UNet(**kwargs)  # refused before any layer is built
 
 
 def test_eval_mode_is_deterministic_and_dropout_only_in_training():
-    net = UNet(1, 32, (1, 2), 1, (4,), 0.5, 8)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.05)
+    net = _randomise(_tiny(dropout=0.5))
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 4])
     net.eval()
     torch.testing.assert_close(net(x, t), net(x, t), rtol=0, atol=0)

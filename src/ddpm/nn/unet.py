@@ -19,6 +19,8 @@ from torch import nn
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal features [B, dim] of timesteps t [B]: sin then cos, frequencies exp(-log(10000) i / (half - 1)),
     as in the paper's code (diffusers: flip_sin_to_cos=False, freq_shift=1)."""
+    if dim < 4:
+        raise ValueError(f"dim must be >= 4 (two frequencies at least); got {dim}")
     half = dim // 2
     freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000.0) / (half - 1)))
     args = t.to(torch.float32)[:, None] * freqs[None, :]
@@ -110,6 +112,8 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
+    """The lowest resolution: block_1 -> attn_1 -> block_2, at constant width."""
+
     def __init__(self, ch: int, temb_ch: int, dropout: float):
         super().__init__()
         self.block_1 = ResnetBlock(ch, ch, temb_ch, dropout)
@@ -118,6 +122,8 @@ class _Mid(nn.Module):
 
 
 class _Temb(nn.Module):
+    """The timestep MLP: `dense.0` (ch -> 4 ch) -> swish -> `dense.1` (4 ch -> 4 ch); applied in UNet.forward."""
+
     def __init__(self, ch: int, temb_ch: int):
         super().__init__()
         self.dense = nn.ModuleList([nn.Linear(ch, temb_ch), nn.Linear(temb_ch, temb_ch)])
@@ -145,22 +151,32 @@ class UNet(nn.Module):
         super().__init__()
         ch_mult = tuple(int(c) for c in ch_mult)
         attn_resolutions = tuple(int(r) for r in attn_resolutions)
+        out_channels = in_channels if out_channels is None else out_channels
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be a positive integer; got {in_channels}")
+        if out_channels < 1:
+            raise ValueError(f"out_channels must be a positive integer or None; got {out_channels}")
         if ch < 32 or ch % 32:
             raise ValueError(f"ch must be a positive multiple of 32 (group norm with 32 groups); got {ch}")
         if not ch_mult or any(c < 1 for c in ch_mult):
-            raise ValueError(f"ch_mult must be positive integers; got {ch_mult}")
+            raise ValueError(f"ch_mult must be one or more positive integers; got {ch_mult}")
         if num_res_blocks < 1:
             raise ValueError(f"num_res_blocks must be >= 1; got {num_res_blocks}")
         if resolution < 1 or resolution % (2 ** (len(ch_mult) - 1)):
             raise ValueError(f"resolution {resolution} must be divisible by 2^{len(ch_mult) - 1} "
-                             f"(ch_mult has {len(ch_mult)} levels)")
+                             f"(ch_mult has {len(ch_mult)} levels, each but the last halves it)")
+        level_sizes = [resolution // 2**i for i in range(len(ch_mult))]
+        if any(r not in level_sizes for r in attn_resolutions):
+            # a size no level has would silently give a network without attention
+            raise ValueError(f"attn_resolutions {attn_resolutions} must be feature-map sizes of the levels, "
+                             f"{tuple(level_sizes)} for resolution {resolution}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1); got {dropout}")
         if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be positive or None; got {num_classes}")
+            raise ValueError(f"num_classes must be a positive integer or None; got {num_classes}")
         self.config = dict(in_channels=in_channels, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
                            attn_resolutions=attn_resolutions, dropout=dropout, resolution=resolution,
-                           out_channels=out_channels or in_channels, num_classes=num_classes)
+                           out_channels=out_channels, num_classes=num_classes)
         self.ch, self.num_classes = ch, num_classes
         self.num_res_blocks = num_res_blocks
         self.num_levels = len(ch_mult)
@@ -206,7 +222,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(ups)  # up[i] works at the resolution of down[i]
 
         self.norm_out = _norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, out_channels or in_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -225,21 +241,29 @@ class UNet(nn.Module):
                 nn.init.zeros_(m.proj_out.weight)
         nn.init.zeros_(self.conv_out.weight)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, C, H, W], t [B] (int or float timesteps), y [B] int64 class labels or None -> [B, C_out, H, W]."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C, H, W], t [B] (int or float timesteps; a scalar applies to the whole batch), y [B] int64
+        class labels or None (the null class) -> [B, out_channels, H, W]."""
+        B, _, H, W = x.shape
+        f = 2 ** (self.num_levels - 1)
+        if H % f or W % f:
+            raise ValueError(f"x's height and width must be divisible by {f} (one halving per level); got {H}x{W}")
+        t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must be [B] with B = {x.shape[0]}; got shape {tuple(t.shape)}")
-        temb = timestep_embedding(t, self.ch).to(x.dtype)
-        temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))
+            t = t.expand(B)
+        if t.shape != (B,):
+            raise ValueError(f"t must be [B] with B = {B}; got shape {tuple(t.shape)}")
+        temb = timestep_embedding(t, self.ch).to(x.dtype)  # [B, ch]
+        temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))  # [B, 4 ch]
         if self.label_emb is not None:
             if y is None:
-                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+                y = torch.full((B,), self.num_classes, device=x.device, dtype=torch.long)
+            if y.shape != (B,):
+                raise ValueError(f"y must be [B] with B = {B}; got shape {tuple(y.shape)}")
             temb = temb + self.label_emb(y)
         elif y is not None:
             raise ValueError("this UNet has no class embedding (num_classes=None) but labels were given")
-        temb_act = F.silu(temb)
+        temb_act = F.silu(temb)  # every block's temb_proj takes swish(temb): computed once here
 
         hs = [self.conv_in(x)]
         for i, level in enumerate(self.down):
