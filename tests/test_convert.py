@@ -1,7 +1,8 @@
 """The released models' layouts: diffusers folders and the PyTorch port load into our network with the same
-outputs; export goes back to diffusers; damaged files are refused by name."""
+outputs; export goes back to diffusers; damaged files and networks of another design are refused by name."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from ddpm.convert import (
     export_diffusers,
     load_diffusers_unet,
     load_port_state_dict,
+    unet_kwargs_from_diffusers,
 )
 from ddpm.nn import UNet
 
@@ -22,17 +24,44 @@ CIFAR10_CONFIG = dict(  # google/ddpm-cifar10-32
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
     norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, act_fn="silu", norm_num_groups=32,
+    center_input_sample=False, time_embedding_type="positional", resnet_time_scale_shift="default",
+    mid_block_scale_factor=1, dropout=0.1,
 )
-CHURCH_DOWN = ("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D")
-CHURCH_UP = ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D")
+CHURCH_CONFIG = dict(  # google/ddpm-ema-church-256: attention at 16x16, the fifth of six levels
+    CIFAR10_CONFIG, sample_size=256, block_out_channels=(128, 128, 256, 256, 512, 512), dropout=0.0,
+    down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+)
+SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
+             "variance_type": "fixed_large", "clip_sample": True, "prediction_type": "epsilon"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # On the shared 2-core machine a second OpenMP thread waits on a busy core: 1 thread is much faster here
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _randomise(model, seed=0):
+    """Every tensor random and non-zero (the zero-initialised layers would hide mapping errors); norm scales
+    near 1 so that the signal keeps its size through the network."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.05 * noise)
     return model
+
+
+def _random_diffusers(config, seed=0):
+    """A diffusers UNet2DModel with random weights; built on the meta device, as its own initialisation would
+    be overwritten anyway (2 s for the CIFAR-10 network)."""
+    with torch.device("meta"):
+        model = diffusers.UNet2DModel(**config)
+    return _randomise(model.to_empty(device="cpu"), seed).eval()
 
 
 def _rel(a, b):
@@ -44,76 +73,172 @@ def _inputs(res, b=2, c=3):
     return torch.randn(b, c, res, res, generator=g, dtype=torch.float64), torch.tensor([3, 871])[:b]
 
 
+def _small_church(**kw):
+    """The church layout (6 levels, attention at one level) at a quarter of the width and 64x64 pixels:
+    attention sits at 4x4, the fifth level, as 16x16 does at 256x256."""
+    return dict(CHURCH_CONFIG, sample_size=64, block_out_channels=(32, 32, 64, 64, 128, 128), **kw)
+
+
 def test_cifar10_diffusers_folder_gives_the_same_outputs(tmp_path):
-    ref = _randomise(diffusers.UNet2DModel(**CIFAR10_CONFIG))
+    ref = _random_diffusers(CIFAR10_CONFIG)
     assert sum(p.numel() for p in ref.parameters()) == 35_746_307
     ref.save_pretrained(tmp_path / "cifar")
     ours, cfg = load_diffusers_unet(tmp_path / "cifar")
-    assert ours.config["ch_mult"] == (1, 2, 2, 2) and ours.config["attn_resolutions"] == (16,)
-    x, t = _inputs(32)
+    assert cfg["block_out_channels"] == [128, 256, 256, 256]
+    assert {k: ours.config[k] for k in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "resolution")} \
+        == dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, resolution=32)
+    assert not ours.training
+    x, t = _inputs(32, b=1)
     with torch.no_grad():
-        want = ref.double().eval()(x, t).sample
-        got = ours.double().eval()(x, t)
+        want = ref.double()(x, t).sample
+        got = ours.double()(x, t)
     assert _rel(got, want) < 1e-5
 
 
-def test_church_layout_gives_the_same_outputs(tmp_path):
-    full = dict(CIFAR10_CONFIG, sample_size=256, block_out_channels=(128, 128, 256, 256, 512, 512),
-                down_block_types=CHURCH_DOWN, up_block_types=CHURCH_UP)
-    with torch.device("meta"):
-        assert sum(p.numel() for p in diffusers.UNet2DModel(**full).parameters()) == 113_673_219
-    small = dict(full, sample_size=64, block_out_channels=(32, 32, 64, 64, 128, 128),
-                 down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
-    ref = _randomise(diffusers.UNet2DModel(**small), seed=2)
-    ref.save_pretrained(tmp_path / "church", safe_serialization=False)  # the older .bin layout
-    ours, _ = load_diffusers_unet(tmp_path / "church")
-    assert ours.config["attn_resolutions"] == (16,) and ours.config["resolution"] == 64
-    x, t = _inputs(64, b=1)
+def test_church_layout_old_names_and_bin_file_give_the_same_outputs(tmp_path):
+    with torch.device("meta"):  # the full-size configuration, counted without memory or initialisation
+        assert sum(p.numel() for p in diffusers.UNet2DModel(**CHURCH_CONFIG).parameters()) == 113_673_219
+        kwargs = unet_kwargs_from_diffusers(dict(CHURCH_CONFIG))
+        assert sum(p.numel() for p in UNet(**kwargs).parameters()) == 113_673_219
+    assert kwargs["ch_mult"] == (1, 1, 2, 2, 4, 4) and kwargs["attn_resolutions"] == (16,)
+
+    ref = _random_diffusers(_small_church(), seed=2)
+    folder = tmp_path / "church"
+    ref.save_pretrained(folder)
+    # the 2022 google/ddpm-* folders: a .bin with the old attention names, a config without attention_head_dim
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = {}
+    for name, tensor in ref.state_dict().items():
+        for new, was in old.items():
+            name = name.replace(f".{new}.", f".{was}.")
+        state[name] = tensor
+    assert "mid_block.attentions.0.query.weight" in state
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(state, folder / "diffusion_pytorch_model.bin")
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["attention_head_dim"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+    ours, _ = load_diffusers_unet(folder)
+    assert ours.config["attn_resolutions"] == (4,) and ours.config["resolution"] == 64
+    x, t = _inputs(64, b=2)
     with torch.no_grad():
-        assert _rel(ours.double()(x, t), ref.double()(x, t).sample) < 1e-5
+        want = ref.double()(x, t).sample
+        assert _rel(ours.double()(x, t), want) < 1e-5
+        # the comparison can fail: swapping the middle attention's q and k changes the output
+        q, k = ours.mid.attn_1.q.weight, ours.mid.attn_1.k.weight
+        q_was = q.clone()
+        q.copy_(k)
+        k.copy_(q_was)
+        assert _rel(ours(x, t), want) > 1e-4  # 6e-4: sixty times the tolerance
 
 
-def test_port_state_dict_loads_and_export_round_trips(tmp_path):
-    ours = _randomise(UNet(3, 128, (1, 2, 2, 2), 2, (16,), 0.0, 32), seed=3).eval()
+def test_port_state_dict_infers_the_network_and_loads_exactly(tmp_path):
+    ours = _randomise(UNet(3, 32, (1, 2, 2, 2), 2, (16,), 0.0, 32, out_channels=6), seed=3).eval()
     torch.save(ours.state_dict(), tmp_path / "ema_diffusion_cifar10_model.ckpt")  # the port's names are ours
     port = load_port_state_dict(tmp_path / "ema_diffusion_cifar10_model.ckpt")
-    assert port.config["attn_resolutions"] == (16,) and port.config["ch_mult"] == (1, 2, 2, 2)
+    assert port.config == ours.config | {"dropout": 0.0}  # all inferred; the image size from attention at 16x16
+    assert not port.training
+    x, t = _inputs(32)
+    with torch.no_grad():
+        assert torch.equal(port(x.float(), t), ours(x.float(), t))
+    again = load_port_state_dict(tmp_path / "ema_diffusion_cifar10_model.ckpt", resolution=64, dropout=0.1)
+    assert again.config["resolution"] == 64 and again.config["attn_resolutions"] == (32,) and again.config["dropout"] == 0.1
+
+
+def test_export_loads_in_diffusers_with_the_same_outputs(tmp_path):
+    ours = _randomise(UNet(3, 32, (1, 2, 2, 2), 2, (16,), 0.1, 32), seed=4).eval()
+    out = export_diffusers(ours, tmp_path / "export", SCHEDULER)
+    assert sorted(p.name for p in out.iterdir()) == ["model_index.json", "scheduler", "unet"]
     x, t = _inputs(32)
     with torch.no_grad():
         want = ours.double()(x, t)
-        assert _rel(port.double().eval()(x, t), want) < 1e-12
-    sched = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
-             "variance_type": "fixed_large", "clip_sample": True, "prediction_type": "epsilon"}
-    export_diffusers(ours.float(), tmp_path / "export", sched)
-    back = diffusers.UNet2DModel.from_pretrained(tmp_path / "export" / "unet").double().eval()
-    with torch.no_grad():
+        back = diffusers.UNet2DModel.from_pretrained(out / "unet").double().eval()
         assert _rel(back(x, t).sample, want) < 1e-5
-    s = diffusers.DDPMScheduler.from_pretrained(tmp_path / "export" / "scheduler")
-    assert s.config.variance_type == "fixed_large" and s.config.num_train_timesteps == 1000
-    assert json.loads((tmp_path / "export" / "model_index.json").read_text())["unet"] == ["diffusers", "UNet2DModel"]
+        assert diffusers_unet_config(ours)["dropout"] == back.config.dropout == 0.1
+        again, _ = load_diffusers_unet(out)  # the pipeline folder reads back into our network exactly
+        assert torch.equal(again.double()(x, t), want)
+    pipe = diffusers.DDPMPipeline.from_pretrained(out)
+    assert isinstance(pipe.unet, diffusers.UNet2DModel) and isinstance(pipe.scheduler, diffusers.DDPMScheduler)
+    assert pipe.scheduler.config.variance_type == "fixed_large" and pipe.scheduler.config.num_train_timesteps == 1000
+    with pytest.raises(ConversionError, match="no setting variance"):
+        export_diffusers(ours, tmp_path / "bad", dict(SCHEDULER, variance="fixed_large"))
+    with pytest.raises(ConversionError, match="variance_type 'fixedlarge'"):
+        export_diffusers(ours, tmp_path / "bad", dict(SCHEDULER, variance_type="fixedlarge"))
+    with pytest.raises(ConversionError, match="class-conditional"):
+        export_diffusers(UNet(1, 32, (1, 2), 1, (4,), 0.0, 8, num_classes=10), tmp_path / "bad", SCHEDULER)
+    assert not (tmp_path / "bad").exists()
 
 
-def test_damaged_files_are_refused_by_name(tmp_path):
+class _RunsCode:
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):  # unpickling would create the sentinel file
+        return (Path.touch, (self.sentinel,))
+
+
+def test_damaged_port_files_are_refused_by_name(tmp_path):
     sd = UNet(3, 32, (1, 2), 1, (16,), 0.0, 32).state_dict()
     missing = dict(sd)
     del missing["mid.attn_1.q.weight"]
     torch.save(missing, tmp_path / "missing.pt")
     with pytest.raises(ConversionError, match=r"missing: mid\.attn_1\.q\.weight"):
         load_port_state_dict(tmp_path / "missing.pt")
-    extra = dict(sd, **{"bogus.weight": torch.zeros(1)})
-    torch.save(extra, tmp_path / "extra.pt")
+    torch.save(dict(sd, **{"bogus.weight": torch.zeros(1)}), tmp_path / "extra.pt")
     with pytest.raises(ConversionError, match=r"unexpected: bogus\.weight"):
         load_port_state_dict(tmp_path / "extra.pt")
-    shaped = dict(sd, **{"conv_out.bias": torch.zeros(5)})
-    torch.save(shaped, tmp_path / "shape.pt")
-    with pytest.raises(ConversionError, match=r"mis-shaped: conv_out\.bias \(5,\)"):
+    torch.save(dict(sd, **{"conv_out.bias": torch.zeros(5)}), tmp_path / "shape.pt")
+    with pytest.raises(ConversionError, match=r"mis-shaped: conv_out\.bias \(5,\) \(expected \(3,\)\)"):
         load_port_state_dict(tmp_path / "shape.pt")
+    torch.save({k: v for k, v in sd.items() if not k.startswith("up.")}, tmp_path / "many.pt")
+    with pytest.raises(ConversionError, match=r"missing: up\.0\.[^;]* and \d+ more"):  # ten named, then a count
+        load_port_state_dict(tmp_path / "many.pt")
+    sentinel = tmp_path / "ran"
+    torch.save(dict(sd, evil=_RunsCode(sentinel)), tmp_path / "evil.ckpt")
+    with pytest.raises(ConversionError, match="evil.ckpt"):
+        load_port_state_dict(tmp_path / "evil.ckpt")
+    assert not sentinel.exists()  # refused without running it
+    torch.save({"conv_in.weight": torch.zeros(32, 3, 3, 3)}, tmp_path / "other.pt")
+    with pytest.raises(ConversionError, match="port's naming"):
+        load_port_state_dict(tmp_path / "other.pt")
 
 
-def test_multi_head_diffusers_models_are_refused(tmp_path):
-    ref = diffusers.UNet2DModel(**dict(CIFAR10_CONFIG, block_out_channels=(32, 64, 64, 64), attention_head_dim=8))
+def test_damaged_diffusers_files_are_refused_by_diffusers_names(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ref = diffusers.UNet2DModel(**_small_church())
     ref.save_pretrained(tmp_path / "m")
-    with pytest.raises(ConversionError, match="several heads"):
+    path = tmp_path / "m" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(path))
+    del state["up_blocks.1.attentions.2.to_v.bias"]
+    state["mid_block.attentions.0.to_q.weight"] = torch.zeros(128, 128, 1, 1)
+    state["extra.weight"] = torch.zeros(1)
+    save_file(state, str(path))
+    with pytest.raises(ConversionError) as e:
         load_diffusers_unet(tmp_path / "m")
-    assert diffusers_unet_config(UNet())["attention_head_dim"] is None
+    msg = str(e.value)
+    assert "missing: up_blocks.1.attentions.2.to_v.bias" in msg and "unexpected: extra.weight" in msg
+    assert "mis-shaped: mid_block.attentions.0.to_q.weight (128, 128, 1, 1) (expected (128, 128))" in msg
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(attention_head_dim=8), "several heads"), (dict(resnet_time_scale_shift="scale_shift"), "resnet_time_scale_shift"),
+    (dict(mid_block_scale_factor=2**-0.5), "mid_block_scale_factor"), (dict(add_attention=False), "add_attention"),
+    (dict(flip_sin_to_cos=True), "flip_sin_to_cos"), (dict(freq_shift=0), "freq_shift"), (dict(norm_eps=1e-5), "norm_eps"),
+    (dict(downsample_padding=1), "downsample_padding"), (dict(num_class_embeds=10), "num_class_embeds"),
+    (dict(up_block_types=("UpBlock2D",) * 4), "mirror"), (dict(down_block_types=("ResnetDownsampleBlock2D",) * 4), "down_block_types"),
+    (dict(block_out_channels=(48, 96, 96, 96)), "block_out_channels"), (dict(time_embedding_dim=256), "time_embedding_dim"),
+    (dict(sample_size=(32, 64)), "not square"), (dict(_class_name="UNet2DConditionModel"), "not a UNet2DModel"),
+])
+def test_networks_of_another_design_are_refused(change, field):
+    with pytest.raises(ConversionError, match=field):
+        unet_kwargs_from_diffusers(dict(CIFAR10_CONFIG, **change))
+
+
+def test_missing_config_keys_take_diffusers_defaults():
+    paper = dict(CIFAR10_CONFIG)
+    del paper["freq_shift"]  # diffusers' default 0 is not the paper's 1
+    with pytest.raises(ConversionError, match="freq_shift = 0"):
+        unet_kwargs_from_diffusers(paper)
+    assert unet_kwargs_from_diffusers({k: v for k, v in CIFAR10_CONFIG.items() if k != "dropout"})["dropout"] == 0.0

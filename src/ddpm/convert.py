@@ -11,190 +11,286 @@ from pathlib import Path
 
 import torch
 
-from ddpm.checkpoint import safe_torch_load
+from ddpm.checkpoint import CheckpointError, safe_torch_load
 from ddpm.nn import UNet
 
 DIFFUSERS_VERSION = "0.30.0"  # the config format written; any later diffusers reads it
 
-# diffusers' settings that the paper's network has; anything else is a different network
-_REQUIRED = {
+# diffusers' UNet2DModel constructor defaults (facts of its signature): a config.json that lacks a key gets these
+_DIFFUSERS_DEFAULTS = {
+    "sample_size": None, "in_channels": 3, "out_channels": 3, "center_input_sample": False,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "freq_shift": 0, "flip_sin_to_cos": True,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+    "mid_block_type": "UNetMidBlock2D", "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [224, 448, 672, 896], "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "downsample_padding": 1, "downsample_type": "conv", "upsample_type": "conv", "dropout": 0.0, "act_fn": "silu",
+    "norm_num_groups": 32, "attn_norm_num_groups": None, "norm_eps": 1e-5,
+    "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None, "num_class_embeds": None,
+    "num_train_timesteps": None,
+}
+# the settings under which UNet2DModel computes the paper's network; any other value is a different network
+_PAPER_SETTINGS = {
     "act_fn": "silu", "norm_num_groups": 32, "flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0,
     "time_embedding_type": "positional", "resnet_time_scale_shift": "default", "center_input_sample": False,
+    "mid_block_type": "UNetMidBlock2D", "mid_block_scale_factor": 1, "downsample_type": "conv",
+    "upsample_type": "conv", "add_attention": True, "class_embed_type": None, "num_class_embeds": None,
 }
+# DDPMScheduler's constructor arguments (facts of its signature); export refuses other keys (typos)
+_SCHEDULER_KEYS = frozenset({
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "variance_type", "clip_sample",
+    "prediction_type", "thresholding", "dynamic_thresholding_ratio", "clip_sample_range", "sample_max_value",
+    "timestep_spacing", "steps_offset", "rescale_betas_zero_snr",
+})
+_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+_MAX_LISTED = 10  # tensors named per kind of problem in an error message
 
 
 class ConversionError(ValueError):
     """A foreign file that does not hold the paper's network; the message names the file and tensors."""
 
 
-# ---------------------------------------------------------------------------------------------- strict loading
+# ---------------------------------------------------------------------------------------------- strict checks
 
 
-def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load state into model, refusing missing, unexpected or mis-shaped tensors (named, up to 10 each)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    shapes = sorted(f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})"
-                    for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
+def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse `found` unless it has exactly the names of `expected` with those shapes. The message lists the
+    missing, unexpected and mis-shaped tensors by name (up to 10 of each, then a count)."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    shapes = sorted(f"{k} {tuple(found[k].shape)} (expected {expected[k]})"
+                    for k in set(expected) & set(found) if tuple(found[k].shape) != expected[k])
     problems = []
     for label, items in (("missing", missing), ("unexpected", extra), ("mis-shaped", shapes)):
         if items:
-            more = f" and {len(items) - 10} more" if len(items) > 10 else ""
-            problems.append(f"{label}: {', '.join(items[:10])}{more}")
+            more = f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+            problems.append(f"{label}: {', '.join(items[:_MAX_LISTED])}{more}")
     if problems:
         raise ConversionError(f"{source} does not fit the network: " + "; ".join(problems))
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
-# ---------------------------------------------------------------------------------------------- diffusers
+def _skeleton(kwargs: dict) -> UNet:
+    """A UNet on the meta device: its names and shapes, without the time an initialisation takes that loaded
+    weights replace (3 s for the 256x256 network)."""
+    with torch.device("meta"):
+        return UNet(**kwargs)
 
 
-def _ours_to_diffusers_names(num_levels: int) -> list[tuple[str, str]]:
-    """(our prefix, diffusers prefix) pairs, longest first; up levels are numbered in reverse in diffusers."""
-    pairs = [("temb.dense.0.", "time_embedding.linear_1."), ("temb.dense.1.", "time_embedding.linear_2."),
-             ("norm_out.", "conv_norm_out."), ("mid.block_1.", "mid_block.resnets.0."),
-             ("mid.block_2.", "mid_block.resnets.1."), ("mid.attn_1.", "mid_block.attentions.0.")]
-    for i in range(num_levels):
-        pairs += [(f"down.{i}.block.", f"down_blocks.{i}.resnets."), (f"down.{i}.attn.", f"down_blocks.{i}.attentions."),
-                  (f"down.{i}.downsample.conv.", f"down_blocks.{i}.downsamplers.0.conv."),
-                  (f"up.{i}.block.", f"up_blocks.{num_levels - 1 - i}.resnets."),
-                  (f"up.{i}.attn.", f"up_blocks.{num_levels - 1 - i}.attentions."),
-                  (f"up.{i}.upsample.conv.", f"up_blocks.{num_levels - 1 - i}.upsamplers.0.conv.")]
-    return pairs
+def _filled(skeleton: UNet, state: dict[str, torch.Tensor], source: str) -> UNet:
+    """The skeleton holding `state` (our names) as float32 CPU tensors, in eval mode; missing, unexpected or
+    mis-shaped tensors are refused by name. A float16 file loads into the float32 network."""
+    check_tensors({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, state, source)
+    skeleton.load_state_dict({k: v.to(device="cpu", dtype=torch.float32) for k, v in state.items()}, assign=True)
+    return skeleton.eval()
 
 
-_LEAF = {"temb_proj.": "time_emb_proj.", "nin_shortcut.": "conv_shortcut.", "norm.": "group_norm.", "q.": "to_q.",
-         "k.": "to_k.", "v.": "to_v.", "proj_out.": "to_out.0."}
-_OLD_ATTN = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to_out.0.": "proj_attn."}
+def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors, or a PyTorch pickle read with weights_only=True (no code runs; a file that needs code is
+    a ConversionError); a {"state_dict": ...} wrapper is unwrapped."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = safe_torch_load(path)
+        except CheckpointError as e:  # e.g. a pickle that would run code: refused unexecuted
+            raise ConversionError(str(e)) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ConversionError(f"{path} is not a state dict of named tensors")
+    return state
 
 
-def _rename(name: str, pairs: list[tuple[str, str]], leaf: dict[str, str]) -> str:
-    for a, b in pairs:
-        if name.startswith(a):
-            rest = name[len(a):]
-            m = re.match(r"(\d+\.)?(.*)", rest)
-            idx, tail = m.group(1) or "", m.group(2)
-            for la, lb in leaf.items():
-                if tail.startswith(la):
-                    tail = lb + tail[len(la):]
-                    break
-            return b + idx + tail
-    return name
+# ---------------------------------------------------------------------------------------------- diffusers names
+
+_RESNET_LEAF = {"temb_proj": "time_emb_proj", "nin_shortcut": "conv_shortcut"}  # norm1, conv1, ... keep their names
+_ATTN_LEAF = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_OLD_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}  # files of diffusers < 0.14
+_OLD_ATTN_RE = re.compile(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
+_OUR_NAME_RE = re.compile(r"^(down|up)\.(\d+)\.(block|attn)\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def _is_attn(name: str) -> bool:
-    return ".attn." in name or ".attn_1." in name or ".attentions." in name
+def _leaf(kind: str, module: str, ours: str) -> str:
+    table = _ATTN_LEAF if kind in ("attn", "attn_1") else _RESNET_LEAF
+    if kind in ("attn", "attn_1") and module not in table:
+        raise KeyError(ours)
+    return table.get(module, module)
 
 
-def unet_kwargs_from_diffusers(config: dict, source: str) -> dict:
-    """UNet arguments for a diffusers UNet2DModel config of the paper's network (or a ConversionError)."""
+def diffusers_name(ours: str, num_levels: int) -> str:
+    """Our tensor name (the port's) -> diffusers' UNet2DModel name. Up levels count the other way in diffusers
+    (our up.i is their up_blocks.{num_levels - 1 - i}). A name outside the paper's network is a KeyError."""
+    fixed = {"temb.dense.0": "time_embedding.linear_1", "temb.dense.1": "time_embedding.linear_2",
+             "conv_in": "conv_in", "conv_out": "conv_out", "norm_out": "conv_norm_out"}
+    module, _, param = ours.rpartition(".")
+    if module in fixed:
+        return f"{fixed[module]}.{param}"
+    m = _OUR_NAME_RE.match(ours)
+    if m:
+        side, i, kind, j, leaf, param = m.groups()
+        level = int(i) if side == "down" else num_levels - 1 - int(i)
+        group = "resnets" if kind == "block" else "attentions"
+        return f"{side}_blocks.{level}.{group}.{j}.{_leaf(kind, leaf, ours)}.{param}"
+    m = re.match(r"^(down|up)\.(\d+)\.(downsample|upsample)\.conv\.(weight|bias)$", ours)
+    if m:
+        side, i, what, param = m.groups()
+        level = int(i) if side == "down" else num_levels - 1 - int(i)
+        return f"{side}_blocks.{level}.{what}rs.0.conv.{param}"
+    m = re.match(r"^mid\.(block_1|attn_1|block_2)\.(\w+)\.(weight|bias)$", ours)
+    if m:
+        part, leaf, param = m.groups()
+        where = {"block_1": "resnets.0", "attn_1": "attentions.0", "block_2": "resnets.1"}[part]
+        return f"mid_block.{where}.{_leaf(part, leaf, ours)}.{param}"
+    raise KeyError(f"{ours} has no diffusers counterpart")
+
+
+def _diffusers_layout(model: UNet) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """diffusers name -> (our name, the tensor's shape in diffusers). Attention q/k/v/proj_out weights are
+    Linear [C, C] there and 1x1 convolutions [C, C, 1, 1] here."""
+    layout = {}
+    for ours, tensor in model.state_dict().items():
+        shape = tuple(tensor.shape)
+        if (".attn" in ours) and tensor.ndim == 4:
+            shape = shape[:2]
+        layout[diffusers_name(ours, model.num_levels)] = (ours, shape)
+    return layout
+
+
+def _sample_size(config: dict, source: str) -> int:
+    size = config.get("sample_size")
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise ConversionError(f"{source}: sample_size {size} is not square; the network takes square images")
+        size = size[0]
+    if not isinstance(size, int) or size < 1:
+        raise ConversionError(f"{source}: sample_size must be a positive integer (the image size); got {size!r}")
+    return size
+
+
+def unet_kwargs_from_diffusers(config: dict, source: str = "config") -> dict:
+    """UNet arguments equal to a diffusers UNet2DModel config, or a ConversionError naming the field that the
+    paper's network cannot represent (multi-head attention, other block types, scale-shift norm, ...).
+
+    Keys missing from the config take diffusers' defaults, as diffusers would, with one exception: a missing
+    `attention_head_dim` is read as one head (None). diffusers' default (8) would split the attention into
+    heads, but configs that lack the key were written by hand for converted weights of the paper's
+    single-head network (the 2022 google/ddpm-* folders)."""
     cls = config.get("_class_name", "UNet2DModel")
     if cls != "UNet2DModel":
         raise ConversionError(f"{source}: a {cls}, not a UNet2DModel")
-    for key, want in _REQUIRED.items():
-        if key in config and config[key] != want:
-            raise ConversionError(f"{source}: {key} = {config[key]!r}; the paper's network has {want!r}")
-    if config.get("class_embed_type") or config.get("num_class_embeds"):
-        raise ConversionError(f"{source}: class-conditional diffusers models are not supported")
-    if "norm_eps" in config and abs(config["norm_eps"] - 1e-6) > 1e-12:
-        raise ConversionError(f"{source}: norm_eps = {config['norm_eps']}; the paper's network uses 1e-6")
-    blocks = list(config["block_out_channels"])
+    c = _DIFFUSERS_DEFAULTS | {"attention_head_dim": None} | config
+    for key, want in _PAPER_SETTINGS.items():
+        if c[key] != want:
+            raise ConversionError(f"{source}: {key} = {c[key]!r}; the paper's network has {want!r}")
+    if abs(float(c["norm_eps"]) - 1e-6) > 1e-12:
+        raise ConversionError(f"{source}: norm_eps = {c['norm_eps']}; the paper's network uses 1e-6")
+    if c["attn_norm_num_groups"] not in (None, 32):
+        raise ConversionError(f"{source}: attn_norm_num_groups = {c['attn_norm_num_groups']}; the paper's network "
+                              "uses 32 groups")
+    blocks = [int(b) for b in c["block_out_channels"]]
     ch = blocks[0]
-    if any(b % ch for b in blocks):
-        raise ConversionError(f"{source}: block_out_channels {blocks} are not multiples of {ch}")
-    down = list(config["down_block_types"])
+    if ch < 32 or ch % 32 or any(b % ch for b in blocks):
+        raise ConversionError(f"{source}: block_out_channels {blocks} must be multiples of the first, itself a "
+                              "multiple of 32")
+    if c["time_embedding_dim"] not in (None, 4 * ch):
+        raise ConversionError(f"{source}: time_embedding_dim = {c['time_embedding_dim']}; the paper's network "
+                              f"uses 4 x {ch} = {4 * ch}")
+    down, up = list(c["down_block_types"]), list(c["up_block_types"])
     if len(down) != len(blocks) or any(t not in ("DownBlock2D", "AttnDownBlock2D") for t in down):
-        raise ConversionError(f"{source}: down_block_types {down} are not the paper's")
-    head_dim = config.get("attention_head_dim")
+        raise ConversionError(f"{source}: down_block_types {down}: the paper's network has one DownBlock2D or "
+                              f"AttnDownBlock2D per entry of block_out_channels ({len(blocks)})")
+    mirrored = [t.replace("Down", "Up") for t in reversed(down)]
+    if up != mirrored:
+        raise ConversionError(f"{source}: up_block_types {up} must mirror down_block_types: {mirrored}")
+    head_dim = c["attention_head_dim"]
     if head_dim is not None:
-        # one head: the head dimension must equal every attention layer's width
-        attn_widths = {blocks[i] for i, t in enumerate(down) if t == "AttnDownBlock2D"} | {blocks[-1]}
-        if any(w != head_dim for w in attn_widths):
-            raise ConversionError(f"{source}: attention_head_dim {head_dim} means several heads; the paper's network "
-                                  "has one (attention_head_dim None)")
-    res = int(config["sample_size"]) if not isinstance(config["sample_size"], (list, tuple)) else int(config["sample_size"][0])
-    return dict(in_channels=int(config.get("in_channels", 3)), ch=ch, ch_mult=tuple(b // ch for b in blocks),
-                num_res_blocks=int(config.get("layers_per_block", 2)),
+        # diffusers splits C channels into C / attention_head_dim heads: one head only if it equals every width
+        widths = {blocks[i] for i, t in enumerate(down) if t == "AttnDownBlock2D"} | {blocks[-1]}
+        if any(w != head_dim for w in widths):
+            raise ConversionError(f"{source}: attention_head_dim {head_dim} means several heads; the paper's "
+                                  "network has one (attention_head_dim null)")
+    res = _sample_size(c, source)
+    return dict(in_channels=int(c["in_channels"]), ch=ch, ch_mult=tuple(b // ch for b in blocks),
+                num_res_blocks=int(c["layers_per_block"]),
                 attn_resolutions=tuple(res // 2**i for i, t in enumerate(down) if t == "AttnDownBlock2D"),
-                dropout=float(config.get("dropout", 0.0)), resolution=res,
-                out_channels=int(config.get("out_channels", config.get("in_channels", 3))))
+                dropout=float(c["dropout"]), resolution=res, out_channels=int(c["out_channels"]))
 
 
 def load_diffusers_unet(folder: str | Path) -> tuple[UNet, dict]:
-    """A diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors or .bin; also a
-    pipeline folder holding unet/) -> (our UNet with its weights, the diffusers config)."""
+    """A diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors, or .bin read with
+    weights_only=True; a DDPMPipeline folder holding unet/ also works) -> (our UNet with its weights, in eval
+    mode; the diffusers config as read). The tensors must match the config exactly: a missing, unexpected or
+    mis-shaped tensor is a ConversionError naming it (diffusers' names). Old attention names (query, key,
+    value, proj_attn) are read as to_q, to_k, to_v, to_out.0."""
     folder = Path(folder)
     if (folder / "unet" / "config.json").is_file():
         folder = folder / "unet"
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{folder} is not a diffusers model folder: {cfg_path} is missing")
-    config = json.loads(cfg_path.read_text())
-    kwargs = unet_kwargs_from_diffusers(config, str(cfg_path))
-    st, binf = folder / "diffusion_pytorch_model.safetensors", folder / "diffusion_pytorch_model.bin"
-    if st.is_file():
-        from safetensors.torch import load_file
-
-        state = load_file(str(st))
-        source = str(st)
-    elif binf.is_file():
-        state = safe_torch_load(binf)
-        source = str(binf)
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{cfg_path} is not valid JSON: {e}") from None
+    skeleton = _skeleton(unet_kwargs_from_diffusers(config, str(cfg_path)))
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        if (folder / name).is_file():
+            path = folder / name
+            break
     else:
         raise FileNotFoundError(f"no weights in {folder}: expected diffusion_pytorch_model.safetensors or .bin")
-    model = UNet(**kwargs)
-    pairs = [(b, a) for a, b in _ours_to_diffusers_names(model.num_levels)]
-    inverse_leaf = {v: k for k, v in _LEAF.items()} | {v: k for k, v in _OLD_ATTN.items()}
-    ours = {}
-    for name, tensor in state.items():
-        new = _rename(name, pairs, inverse_leaf)
-        if _is_attn(new) and new.endswith(".weight") and tensor.ndim == 2 and not new.endswith("norm.weight"):
-            tensor = tensor[:, :, None, None]  # diffusers' attention projections are Linear; ours are 1x1 convs
-        ours[new] = tensor
-    load_strict(model, ours, source)
-    return model, config
+    state = {}
+    for name, tensor in _read_tensor_file(path).items():
+        m = _OLD_ATTN_RE.match(name)
+        state[f"{m[1]}{_OLD_ATTN[m[2]]}.{m[3]}" if m else name] = tensor
+    layout = _diffusers_layout(skeleton)
+    check_tensors({k: shape for k, (_, shape) in layout.items()}, state, str(path))  # names the file's tensors
+    shapes = {k: v.shape for k, v in skeleton.state_dict().items()}
+    ours = {mine: state[theirs].reshape(shapes[mine]) for theirs, (mine, _) in layout.items()}
+    return _filled(skeleton, ours, str(path)), config
 
 
 # ---------------------------------------------------------------------------------------------- the PyTorch port
 
 
-def unet_kwargs_from_port(state: dict[str, torch.Tensor], resolution: int | None, source: str) -> dict:
-    """Infer the U-Net's arguments from a port-named state dict (resolution: 32 for 4 levels, else 256)."""
-    try:
-        ch, in_ch = state["conv_in.weight"].shape[:2]
-        out_ch = state["conv_out.weight"].shape[0]
-        levels = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("down."))
-        ch_mult = tuple(state[f"down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
-        nrb = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("down.0.block."))
-    except (KeyError, ValueError) as e:
-        raise ConversionError(f"{source} does not look like the paper's network (port naming): {e}") from None
-    res = resolution or (32 if levels == 4 else 256)
-    attn = tuple(res // 2**i for i in range(levels) if f"down.{i}.attn.0.q.weight" in state)
-    return dict(in_channels=int(in_ch), ch=int(ch), ch_mult=ch_mult, num_res_blocks=nrb, attn_resolutions=attn,
-                dropout=0.0, resolution=res, out_channels=int(out_ch))
+def unet_kwargs_from_port(state: dict[str, torch.Tensor], resolution: int | None = None,
+                          source: str = "state dict") -> dict:
+    """Infer the U-Net's arguments from a port-named state dict. Widths, levels and blocks come from the
+    shapes; the image size is not in the weights: without `resolution`, the attention level is taken to
+    work at 16x16 as in every released model (so 32 for CIFAR-10's 4 levels, 256 for the 6-level models).
+    Dropout is not in the weights either: 0.0 (pass dropout= to fine-tune)."""
+    levels = 1 + max((int(m[1]) for k in state if (m := re.match(r"down\.(\d+)\.", k))), default=-1)
+    blocks = 1 + max((int(m[1]) for k in state if (m := re.match(r"down\.0\.block\.(\d+)\.", k))), default=-1)
+    needed = ["conv_in.weight", "conv_out.weight"] + [f"down.{i}.block.0.conv1.weight" for i in range(levels)]
+    absent = [k for k in needed if k not in state]
+    if levels < 1 or blocks < 1 or absent:
+        raise ConversionError(f"{source} does not look like the paper's network in the port's naming: "
+                              f"no {', '.join(absent[:_MAX_LISTED]) or 'down.0.block.0'}")
+    ch, in_ch = state["conv_in.weight"].shape[:2]
+    out_ch = state["conv_out.weight"].shape[0]
+    ch_mult = tuple(state[f"down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
+    attn_levels = [i for i in range(levels) if f"down.{i}.attn.0.q.weight" in state]
+    if resolution is None:
+        if not attn_levels:
+            raise ConversionError(f"{source}: no attention level to infer the image size from; pass resolution=")
+        resolution = 16 * 2 ** attn_levels[0]
+    return dict(in_channels=int(in_ch), ch=int(ch), ch_mult=ch_mult, num_res_blocks=blocks,
+                attn_resolutions=tuple(resolution // 2**i for i in attn_levels), dropout=0.0, resolution=resolution,
+                out_channels=int(out_ch))
 
 
 def load_port_state_dict(path: str | Path, resolution: int | None = None, **unet_kwargs) -> UNet:
-    """The PyTorch port of the paper's TensorFlow checkpoints (`temb.dense.0`, `down.0.block.0`, `mid.attn_1`,
-    ... names; EMA or not), read with weights_only=True. Arguments not given are inferred from the shapes."""
+    """The PyTorch port of the paper's TensorFlow checkpoints (pesser/pytorch_diffusion .ckpt/.pth; names
+    `temb.dense.0`, `down.0.block.0.nin_shortcut`, `mid.attn_1.q`, ..., which are ours), read with
+    weights_only=True, or the same names in a .safetensors file. UNet arguments not given are inferred (see
+    unet_kwargs_from_port); every tensor must fit exactly. Returns the network in eval mode."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = safe_torch_load(path)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConversionError(f"{path} is not a state dict of tensors")
-    kwargs = unet_kwargs_from_port(state, resolution, str(path)) | unet_kwargs
-    model = UNet(**kwargs)
-    load_strict(model, state, str(path))
-    return model
+    state = _read_tensor_file(path)
+    return _filled(_skeleton(unet_kwargs_from_port(state, resolution, str(path)) | unet_kwargs), state, str(path))
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -204,40 +300,52 @@ def diffusers_unet_config(model: UNet) -> dict:
     """The UNet2DModel config.json of our network (one attention head: attention_head_dim None)."""
     c = model.config
     if c["num_classes"] is not None:
-        raise ConversionError("class-conditional models cannot be exported to diffusers' UNet2DModel layout")
+        raise ConversionError("class-conditional models cannot be exported: diffusers' UNet2DModel has no null "
+                              "class for classifier-free guidance")
     res = c["resolution"]
-    down = ["AttnDownBlock2D" if res // 2**i in c["attn_resolutions"] else "DownBlock2D" for i in range(len(c["ch_mult"]))]
+    down = ["AttnDownBlock2D" if res // 2**i in c["attn_resolutions"] else "DownBlock2D"
+            for i in range(len(c["ch_mult"]))]
     return {
-        "_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION, "act_fn": "silu", "add_attention": True,
-        "attention_head_dim": None, "block_out_channels": [c["ch"] * m for m in c["ch_mult"]],
-        "center_input_sample": False, "down_block_types": down, "downsample_padding": 0, "dropout": c["dropout"],
-        "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": c["in_channels"], "layers_per_block": c["num_res_blocks"],
-        "mid_block_scale_factor": 1, "norm_eps": 1e-6, "norm_num_groups": 32, "out_channels": c["out_channels"],
-        "resnet_time_scale_shift": "default", "sample_size": res, "time_embedding_type": "positional",
-        "up_block_types": [t.replace("Down", "Up") for t in reversed(down)],
+        "_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION, "act_fn": "silu",
+        "add_attention": True, "attention_head_dim": None, "attn_norm_num_groups": None,
+        "block_out_channels": [c["ch"] * m for m in c["ch_mult"]], "center_input_sample": False,
+        "class_embed_type": None, "down_block_types": down, "downsample_padding": 0, "downsample_type": "conv",
+        "dropout": c["dropout"], "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": c["in_channels"],
+        "layers_per_block": c["num_res_blocks"], "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2D",
+        "norm_eps": 1e-6, "norm_num_groups": 32, "num_class_embeds": None, "num_train_timesteps": None,
+        "out_channels": c["out_channels"], "resnet_time_scale_shift": "default", "sample_size": res,
+        "time_embedding_dim": None, "time_embedding_type": "positional",
+        "up_block_types": [t.replace("Down", "Up") for t in reversed(down)], "upsample_type": "conv",
     }
 
 
 def diffusers_state_dict(model: UNet) -> dict[str, torch.Tensor]:
-    pairs = _ours_to_diffusers_names(model.num_levels)
-    out = {}
-    for name, tensor in model.state_dict().items():
-        new = _rename(name, pairs, _LEAF)
-        if _is_attn(name) and name.endswith(".weight") and tensor.ndim == 4:
-            tensor = tensor[:, :, 0, 0]
-        out[new] = tensor.detach().cpu().contiguous().clone()
-    return out
+    """Our weights under diffusers' names and shapes (CPU, contiguous, ready for safetensors)."""
+    own = model.state_dict()
+    return {theirs: own[ours].detach().reshape(shape).cpu().contiguous()
+            for theirs, (ours, shape) in _diffusers_layout(model).items()}
 
 
-def export_diffusers(model: UNet, out_dir: str | Path, scheduler_config: dict) -> Path:
-    """Write a DDPMPipeline folder: model_index.json, unet/ (config + safetensors), scheduler/."""
+def export_diffusers(unet: UNet, out_dir: str | Path, scheduler_config: dict) -> Path:
+    """Write a diffusers DDPMPipeline folder: model_index.json, unet/ (config.json and
+    diffusion_pytorch_model.safetensors) and scheduler/scheduler_config.json (DDPMScheduler with the given
+    settings: num_train_timesteps, beta_start, beta_end, beta_schedule, variance_type ("fixed_large" for the
+    CIFAR-10 model, "fixed_small" for the 256x256 ones), clip_sample, prediction_type, ...). Unknown scheduler
+    keys and variance types are refused. diffusers is not needed to write it. Returns out_dir."""
     from safetensors.torch import save_file
 
+    unknown = sorted(set(scheduler_config) - _SCHEDULER_KEYS)
+    if unknown:
+        raise ConversionError(f"scheduler_config: DDPMScheduler has no setting {', '.join(unknown)}")
+    variance = scheduler_config.get("variance_type", "fixed_small")
+    if variance not in _VARIANCE_TYPES:
+        raise ConversionError(f"scheduler_config: variance_type {variance!r} is not one of {', '.join(_VARIANCE_TYPES)}")
+    unet_config = diffusers_unet_config(unet)  # refuses what diffusers cannot hold before anything is written
     out = Path(out_dir)
     (out / "unet").mkdir(parents=True, exist_ok=True)
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
-    (out / "unet" / "config.json").write_text(json.dumps(diffusers_unet_config(model), indent=2) + "\n")
-    save_file(diffusers_state_dict(model), str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    (out / "unet" / "config.json").write_text(json.dumps(unet_config, indent=2) + "\n")
+    save_file(diffusers_state_dict(unet), str(out / "unet" / "diffusion_pytorch_model.safetensors"))
     sched = {"_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION, **scheduler_config}
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
     index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
