@@ -52,7 +52,7 @@ def test_256_network_count_and_shape():
         net = UNet(3, 128, (1, 1, 2, 2, 4, 4), 2, (16,), 0.0, 256)
     assert _count(net) == 113_673_219  # diffusers' google/ddpm-ema-church-256 configuration
     assert [len(level.attn) for level in net.down] == [0, 0, 0, 0, 2, 0]
-    # The full network's forward at batch 1 takes 13 to 19 s on the shared 2-core CPU, so the shape is checked on the
+    # The full network's forward at batch 1 took 10 to 19 s on the shared 2-core CPU, so the shape is checked on the
     # same layout at a quarter of the width and one block per level.
     small = UNet(3, 32, (1, 1, 2, 2, 4, 4), 1, (16,), 0.0, 256)
     with torch.no_grad():
