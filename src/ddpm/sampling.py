@@ -26,8 +26,9 @@ Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 def timestep_subset(num_timesteps: int, steps: int | None, t_start: int | None = None) -> list[int]:
-    """`steps` timesteps evenly spaced over 0..t_start (default T-1), both ends included, ascending
-    (improved DDPM's even spacing). steps=None keeps every timestep."""
+    """`steps` timesteps evenly spaced over 0..t_start (default T - 1), ascending, both ends included:
+    t_i = round(i t_start / (steps - 1)), i = 0..steps-1 (improved DDPM's even spacing; one step keeps t_start
+    alone). steps=None keeps every timestep. The values are distinct because the stride is at least 1."""
     top = num_timesteps - 1 if t_start is None else int(t_start)
     if not 0 <= top < num_timesteps:
         raise ValueError(f"t_start must lie in 0..{num_timesteps - 1}; got {t_start}")
@@ -79,6 +80,21 @@ def _eps_and_x0(diffusion: GaussianDiffusion, model: Model, x: torch.Tensor, t: 
     return diffusion.predict_eps_from_x0(x, t, p.pred_x0), p.pred_x0
 
 
+def _noise(x: torch.Tensor, generator: Generator) -> torch.Tensor:
+    """z ~ N(0, I) shaped like x: the one place a sampler draws noise (one generator per sample allowed)."""
+    return randn(tuple(x.shape), generator, x.device, x.dtype)
+
+
+def _p_sample(diffusion: GaussianDiffusion, model: Model, x: torch.Tensor, t: int, generator: Generator,
+              clip_denoised: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of Algorithm 2 (lines 3-4) from x_t [B, ...]: (x_{t-1} = mu_theta(x_t, t) + sigma_t z, pred_x0);
+    z = 0 at the last step (t = 0)."""
+    p = diffusion.p_mean_variance(model, x, _full(x, t), clip_denoised)
+    if t == 0:
+        return p.mean, p.pred_x0
+    return p.mean + torch.exp(0.5 * p.log_variance) * _noise(x, generator), p.pred_x0
+
+
 def _abar(diffusion: GaussianDiffusion, t: int) -> float:
     """abar_t, with abar = 1 at t = -1 (the clean data)."""
     return 1.0 if t < 0 else float(diffusion.alphas_cumprod[t])
@@ -99,17 +115,13 @@ def ancestral(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, *, 
     ts = timestep_subset(diffusion.num_timesteps, None, t_start)
     if steps is not None and steps != len(ts):
         raise ValueError(f"ancestral sampling runs all {len(ts)} steps; use 'respaced' or 'ddim' for steps={steps}")
-    x = x_T
-    for i in _progress(reversed(ts), progress, "sampling"):
-        t = _full(x, i)
-        p = diffusion.p_mean_variance(model, x, t, clip_denoised)
+    x = x_T  # line 1: x_T ~ N(0, I), drawn by the caller
+    for i in _progress(reversed(ts), progress, "sampling"):  # line 2: for t = T, ..., 1
+        x_prev, pred_x0 = _p_sample(diffusion, model, x, i, generator, clip_denoised)  # lines 3-4
         if callback is not None:
-            callback(i, x, p.pred_x0)
-        if i > 0:  # line 4: x_{t-1} = mu + sigma_t z with z ~ N(0, I); at the last step z = 0
-            x = p.mean + torch.exp(0.5 * p.log_variance) * randn(tuple(x.shape), generator, x.device, x.dtype)
-        else:
-            x = p.mean
-    return x
+            callback(i, x, pred_x0)
+        x = x_prev
+    return x  # line 6
 
 
 def respace(diffusion: GaussianDiffusion, kept: list[int]) -> GaussianDiffusion:
@@ -125,8 +137,12 @@ def respace(diffusion: GaussianDiffusion, kept: list[int]) -> GaussianDiffusion:
 def respaced(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, *, steps: int | None = None,
              generator: Generator = None, clip_denoised: bool = True, progress: bool = False,
              callback: Callback | None = None, t_start: int | None = None) -> torch.Tensor:
-    """Ancestral sampling on `steps` evenly spaced timesteps: the respaced process's own betas and variances,
-    the model called with the original timestep values (the previous kept step, never t - 1)."""
+    """Ancestral sampling on `steps` evenly spaced timesteps t_1 < ... < t_S (improved DDPM sec. 4).
+
+    The kept timesteps define a shorter process with beta_i = 1 - abar_{t_i} / abar_{t_{i-1}} (`respace`); its
+    own tables give the posterior and the variances (fixedlarge, fixedsmall and the learned_range bounds), so
+    each step goes to the previous kept timestep, never to t - 1. The model is called with the original
+    timestep values t_i. steps = T is exactly `ancestral`."""
     kept = timestep_subset(diffusion.num_timesteps, steps, t_start)
     short = respace(diffusion, kept)
     index = torch.tensor(kept, device=x_T.device)
@@ -145,11 +161,18 @@ def respaced(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, *, s
 def ddim(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, *, steps: int | None = None,
          generator: Generator = None, clip_denoised: bool = True, progress: bool = False,
          callback: Callback | None = None, t_start: int | None = None, eta: float = 0.0) -> torch.Tensor:
-    """DDIM (Song et al. 2021, eq. 12) on `steps` evenly spaced timesteps; eta = 0 is deterministic, eta = 1
-    over every timestep is ancestral sampling with the posterior variance (fixedsmall)."""
+    """DDIM (Song et al. 2021) on `steps` evenly spaced timesteps; from t to the previous kept s (eq. 12):
+
+        x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z,
+        sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)          (eq. 16)
+
+    with abar = 1 after the last kept step. eta = 0 is deterministic (over all T steps, the probability-flow
+    ODE's discretisation); eta = 1 over every timestep is ancestral sampling with the posterior variance
+    (fixedsmall). x0_hat and eps_hat come from any mean_type; with clip_denoised, x0_hat is clipped to [-1, 1]
+    and eps_hat recomputed from it."""
     kept = timestep_subset(diffusion.num_timesteps, steps, t_start)
     x = x_T
-    for j in _progress(range(len(kept) - 1, -1, -1), progress, "ddim"):
+    for j in _progress(range(len(kept) - 1, -1, -1), progress, "ddim"):  # eq. 12 from t = kept[j] to s
         t, s = kept[j], (kept[j - 1] if j > 0 else -1)
         eps, x0 = _eps_and_x0(diffusion, model, x, _full(x, t), clip_denoised)
         if callback is not None:
@@ -159,7 +182,7 @@ def ddim(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, *, steps
         # x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z
         x = math.sqrt(a_s) * x0 + math.sqrt(max(1 - a_s - sigma**2, 0.0)) * eps
         if sigma > 0:
-            x = x + sigma * randn(tuple(x.shape), generator, x.device, x.dtype)
+            x = x + sigma * _noise(x, generator)
     return x
 
 
@@ -167,9 +190,14 @@ def ddim(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, *, steps
 def dpmpp2m(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, *, steps: int | None = None,
             generator: Generator = None, clip_denoised: bool = True, progress: bool = False,
             callback: Callback | None = None, t_start: int | None = None) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): second-order multistep in the data prediction, with
-    lambda = log(alpha / sigma); the first step is first order and the last step lands on the clean data
-    (sigma = 0, first order). Timesteps evenly spaced in log-SNR. Deterministic: `generator` is unused."""
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): second-order multistep in the data prediction.
+
+    With alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t) and
+    h_i = lambda_{t_i} - lambda_{t_{i-1}}, r_i = h_{i-1} / h_i, D_i = x0_hat at t_{i-1}:
+        x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D,
+        D = (1 + 1 / (2 r_i)) D_i - (1 / (2 r_i)) D_{i-1}   (D = D_i on the first step, first order)
+    The last step lands on the clean data (sigma = 0) with first order: x_0 = D_i. Timesteps evenly spaced in
+    log-SNR (`logsnr_subset`), each a network evaluation. Deterministic: `generator` is unused."""
     kept = logsnr_subset(diffusion, steps, t_start)
 
     def alpha_sigma_lambda(t: int) -> tuple[float, float, float]:
@@ -215,27 +243,32 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 def inpaint(diffusion: GaussianDiffusion, model: Model, x_known: torch.Tensor, mask: torch.Tensor, *,
             generator: Generator = None, resample: int = 1, clip_denoised: bool = True, progress: bool = False,
             x_T: torch.Tensor | None = None) -> torch.Tensor:
-    """Inpainting with an unconditional model (RePaint, Lugmayr et al. 2022). x_known [B, ...] in [-1, 1];
-    mask [B, ...] (or broadcastable), 1 where the pixel is known. At each step the known region is the
-    re-noised x_known at the new level and the rest comes from the reverse step; with resample > 1 the step
-    is undone with q(x_t | x_{t-1}) and repeated, letting the two regions agree. Known pixels come back exactly."""
+    """Inpainting with an unconditional model (RePaint, Lugmayr et al. 2022, Algorithm 1 with jump length 1).
+
+    x_known [B, ...] in [-1, 1]; mask [B, ...] (or broadcastable to it) of 0/1, 1 where the pixel is known.
+    Every timestep, over all T:
+        x_{t-1}^known   ~ q(x_{t-1} | x_0 = x_known)          (RePaint eq. 8; x_known itself at the last step)
+        x_{t-1}^unknown ~ p_theta(x_{t-1} | x_t)               (eq. 9)
+        x_{t-1} = mask * known + (1 - mask) * unknown          (eq. 10)
+    and, `resample` - 1 times, x_t ~ q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I) and the step is
+    repeated, letting the two regions agree. The last step (t = 0) runs once: nothing is re-noised there, so
+    T * resample - (resample - 1) model calls. The output equals x_known exactly where mask = 1.
+    """
     if resample < 1:
         raise ValueError(f"resample must be >= 1; got {resample}")
-    mask = mask.to(x_known.dtype)
-    x = randn(tuple(x_known.shape), generator, x_known.device, x_known.dtype) if x_T is None else x_T
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("mask must hold 0 (unknown) and 1 (known) only")
+    known_b = torch.broadcast_to(mask, x_known.shape).bool()  # [B, ...]
+    x = _noise(x_known, generator) if x_T is None else x_T
     for i in _progress(range(diffusion.num_timesteps - 1, -1, -1), progress, "inpainting"):
-        t = _full(x, i)
-        for r in range(resample):
-            p = diffusion.p_mean_variance(model, x, t, clip_denoised)
-            if i > 0:
-                unknown = p.mean + torch.exp(0.5 * p.log_variance) * randn(tuple(x.shape), generator, x.device, x.dtype)
-                known = diffusion.q_sample(x_known, t - 1, randn(tuple(x.shape), generator, x.device, x.dtype))
-            else:
-                unknown, known = p.mean, x_known
-            x_prev = mask * known + (1 - mask) * unknown
-            if r < resample - 1 and i > 0:  # jump back: x_t ~ q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t)
-                beta = diffusion._extract(diffusion.betas, t, x)
-                x = torch.sqrt(1 - beta) * x_prev + torch.sqrt(beta) * randn(tuple(x.shape), generator, x.device, x.dtype)
+        rounds = resample if i > 0 else 1
+        for r in range(rounds):
+            unknown, _ = _p_sample(diffusion, model, x, i, generator, clip_denoised)
+            known = diffusion.q_sample(x_known, _full(x, i - 1), _noise(x, generator)) if i > 0 else x_known
+            x_prev = torch.where(known_b, known, unknown)
+            if r < rounds - 1:  # jump back one step: x_t ~ q(x_t | x_{t-1})
+                beta = diffusion._extract(diffusion.betas, _full(x, i), x)
+                x = torch.sqrt(1 - beta) * x_prev + torch.sqrt(beta) * _noise(x, generator)
         x = x_prev
     return x
 
@@ -244,9 +277,11 @@ def inpaint(diffusion: GaussianDiffusion, model: Model, x_known: torch.Tensor, m
 def edit(diffusion: GaussianDiffusion, model: Model, x0: torch.Tensor, t_edit: int, *,
          sampler: Callable[..., torch.Tensor] = ancestral, steps: int | None = None, generator: Generator = None,
          clip_denoised: bool = True, progress: bool = False) -> torch.Tensor:
-    """Edit an image (SDEdit, Meng et al. 2022): noise x0 [B, ...] to t_edit with q(x_t | x_0), then run the
-    reverse process from there with the chosen sampler. Small t_edit keeps the image; T - 1 forgets it."""
-    t = _full(x0, t_edit)
-    x_t = diffusion.q_sample(x0, t, randn(tuple(x0.shape), generator, x0.device, x0.dtype))
+    """Edit an image (SDEdit, Meng et al. 2022): x0 [B, ...] in [-1, 1] is noised to t_edit with q(x_t | x_0)
+    (DDPM eq. 4), then the chosen sampler runs the reverse process from there (`t_start = t_edit`;
+    `steps` counts the timesteps in 0..t_edit). Small t_edit keeps the image; T - 1 forgets it."""
+    if not 0 <= t_edit < diffusion.num_timesteps:
+        raise ValueError(f"t_edit must lie in 0..{diffusion.num_timesteps - 1}; got {t_edit}")
+    x_t = diffusion.q_sample(x0, _full(x0, t_edit), _noise(x0, generator))
     return sampler(diffusion, model, x_t, steps=steps, generator=generator, clip_denoised=clip_denoised,
                    progress=progress, t_start=t_edit)
