@@ -1,4 +1,5 @@
-"""Frechet distance against closed forms; the digits feature network; its guard rails."""
+"""Frechet distance against closed forms; the digits feature network; FID/IS/KID plumbing through torch-fidelity
+with a stand-in weights file (nothing is downloaded)."""
 
 import numpy as np
 import pytest
@@ -68,58 +69,174 @@ def test_digits_input_is_checked():
         evaluate_digits(np.zeros((10, 3, 8, 8), dtype=np.uint8))
 
 
+# ---------------------------------------------------------------------------------------------- FID / IS / KID
+
+
 @pytest.fixture(scope="module")
 def standin_weights(tmp_path_factory):
-    """A random-weight FID Inception saved as a local file: the whole torch-fidelity path runs, no download."""
+    """A random FID Inception saved as a local weights file, so the whole torch-fidelity path runs offline.
+
+    torch-fidelity's constructor always loads a state dict (from a path, else from its release URL), so the
+    architecture is built once with the loader and `load_state_dict` stubbed out; its state dict (the same keys
+    and shapes as the real file) is then saved. Kaiming-normal convolutions keep the activations O(1): the
+    default init shrinks them to ~1e-8 (denormal-slow and numerically meaningless)."""
+    from unittest import mock
+
     import torch_fidelity.feature_extractor_inceptionv3 as fe_mod
 
-    path = tmp_path_factory.mktemp("w") / "inception-standin.pth"
-    orig_url, orig_load = fe_mod.load_state_dict_from_url, fe_mod.FeatureExtractorInceptionV3.load_state_dict
-    fe_mod.load_state_dict_from_url = lambda *a, **k: {}
-    fe_mod.FeatureExtractorInceptionV3.load_state_dict = lambda self, sd, *a, **k: None
-    try:
-        torch.manual_seed(0)
+    def no_download(*args, **kwargs):
+        return {}
+
+    with mock.patch.object(fe_mod, "load_state_dict_from_url", no_download), \
+            mock.patch.object(fe_mod.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None):
         net = fe_mod.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    finally:
-        fe_mod.load_state_dict_from_url = orig_url
-        fe_mod.FeatureExtractorInceptionV3.load_state_dict = orig_load
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=g)
+    path = tmp_path_factory.mktemp("w") / "inception-standin.pth"
     torch.save(net.state_dict(), path)
     return path
 
 
-def _images(seed, n=24, res=32):
+def _images(seed, n, res=32):
+    """uint8 [n, res, res, 3]: one random picture with per-image noise (a small, coherent 'data set')."""
     g = np.random.default_rng(seed)
     base = g.integers(0, 256, (1, res, res, 3))
     return np.clip(base + g.integers(-40, 40, (n, res, res, 3)), 0, 255).astype(np.uint8)
 
 
-def test_fid_plumbing_through_torch_fidelity(standin_weights, tmp_path, monkeypatch):
+@pytest.fixture
+def forward_spy(monkeypatch):
+    """Records (training flag, batch size) of every Inception forward."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe_mod
+
+    seen, forward = [], fe_mod.FeatureExtractorInceptionV3.forward
+
+    def spy(self, x):
+        seen.append((self.training, x.shape[0]))
+        return forward(self, x)
+
+    monkeypatch.setattr(fe_mod.FeatureExtractorInceptionV3, "forward", spy)
+    return seen
+
+
+def test_fid_plumbing_through_torch_fidelity(standin_weights, tmp_path, monkeypatch, forward_spy):
+    import torch_fidelity
+
     import ddpm.metrics.inception as inc
 
+    n = 10
+    real = _images(0, n)
+    noise = np.random.default_rng(1).integers(0, 256, (n, 32, 32, 3)).astype(np.uint8)
     ref = tmp_path / "ref.npz"
-    real = _images(0)
     np.savez(ref, arr_0=real)
+    cache = tmp_path / "cache"
+
+    # samples in the other layout ([N, C, H, W] tensor) against the .npz of the same images: FID ~ 0
     with pytest.warns(UserWarning, match="biased"):
-        same = inc.fidelity_metrics(real, ref, standin_weights, tmp_path / "cache", batch_size=5)
-    other = inc.fidelity_metrics(_images(1), ref, standin_weights, tmp_path / "cache", batch_size=5, kid=False, isc=False)
-    assert same.n_ref == 24 and same.n_samples == 24  # all reference images, batch size 5
-    assert abs(same.fid) < 1e-3 * other.fid and other.fid > 0
-    assert same.isc_mean is not None and same.kid_mean is not None
-    # the reference statistics are cached: a second run does not touch the reference images
-    assert len(list((tmp_path / "cache").glob("ref_*.npz"))) == 1
-    monkeypatch.setattr(inc, "_load_reference", lambda *a: pytest.fail("reference recomputed"))
-    again = inc.fidelity_metrics(_images(1), ref, standin_weights, tmp_path / "cache", batch_size=7, kid=False, isc=False)
-    assert again.fid == pytest.approx(other.fid, rel=1e-6)
+        same = inc.fidelity_metrics(torch.from_numpy(real).permute(0, 3, 1, 2), ref, standin_weights, cache, batch_size=4)
+    assert forward_spy == [(False, 4), (False, 4), (False, 2)] * 2  # reference (ALL of it, batch 4), then samples
+    assert same.n_ref == n and same.n_samples == n
+    assert same.isc_mean is not None and np.isfinite(same.isc_mean) and same.kid_mean is not None
+    assert same.weights_sha256 == inc._sha256_file(standin_weights)
+    assert len(list(cache.glob("ref_*.npz"))) == 1
+
+    # a second run reads the cached statistics: only the samples go through the network
+    forward_spy.clear()
+    monkeypatch.setattr(inc, "_reference_dataset", lambda *a: pytest.fail("reference statistics recomputed"))
+    with pytest.warns(UserWarning, match="biased"):
+        other = inc.fidelity_metrics(noise, ref, standin_weights, cache, batch_size=4, isc=False)
+    assert [b for _, b in forward_spy] == [4, 4, 2] and not any(t for t, _ in forward_spy)
+    assert other.fid > 0 and other.isc_mean is None
+    assert abs(same.fid) < 1e-3 * other.fid
+    assert other.kid_mean > 0
+    # KID of a set against itself, by hand from the cached reference features: every subset of 10 is the whole
+    # set, and the unbiased MMD^2 with k(x, y) = (x.y / 2048 + 1)^3 is 2 (sum K - tr K) / (m (m - 1)) - 2 sum K / m^2
+    (cached,) = cache.glob("ref_*.npz")
+    with np.load(cached) as z:
+        f = z["features"].astype(np.float64)
+    K = (f @ f.T / 2048 + 1) ** 3
+    want = 2 * (K.sum() - np.trace(K)) / (n * (n - 1)) - 2 * K.sum() / n**2
+    # (torch-fidelity sums kernels near 1 in float32: its answer carries ~1% rounding at this size)
+    assert want < 0 and same.kid_mean == pytest.approx(want, rel=3e-2) and same.kid_std < 0.1 * abs(want)
+
+    # cross-check: torch-fidelity's own FID (its features, its statistics, its formula) on the same files
+    tf = torch_fidelity.calculate_metrics(input1=inc._Uint8Images(noise), input2=inc._Uint8Images(real), fid=True,
+                                          cuda=False, batch_size=n, feature_extractor_weights_path=str(standin_weights),
+                                          cache=False, save_cpu_ram=True, verbose=False)
+    assert other.fid == pytest.approx(tf["frechet_inception_distance"], rel=1e-3)
+    assert inc.FID_LAYER == torch_fidelity.FeatureExtractorInceptionV3.get_default_feature_layer_for_metric("fid")
+    assert inc.ISC_LAYER == torch_fidelity.FeatureExtractorInceptionV3.get_default_feature_layer_for_metric("isc")
+
+
+def test_reference_cache_key(standin_weights, tmp_path, monkeypatch):
+    """Other weights or a changed reference never reuse cached statistics; the same ones always do."""
+    import ddpm.metrics.inception as inc
+
+    made = []
+
+    def tiny_reference(ref, resolution):
+        made.append(ref)
+        return inc._Uint8Images(_images(2, 3))
+
+    monkeypatch.setattr(inc, "_reference_dataset", tiny_reference)
     fe = inc.feature_extractor(standin_weights)
     assert not fe.training
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=_images(0, 3))
+    mu, sigma, feats = inc.reference_stats(ref, fe, "weights-a", tmp_path, 32)
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and feats.shape == (3, 2048)
+    np.testing.assert_array_equal(inc.reference_stats(ref, fe, "weights-a", tmp_path, 32)[0], mu)
+    assert len(made) == 1
+    inc.reference_stats(ref, fe, "weights-b", tmp_path, 32)
+    assert len(made) == 2
+    np.savez(ref, arr_0=_images(1, 4))  # rewritten: another size
+    inc.reference_stats(ref, fe, "weights-a", tmp_path, 32)
+    assert len(made) == 3
+
+    # identities: an array by content, a folder by every file in it
+    a = _images(0, 3)
+    assert inc._reference_identity(a) == inc._reference_identity(a.copy())
+    assert inc._reference_identity(a) != inc._reference_identity(_images(1, 3))
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"x")
+    before = inc._reference_identity(folder)
+    (folder / "b.png").write_bytes(b"y")
+    assert inc._reference_identity(folder) != before
+
+
+def test_fid_inputs(tmp_path):
+    """Grayscale becomes three equal channels; a folder of images is read at the samples' resolution."""
+    from PIL import Image
+
+    import ddpm.metrics.inception as inc
+
+    gray = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 1)).astype(np.uint8)
+    item = inc._Uint8Images(gray)[1]
+    assert item.dtype == torch.uint8 and item.shape == (3, 16, 16)
+    assert (item == torch.from_numpy(gray[1, :, :, 0])).all()
+    rgb = _images(0, 2, res=16)
+    for i, im in enumerate(rgb):
+        Image.fromarray(im).save(tmp_path / f"{i}.png")
+    ds = inc._reference_dataset(tmp_path, 16)
+    assert len(ds) == 2 and torch.equal(ds[1], torch.from_numpy(rgb[1]).permute(2, 0, 1))
+    with pytest.raises(ValueError, match="uint8"):
+        inc._Uint8Images(gray.astype(np.float32))
+    (tmp_path / "ref.bin").write_bytes(b"not an archive")  # a file that is not an .npz must be CIFAR-10
+    with pytest.raises(ValueError, match="ref.bin"):
+        inc._reference_dataset(tmp_path / "ref.bin", 16)
 
 
 def test_fid_weights_missing_or_unsafe(tmp_path):
     from ddpm.checkpoint import CheckpointError
-    from ddpm.metrics.inception import feature_extractor
+    from ddpm.metrics.inception import WEIGHTS_NAME, feature_extractor, fidelity_metrics
 
-    with pytest.raises(FileNotFoundError, match="--inception-weights"):
-        feature_extractor(tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match="--inception-weights") as e, pytest.warns(UserWarning, match="biased"):
+        fidelity_metrics(_images(0, 2), _images(1, 2), tmp_path / "nope.pth", tmp_path / "cache")
+    assert WEIGHTS_NAME in str(e.value)
 
     class Evil:
         def __reduce__(self):
