@@ -1,6 +1,13 @@
 """The "Inception" of the 8x8 digits: a small deterministic classifier trained on the real train split, whose
 hidden features give a Frechet distance, and whose probabilities give the confident fraction and the class
-histogram. The floor is the distance between the real train and real test halves."""
+histogram. The floor is the distance between the real train and real test halves.
+
+Determinism across machines: SGD on a network is chaotic in float32, so a one-ulp difference (a CPU with
+other vector units rounds a kernel differently) grows into a different network; the floor then moved by 5%
+between an AVX-512 and a scalar build of the same torch. So the classifier is trained in float64, its initial
+weights are exact functions of integers drawn from numpy's `RandomState` (whose streams numpy keeps stable),
+and so are the data order and the augmentation. Different CPUs then agree on the features to about 1e-13.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +22,17 @@ from ddpm.data import load_digits
 from ddpm.metrics.frechet import feature_stats, frechet_distance
 
 CONFIDENT = 0.9  # a sample counts as confidently classified when its top class probability is at least this
-FEATURE_DIM = 128
+FEATURE_DIM = 128  # width of the hidden layer whose activations are the Frechet features
+
+SEED = 1234  # numpy RandomState seed for the initial weights, the data order and the shifts
+EPOCHS = 40  # passes over the 899 training images
+BATCH = 64
+LR = 2e-3  # Adam
 
 
 class _DigitNet(nn.Module):
+    """[N, 1, 8, 8] float64 in [0, 1] -> features [N, 128] (after a ReLU) -> logits [N, 10]."""
+
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
@@ -28,8 +42,25 @@ class _DigitNet(nn.Module):
         self.head = nn.Linear(FEATURE_DIM, 10)
 
 
+def _uniform(rs: np.random.RandomState, shape: tuple[int, ...], bound: float) -> torch.Tensor:
+    """U(-bound, bound) in float64 from 24-bit integers: every step but the final product is exact, so every
+    machine gets the same bits (torch's own uniform_ differs by an ulp between vectorised kernels)."""
+    k = rs.randint(0, 2**24, size=shape).astype(np.float64)
+    return torch.from_numpy(((k + 0.5) / 2**23 - 1.0) * bound)
+
+
+def _init(net: _DigitNet, rs: np.random.RandomState) -> None:
+    """PyTorch's default scale for Conv2d/Linear, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                bound = 1.0 / float(np.sqrt(m.weight[0].numel()))
+                m.weight.copy_(_uniform(rs, tuple(m.weight.shape), bound))
+                m.bias.copy_(_uniform(rs, tuple(m.bias.shape), bound))
+
+
 def _as_nchw_float(images) -> torch.Tensor:
-    """uint8 [N, 1, 8, 8] or [N, 8, 8, 1] (tensor or array) -> float [N, 1, 8, 8] in [0, 1]."""
+    """uint8 [N, 1, 8, 8] or [N, 8, 8, 1] (tensor or array) -> float64 [N, 1, 8, 8] in [0, 1]."""
     x = torch.as_tensor(np.asarray(images))
     if x.dtype != torch.uint8:
         raise ValueError(f"digit images must be uint8; got {x.dtype}")
@@ -37,21 +68,22 @@ def _as_nchw_float(images) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)
     if x.ndim != 4 or tuple(x.shape[1:]) != (1, 8, 8):
         raise ValueError(f"digit images must be [N, 1, 8, 8] or [N, 8, 8, 1]; got {tuple(x.shape)}")
-    return x.float() / 255.0
+    return x.to(torch.float64) / 255.0
 
 
 def _fit(x: torch.Tensor, y: torch.Tensor) -> _DigitNet:
-    g = torch.Generator().manual_seed(1234)
-    with torch.random.fork_rng():
-        torch.manual_seed(1234)
-        net = _DigitNet()
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    for _ in range(40):
-        perm = torch.randperm(len(x), generator=g)
-        for s in range(0, len(x), 64):
-            idx = perm[s : s + 64]
+    """Adam on cross-entropy, minibatches of 64 in a seeded order, each batch rolled by -1..1 pixels."""
+    rs = np.random.RandomState(SEED)
+    with torch.random.fork_rng(devices=[]):  # the default init draws from the global generator: leave it alone
+        net = _DigitNet().double()
+    _init(net, rs)
+    opt = torch.optim.Adam(net.parameters(), lr=LR)
+    for _ in range(EPOCHS):
+        perm = torch.from_numpy(rs.permutation(len(x)))
+        for s in range(0, len(x), BATCH):
+            idx = perm[s : s + BATCH]
             # small random shifts make the features robust to slightly misplaced strokes
-            shift = torch.randint(-1, 2, (2,), generator=g).tolist()
+            shift = [int(v) for v in rs.randint(-1, 2, size=2)]
             xb = torch.roll(x[idx], shifts=shift, dims=(2, 3))
             loss = nn.functional.cross_entropy(net.head(net.features(xb)), y[idx])
             opt.zero_grad()
@@ -62,10 +94,11 @@ def _fit(x: torch.Tensor, y: torch.Tensor) -> _DigitNet:
 
 @functools.lru_cache(maxsize=1)
 def classifier() -> _DigitNet:
-    """Trained once per process on the real train split, deterministically (fixed seeds, one thread)."""
+    """Trained once per process on the real train split (float64, fixed seeds, one thread), then frozen in
+    eval mode."""
     images, labels = load_digits("train")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same float sums whatever the machine's core count
+    torch.set_num_threads(1)  # one summation order for every reduction, whatever the core count
     try:
         with torch.enable_grad():
             net = _fit(_as_nchw_float(images), labels)
@@ -76,17 +109,17 @@ def classifier() -> _DigitNet:
 
 @torch.no_grad()
 def digits_features(images) -> np.ndarray:
-    """Hidden features [N, 128] (float64) of the classifier, always in eval mode."""
+    """uint8 [N, 1, 8, 8] or [N, 8, 8, 1] -> hidden features [N, 128] float64, always in eval mode."""
     net = classifier()
     assert not net.training
-    return net.features(_as_nchw_float(images)).double().numpy()
+    return net.features(_as_nchw_float(images)).numpy()
 
 
 @torch.no_grad()
 def digits_probs(images) -> np.ndarray:
-    """Class probabilities [N, 10]."""
+    """uint8 [N, 1, 8, 8] or [N, 8, 8, 1] -> class probabilities [N, 10] float64."""
     net = classifier()
-    return torch.softmax(net.head(net.features(_as_nchw_float(images))), 1).double().numpy()
+    return torch.softmax(net.head(net.features(_as_nchw_float(images))), 1).numpy()
 
 
 @dataclass
@@ -94,13 +127,14 @@ class DigitsReport:
     frechet: float  # Frechet distance of the samples' features to the real train split's
     floor: float  # the same between the real train and real test halves: the best a model can expect
     ratio: float  # frechet / floor
-    confident_fraction: float  # fraction of samples with top class probability >= CONFIDENT
+    confident_fraction: float  # fraction of samples with top class probability >= CONFIDENT (0.9)
     class_histogram: list[int]  # samples per predicted class 0..9
     test_accuracy: float  # the classifier's accuracy on the real test split
 
 
 @functools.lru_cache(maxsize=1)
 def _reference() -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(mu_train [128], sigma_train [128, 128], floor, test accuracy), computed once per process."""
     tr, _ = load_digits("train")
     te, te_y = load_digits("test")
     mu_tr, s_tr = feature_stats(digits_features(tr))
@@ -110,7 +144,7 @@ def _reference() -> tuple[np.ndarray, np.ndarray, float, float]:
 
 
 def evaluate_digits(images) -> DigitsReport:
-    """Quality of generated digits (uint8 [N, 1, 8, 8] or [N, 8, 8, 1]) against the real train split."""
+    """Quality of generated digits (uint8 [N, 1, 8, 8] or [N, 8, 8, 1], N >= 2) against the real train split."""
     mu_tr, s_tr, floor, acc = _reference()
     mu, s = feature_stats(digits_features(images))
     fd = frechet_distance(mu, s, mu_tr, s_tr)
