@@ -3,10 +3,13 @@ with a stand-in weights file (nothing is downloaded)."""
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 from ddpm.data import load_digits
 from ddpm.metrics.frechet import feature_stats, frechet_distance
+
+# ---------------------------------------------------------------------------------------------- the formula
 
 
 def test_frechet_distance_closed_form_diagonal():
@@ -17,18 +20,64 @@ def test_frechet_distance_closed_form_diagonal():
     assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(want, rel=1e-9)
 
 
-def test_frechet_distance_closed_form_full_covariance():
-    """S2 = a^2 S1 commutes with S1: tr(S1 + S2 - 2 sqrt(S1 S2)) = (1 - a)^2 tr(S1)."""
+def test_frechet_distance_two_by_two_by_hand():
+    """S1 = [[2, 1], [1, 2]] and S2 = [[2, -1], [-1, 2]] commute with S1 S2 = 3 I, so the trace term is
+    2 + 2 + 2 + 2 - 2 * 2 sqrt(3); the means differ by (3, 4): 25 more."""
+    s1 = np.array([[2.0, 1.0], [1.0, 2.0]])
+    s2 = np.array([[2.0, -1.0], [-1.0, 2.0]])
+    assert frechet_distance([0.0, 0.0], s1, [3.0, 4.0], s2) == pytest.approx(25 + 8 - 4 * np.sqrt(3), rel=1e-12)
+
+
+def test_frechet_distance_full_covariances():
+    """Commuting case S2 = a^2 S1: tr(S1 + S2 - 2 sqrt(S1 S2)) = (1 - a)^2 tr(S1). General case against the
+    symmetric form tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), computed by eigendecompositions."""
     rng = np.random.default_rng(1)
     A = rng.normal(size=(4, 4))
     s1 = A @ A.T + 0.1 * np.eye(4)
     a = 1.7
     mu = rng.normal(size=4)
     assert frechet_distance(mu, s1, mu + 1.0, a * a * s1) == pytest.approx(4.0 + (1 - a) ** 2 * np.trace(s1), rel=1e-8)
-    assert frechet_distance(mu, s1, mu, s1) == pytest.approx(0.0, abs=1e-8)
-    b = rng.normal(size=(4, 4))
-    s2 = b @ b.T + 0.2 * np.eye(4)
-    assert frechet_distance(mu, s1, 0 * mu, s2) == pytest.approx(frechet_distance(0 * mu, s2, mu, s1), rel=1e-8)
+
+    def psd_sqrt(m):
+        w, v = np.linalg.eigh(m)
+        return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+    B = rng.normal(size=(4, 4))
+    s2 = B @ B.T + 0.2 * np.eye(4)
+    r1 = psd_sqrt(s1)
+    want = np.trace(s1) + np.trace(s2) - 2 * np.trace(psd_sqrt(r1 @ s2 @ r1)) + ((mu - 1) ** 2).sum()
+    assert frechet_distance(mu, s1, np.ones(4), s2) == pytest.approx(want, rel=1e-9)
+    assert frechet_distance(mu, s1, np.ones(4), s2) == pytest.approx(frechet_distance(np.ones(4), s2, mu, s1), rel=1e-9)
+    assert abs(frechet_distance(mu, s1, mu, s1)) < 1e-6
+
+
+def test_frechet_distance_singular_and_invalid():
+    # rank-deficient covariances (fewer samples than features, as in small FID runs): still ~0 against itself
+    A = np.random.default_rng(3).normal(size=(6, 2))
+    s = A @ A.T
+    assert abs(frechet_distance(np.zeros(6), s, np.zeros(6), s)) < 1e-6 * np.trace(s)
+    # a product whose square root is imaginary (a covariance that is not PSD) is an error, never dropped
+    with pytest.raises(ValueError, match="imaginary"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), -np.eye(2))
+    with pytest.raises(ValueError, match="shape"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+
+
+def test_frechet_distance_retries_with_eps_when_the_root_is_not_finite(monkeypatch):
+    """diag(0, 1) diag(1, 0) = 0; if sqrtm fails on it (non-finite), eps I is added to both covariances:
+    sqrt((S1 + eps)(S2 + eps)) = sqrt(eps (1 + eps)) I."""
+    real_sqrtm, calls = scipy.linalg.sqrtm, []
+
+    def flaky_sqrtm(m, *args, **kwargs):
+        calls.append(m.copy())
+        return np.full_like(m, np.nan) if len(calls) == 1 else real_sqrtm(m, *args, **kwargs)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", flaky_sqrtm)
+    eps = 1e-6
+    got = frechet_distance(np.zeros(2), np.diag([0.0, 1.0]), np.zeros(2), np.diag([1.0, 0.0]), eps=eps)
+    assert len(calls) == 2
+    np.testing.assert_allclose(calls[1], np.diag([eps * (1 + eps)] * 2), rtol=1e-12)
+    assert got == pytest.approx(2 - 4 * np.sqrt(eps * (1 + eps)), rel=1e-9)
 
 
 def test_feature_stats_recover_a_known_gaussian():
@@ -38,8 +87,13 @@ def test_feature_stats_recover_a_known_gaussian():
     mu, s = feature_stats(x)
     np.testing.assert_allclose(mu, [1.0, -2.0], atol=0.01)
     np.testing.assert_allclose(s, cov, atol=0.02)
-    # the FID of a large sample against its own Gaussian is ~0, not a batch-size artefact
+    # the distance of a large sample to its own Gaussian is ~0
     assert frechet_distance(mu, s, np.array([1.0, -2.0]), cov) < 1e-3
+    # unbiased: two points 0 and 2 have variance 2 (N - 1), not 1
+    mu2, s2 = feature_stats(np.array([[0.0], [2.0]]))
+    assert mu2.tolist() == [1.0] and s2.tolist() == [[2.0]]
+    with pytest.raises(ValueError, match="N >= 2"):
+        feature_stats(np.zeros((1, 3)))
 
 
 # ---------------------------------------------------------------------------------------------- digits

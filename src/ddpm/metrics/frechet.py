@@ -10,11 +10,14 @@ import scipy.linalg
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean [D] and unbiased covariance [D, D] (N - 1) of features [N, D], in float64."""
+    """Mean [D] and unbiased covariance [D, D] (divided by N - 1) of features [N, D], in float64."""
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
         raise ValueError(f"features must be [N >= 2, D]; got shape {f.shape}")
-    return f.mean(0), np.cov(f, rowvar=False)
+    mu = f.mean(0)  # [D]
+    d = f - mu  # [N, D]
+    sigma = d.T @ d / (f.shape[0] - 1)  # [D, D]; np.cov would return a scalar for D = 1
+    return mu, sigma
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
