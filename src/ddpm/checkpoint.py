@@ -180,8 +180,11 @@ def _discard(path: Path) -> None:
     """Delete a folder so that no reader ever sees half of it: rename it out of sight first."""
     if not path.name.startswith(_TMP):
         hidden = path.with_name(f"{_TMP}del-{path.name}-{os.getpid()}")
-        os.replace(path, hidden)
-        path = hidden
+        try:
+            os.replace(path, hidden)
+            path = hidden
+        except OSError:  # delete in place, the manifest first so that the folder stops counting at once
+            (path / MANIFEST).unlink(missing_ok=True)
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
     else:
