@@ -114,7 +114,7 @@ def _eval_fid(args: argparse.Namespace, out_dir: Path, device) -> int:
         from ddpm.metrics.inception import fidelity_metrics
 
         if not args.ref:
-            raise ValueError("ddpm eval fid needs --ref (a folder of reference images, an .npz, or cifar10-train)")
+            raise ValueError("ddpm eval fid needs --ref (a folder of reference images or an .npz of uint8 [N, H, W, C])")
         if not args.inception_weights:
             raise ValueError("ddpm eval fid needs --inception-weights PATH (see the README: FID without downloads)")
         rep = fidelity_metrics(samples, args.ref, inception_weights=args.inception_weights,
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="run directory to create")
     c.add_argument("--preset", help="recipe whose diffusion settings apply (default: cifar10 for 32x32, "
                    "lsun-church for 256x256)")
-    c.add_argument("--resolution", type=int, help="port files: the image size (default 32 for 4 levels, else 256)")
+    c.add_argument("--resolution", type=int, help="port files: the image size (default: inferred, the first attention level taken as 16x16)")
     c.add_argument("--step", type=int, default=0, help="training step to record (e.g. 790000)")
     c.add_argument("--force", action="store_true")
     c.set_defaults(func=_convert)
