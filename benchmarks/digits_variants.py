@@ -121,7 +121,7 @@ def main() -> int:
 
     print("| variance | test images | bits/dim | decoder L_0 | seconds |\n|---|---|---|---|---|")
     bpd = bpd_rows(Path(args.base), out / "learned", args.bpd_n)
-    print(f"\n| guidance scale | samples | class accuracy | worst class | Frechet | ratio | confident | seconds |\n"
+    print("\n| guidance scale | samples | class accuracy | worst class | Frechet | ratio | confident | seconds |\n"
           "|---|---|---|---|---|---|---|---|")
     guided = guidance_rows(out / "cond", args.per_class, args.scales, args.sampler, args.steps)
     (out / "variants.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
