@@ -74,6 +74,23 @@ def test_inpaint_and_edit_commands(run, tmp_path):
                  "--steps", "3", "--out", str(tmp_path / "ed.png")]) == 0
 
 
+def test_fast_sampler_spacing_on_the_command_line(run, tmp_path, capsys):
+    arrays = {}
+    for spacing in ("uniform", "quad"):  # eta 1: with a barely trained net (eps ~ 0) eta 0 only rescales x_T
+        out = tmp_path / f"{spacing}.npz"
+        assert main(["sample", "--run", str(run), "--n", "3", "--out", str(out), "--sampler", "ddim", "--steps", "4",
+                     "--eta", "1", "--spacing", spacing, "--quiet"]) == 0
+        arrays[spacing] = np.load(out)["arr_0"]
+    assert arrays["quad"].shape == (3, 8, 8, 1) and not np.array_equal(arrays["quad"], arrays["uniform"])
+    capsys.readouterr()
+    assert main(["sample", "--run", str(run), "--n", "3", "--out", str(tmp_path / "a.npz"), "--spacing", "quad",
+                 "--quiet"]) == 1
+    assert "spacing 'quad' applies to the ddim and respaced samplers, not 'ancestral'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--run", str(run), "--out", str(tmp_path / "b.npz"), "--spacing", "cubic"])
+    assert e.value.code == 2
+
+
 def test_class_conditional_training_and_guided_sampling(tmp_path):
     run = tmp_path / "cond"
     assert main(["train", "--out", str(run), "--steps", "2", *TINY, "--set", "model.num_classes=10"]) == 0

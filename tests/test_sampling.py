@@ -103,6 +103,39 @@ def test_timestep_subsets_are_distinct_and_span_the_range():
         assert all(a < b for a, b in zip(kept, kept[1:], strict=False))
 
 
+def test_quad_spacing_is_denser_near_zero_and_distinct():
+    assert timestep_subset(1000, 4, spacing="quad") == [0, 111, 444, 999]  # round((i/3)^2 999)
+    assert timestep_subset(1000, 3, t_start=10, spacing="quad") == [0, 2, 10]  # round(2.5) = 2: banker's rounding
+    assert timestep_subset(10, 10, spacing="quad") == list(range(10))  # 0, 0, 0, 1, 2, 3, ... pushed apart
+    for T in (2, 7, 100, 1000):
+        for steps in range(2, T + 1, max(1, T // 50)):
+            kept = timestep_subset(T, steps, spacing="quad")
+            assert len(kept) == steps and kept[0] == 0 and kept[-1] == T - 1
+            assert all(a < b for a, b in zip(kept, kept[1:], strict=False))
+    kept = timestep_subset(1000, 50, spacing="quad")
+    gaps = [b - a for a, b in zip(kept, kept[1:], strict=False)]
+    assert gaps[0] < 3 and gaps[-1] > 35 and gaps == sorted(gaps)  # small steps at low noise, large at high
+    with pytest.raises(ValueError, match="unknown spacing 'cubic'; choose one of uniform, quad"):
+        timestep_subset(1000, 10, spacing="cubic")
+
+
+def test_ddim_and_respaced_follow_the_quad_grid():
+    d = GaussianDiffusion(BETAS, var_type="fixedsmall")
+    model = GaussianOracle(BETAS, M, S, "eps")
+    grid = timestep_subset(1000, 50, spacing="quad")
+    seen: list[int] = []
+    for eta in (0.0, 1.0):
+        seen.clear()
+        x = ddim(d, model, _x_T(seed=6), steps=50, eta=eta, spacing="quad", generator=torch.Generator().manual_seed(7),
+                 clip_denoised=False, callback=lambda t, x, x0: seen.append(t))
+        assert seen == grid[::-1]
+        _assert_moments(x, *ddim_moments(grid, eta))
+    seen.clear()
+    respaced(d, model, _x_T(100), steps=50, spacing="quad", clip_denoised=False,
+             callback=lambda t, x, x0: seen.append(t))
+    assert seen == grid[::-1]
+
+
 def test_steps_and_t_start_are_validated():
     d = GaussianDiffusion(BETAS)
     x = torch.zeros(2, 2)

@@ -51,8 +51,8 @@ def _sample(args: argparse.Namespace) -> int:
             evaluate.share_from(run, out_dir, ts, k=args.n, seed=args.seed, device=device)
             print(f"wrote {out_dir / 'share_from.png'} and share_from.json")
         return 0
-    opts = SampleOptions(sampler=args.sampler, steps=args.steps, eta=args.eta, class_label=args.class_label,
-                         guidance=args.guidance)
+    opts = SampleOptions(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
+                         class_label=args.class_label, guidance=args.guidance)
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         raise ValueError(f"--out must end in .png or .npz; got {out}")
@@ -99,7 +99,7 @@ def _eval_fid(args: argparse.Namespace, out_dir: Path, device) -> int:
         n = args.n or 50_000
         samples_path = out_dir / f"samples_{n}_seed{args.seed}.npz"
         if not samples_path.exists():
-            opts = SampleOptions(sampler=args.sampler, steps=args.steps, eta=args.eta)
+            opts = SampleOptions(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing)
             parts = generate_to_parts(run, n, samples_path, seed=args.seed, batch_size=args.batch_size, opts=opts,
                                       device=device, progress=not args.quiet)
             assemble(parts, n, samples_path)
@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="ancestral")
     s.add_argument("--steps", type=int, help="network evaluations for the fast samplers")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM's eta")
+    s.add_argument("--spacing", choices=("uniform", "quad"), default="uniform",
+                   help="ddim and respaced: timesteps evenly spaced, or quadratically (denser near t = 0)")
     s.add_argument("--class", dest="class_label", type=int, help="class to draw (class-conditional runs)")
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     s.add_argument("--raw-weights", action="store_true", help="use the raw trained weights instead of the EMA")
@@ -256,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sampler", default="ancestral")
     e.add_argument("--steps", type=int)
     e.add_argument("--eta", type=float, default=0.0)
+    e.add_argument("--spacing", choices=("uniform", "quad"), default="uniform")
     e.add_argument("--device", default="auto")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_eval)

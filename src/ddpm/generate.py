@@ -27,6 +27,7 @@ class SampleOptions:
     sampler: str = "ancestral"  # a name in ddpm.sampling.SAMPLERS
     steps: int | None = None  # network evaluations for the fast samplers (None: all T)
     eta: float = 0.0  # DDIM's eta
+    spacing: str = "uniform"  # ddim and respaced: "uniform" or "quad" timesteps (ddpm.sampling.timestep_subset)
     class_label: int | None = None  # class-conditional runs: the class to draw (None: unconditional)
     guidance: float = 1.0  # classifier-free guidance scale (1: plain conditional)
     clip_denoised: bool = True  # clip the predicted x_0 to [-1, 1] at every step, as the paper's sampler
@@ -66,6 +67,10 @@ def sample_batch(run: Run, indices: range, seed: int, opts: SampleOptions, devic
 
     x_T = randn((len(indices), m.in_channels, m.resolution, m.resolution), gens, device)
     kwargs = {"eta": opts.eta} if opts.sampler == "ddim" else {}
+    if opts.sampler in ("ddim", "respaced"):
+        kwargs["spacing"] = opts.spacing
+    elif opts.spacing != "uniform":
+        raise ValueError(f"spacing {opts.spacing!r} applies to the ddim and respaced samplers, not {opts.sampler!r}")
     fn = SAMPLERS[opts.sampler]
     return fn(run.diffusion, model_for(run, opts, len(indices), device), x_T, steps=opts.steps, generator=gens,
               clip_denoised=opts.clip_denoised, progress=progress, callback=callback, **kwargs)

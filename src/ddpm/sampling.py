@@ -25,10 +25,19 @@ Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 # ---------------------------------------------------------------------------------------------- shared pieces
 
 
-def timestep_subset(num_timesteps: int, steps: int | None, t_start: int | None = None) -> list[int]:
-    """`steps` timesteps evenly spaced over 0..t_start (default T - 1), ascending, both ends included:
-    t_i = round(i t_start / (steps - 1)), i = 0..steps-1 (improved DDPM's even spacing; one step keeps t_start
-    alone). steps=None keeps every timestep. The values are distinct because the stride is at least 1."""
+SPACINGS = ("uniform", "quad")
+
+
+def timestep_subset(num_timesteps: int, steps: int | None, t_start: int | None = None,
+                    spacing: str = "uniform") -> list[int]:
+    """`steps` distinct timesteps over 0..t_start (default T - 1), ascending, both ends included.
+
+    uniform: t_i = round(i t_start / (steps - 1)), i = 0..steps-1 (improved DDPM's even spacing);
+    quad: t_i = round((i / (steps - 1))^2 t_start), denser near t = 0 (the DDIM paper's CIFAR-10 choice), where
+    values that round alike are pushed up by one so all stay distinct. One step keeps t_start alone;
+    steps=None keeps every timestep."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
     top = num_timesteps - 1 if t_start is None else int(t_start)
     if not 0 <= top < num_timesteps:
         raise ValueError(f"t_start must lie in 0..{num_timesteps - 1}; got {t_start}")
@@ -38,7 +47,20 @@ def timestep_subset(num_timesteps: int, steps: int | None, t_start: int | None =
         raise ValueError(f"steps must be an integer in 1..{top + 1}; got {steps!r}")
     if steps == 1:
         return [top]
-    return sorted({round(i * top / (steps - 1)) for i in range(steps)})
+    if spacing == "uniform":  # distinct as they stand: the stride is at least 1
+        return sorted({round(i * top / (steps - 1)) for i in range(steps)})
+    return _distinct([round((i / (steps - 1)) ** 2 * top) for i in range(steps)], top)
+
+
+def _distinct(ts: list[int], top: int) -> list[int]:
+    """Ascending timesteps made distinct (each at least one above the last), ending at top; needs len(ts) <= top + 1."""
+    out: list[int] = []
+    for t in sorted(ts):
+        out.append(max(t, out[-1] + 1) if out else 0)
+    out[-1] = top
+    for i in range(len(out) - 2, -1, -1):
+        out[i] = min(out[i], out[i + 1] - 1)
+    return out
 
 
 def logsnr_subset(diffusion: GaussianDiffusion, steps: int | None, t_start: int | None = None) -> list[int]:
@@ -54,14 +76,7 @@ def logsnr_subset(diffusion: GaussianDiffusion, steps: int | None, t_start: int 
     picked = torch.searchsorted(-lam, -targets).clamp(max=len(lam) - 1)  # first t with lambda_t <= target
     below = (picked - 1).clamp(min=0)
     nearer = torch.where((lam[below] - targets).abs() < (lam[picked] - targets).abs(), below, picked)
-    # near t = 0 several targets share a timestep: make them distinct, keeping both ends
-    out: list[int] = []
-    for t in sorted(nearer.tolist()):
-        out.append(max(t, out[-1] + 1) if out else 0)
-    out[-1] = kept[-1]
-    for i in range(len(out) - 2, -1, -1):
-        out[i] = min(out[i], out[i + 1] - 1)
-    return out
+    return _distinct(nearer.tolist(), kept[-1])  # near t = 0 several targets share a timestep
 
 
 def _progress(seq, progress: bool, desc: str):
@@ -136,14 +151,15 @@ def respace(diffusion: GaussianDiffusion, kept: list[int]) -> GaussianDiffusion:
 @torch.inference_mode()
 def respaced(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, *, steps: int | None = None,
              generator: Generator = None, clip_denoised: bool = True, progress: bool = False,
-             callback: Callback | None = None, t_start: int | None = None) -> torch.Tensor:
-    """Ancestral sampling on `steps` evenly spaced timesteps t_1 < ... < t_S (improved DDPM sec. 4).
+             callback: Callback | None = None, t_start: int | None = None, spacing: str = "uniform") -> torch.Tensor:
+    """Ancestral sampling on `steps` timesteps t_1 < ... < t_S (improved DDPM sec. 4), evenly spaced or
+    quadratically (`spacing`, see `timestep_subset`).
 
     The kept timesteps define a shorter process with beta_i = 1 - abar_{t_i} / abar_{t_{i-1}} (`respace`); its
     own tables give the posterior and the variances (fixedlarge, fixedsmall and the learned_range bounds), so
     each step goes to the previous kept timestep, never to t - 1. The model is called with the original
     timestep values t_i. steps = T is exactly `ancestral`."""
-    kept = timestep_subset(diffusion.num_timesteps, steps, t_start)
+    kept = timestep_subset(diffusion.num_timesteps, steps, t_start, spacing)
     short = respace(diffusion, kept)
     index = torch.tensor(kept, device=x_T.device)
 
@@ -160,8 +176,10 @@ def respaced(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, *, s
 @torch.inference_mode()
 def ddim(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, *, steps: int | None = None,
          generator: Generator = None, clip_denoised: bool = True, progress: bool = False,
-         callback: Callback | None = None, t_start: int | None = None, eta: float = 0.0) -> torch.Tensor:
-    """DDIM (Song et al. 2021) on `steps` evenly spaced timesteps; from t to the previous kept s (eq. 12):
+         callback: Callback | None = None, t_start: int | None = None, eta: float = 0.0,
+         spacing: str = "uniform") -> torch.Tensor:
+    """DDIM (Song et al. 2021) on `steps` timesteps, evenly or quadratically spaced (`spacing`, see
+    `timestep_subset`); from t to the previous kept s (eq. 12):
 
         x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z,
         sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)          (eq. 16)
@@ -170,7 +188,7 @@ def ddim(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, *, steps
     ODE's discretisation); eta = 1 over every timestep is ancestral sampling with the posterior variance
     (fixedsmall). x0_hat and eps_hat come from any mean_type; with clip_denoised, x0_hat is clipped to [-1, 1]
     and eps_hat recomputed from it."""
-    kept = timestep_subset(diffusion.num_timesteps, steps, t_start)
+    kept = timestep_subset(diffusion.num_timesteps, steps, t_start, spacing)
     x = x_T
     for j in _progress(range(len(kept) - 1, -1, -1), progress, "ddim"):  # eq. 12 from t = kept[j] to s
         t, s = kept[j], (kept[j - 1] if j > 0 else -1)
