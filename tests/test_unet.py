@@ -148,3 +148,24 @@ def test_eval_mode_is_deterministic_and_dropout_only_in_training():
     torch.testing.assert_close(net(x, t), net(x, t), rtol=0, atol=0)
     net.train()
     assert not torch.allclose(net(x, t), net(x, t))
+
+
+def test_channels_last_changes_the_layout_not_the_function():
+    torch.manual_seed(0)
+    fast = UNet(3, 32, (1, 2), 1, (8,), 0.0, 16)
+    with torch.no_grad():  # non-zero output layers, so the whole network contributes
+        for p in fast.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    plain = UNet(3, 32, (1, 2), 1, (8,), 0.0, 16, channels_last=False)
+    plain.load_state_dict(fast.state_dict())
+    assert fast.channels_last and not plain.channels_last and "channels_last" not in fast.config
+    x, t = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([1, 500, 999])
+    fast, plain = fast.double(), plain.double()
+    out_fast, out_plain = fast(x, t), plain(x, t)
+    assert out_fast.is_contiguous() and out_fast.abs().mean() > 0.1
+    torch.testing.assert_close(out_fast, out_plain, rtol=1e-10, atol=1e-10)
+    out_fast.square().sum().backward()
+    out_plain.square().sum().backward()
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters(), strict=True):
+        assert a.grad.is_contiguous() == b.grad.is_contiguous(), name
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10, msg=name)

@@ -143,11 +143,15 @@ class UNet(nn.Module):
         out_channels: defaults to in_channels (2 x in_channels for learned variances).
         num_classes: when set, a class embedding (num_classes + 1 rows; the last is "no class", for
             classifier-free guidance) is added to the time embedding; forward takes y [B] (None -> no class).
+        channels_last: run the convolutions on a channels-last copy of x (the output is returned contiguous).
+            Only the memory layout changes, not the arithmetic; on the CPU it measured 5-7% faster training
+            and 17% faster inference in float32 (benchmarks/RESULTS.md). Not part of `config`.
     """
 
     def __init__(self, in_channels: int = 3, ch: int = 128, ch_mult: tuple[int, ...] = (1, 2, 2, 2),
                  num_res_blocks: int = 2, attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1,
-                 resolution: int = 32, out_channels: int | None = None, num_classes: int | None = None):
+                 resolution: int = 32, out_channels: int | None = None, num_classes: int | None = None,
+                 channels_last: bool = True):
         super().__init__()
         ch_mult = tuple(int(c) for c in ch_mult)
         attn_resolutions = tuple(int(r) for r in attn_resolutions)
@@ -178,6 +182,7 @@ class UNet(nn.Module):
                            attn_resolutions=attn_resolutions, dropout=dropout, resolution=resolution,
                            out_channels=out_channels, num_classes=num_classes)
         self.ch, self.num_classes = ch, num_classes
+        self.channels_last = bool(channels_last)
         self.num_res_blocks = num_res_blocks
         self.num_levels = len(ch_mult)
         temb_ch = 4 * ch
@@ -265,6 +270,8 @@ class UNet(nn.Module):
             raise ValueError("this UNet has no class embedding (num_classes=None) but labels were given")
         temb_act = F.silu(temb)  # every block's temb_proj takes swish(temb): computed once here
 
+        if self.channels_last:  # every conv then takes oneDNN's channels-last path (weights stay as they are)
+            x = x.contiguous(memory_format=torch.channels_last)
         hs = [self.conv_in(x)]
         for i, level in enumerate(self.down):
             for j, block in enumerate(level.block):
@@ -287,4 +294,4 @@ class UNet(nn.Module):
                     h = level.attn[j](h)
             if i != 0:
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()
