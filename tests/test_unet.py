@@ -159,13 +159,22 @@ def test_channels_last_changes_the_layout_not_the_function():
     plain = UNet(3, 32, (1, 2), 1, (8,), 0.0, 16, channels_last=False)
     plain.load_state_dict(fast.state_dict())
     assert fast.channels_last and not plain.channels_last and "channels_last" not in fast.config
-    x, t = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([1, 500, 999])
-    fast, plain = fast.double(), plain.double()
-    out_fast, out_plain = fast(x, t), plain(x, t)
+    seen = []
+    for net in (fast, plain):
+        net.conv_in.register_forward_pre_hook(lambda m, args: seen.append(
+            args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([1, 500, 999])
+    with torch.inference_mode():
+        out_fast, out_plain = fast(x, t), plain(x, t)
+    assert seen == [True, False]  # inference in float32 on the CPU: only `fast` took the channels-last path
     assert out_fast.is_contiguous() and out_fast.abs().mean() > 0.1
-    torch.testing.assert_close(out_fast, out_plain, rtol=1e-10, atol=1e-10)
-    out_fast.square().sum().backward()
-    out_plain.square().sum().backward()
-    for (name, a), b in zip(fast.named_parameters(), plain.parameters(), strict=True):
-        assert a.grad.is_contiguous() == b.grad.is_contiguous(), name
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10, msg=name)
+    torch.testing.assert_close(out_fast, out_plain, rtol=1e-5, atol=1e-5)
+    seen.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast(x, t)  # bf16 inference: channels-last too
+    fast(x, t)  # training (gradients on) keeps the plain layout: measured no faster
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast(x, t)
+    with torch.no_grad():
+        fast.double()(x.double(), t)  # no oneDNN path for float64
+    assert seen == [True, False, False, False]
