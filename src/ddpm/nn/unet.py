@@ -49,11 +49,15 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
-        # temb_act = swish(temb) [B, temb_ch], computed once per forward for all blocks
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(temb_act)[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+        # temb_act = swish(temb) [B, temb_ch], computed once per forward for all blocks. Without autograd the
+        # intermediate tensors are updated in place (fewer passes over memory); never x itself.
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        temb = self.temb_proj(temb_act)[:, :, None, None]
+        h = h.add_(temb) if inplace else h + temb
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=inplace)))
+        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return h.add_(skip) if inplace else skip + h
 
 
 class AttnBlock(nn.Module):
@@ -76,7 +80,8 @@ class AttnBlock(nn.Module):
         v = self.v(h).reshape(B, 1, C, H * W).transpose(-1, -2)
         a = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, fused
         a = a.transpose(-1, -2).reshape(B, C, H, W)
-        return x + self.proj_out(a)
+        out = self.proj_out(a)
+        return out.add_(x) if not torch.is_grad_enabled() else x + out  # in place without autograd
 
 
 class Downsample(nn.Module):
@@ -297,4 +302,4 @@ class UNet(nn.Module):
                     h = level.attn[j](h)
             if i != 0:
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h))).contiguous()
+        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled())).contiguous()
