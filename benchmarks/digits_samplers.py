@@ -61,5 +61,6 @@ def _cell(values: list[float], digits: int) -> str:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
+
 if __name__ == "__main__":
     main()

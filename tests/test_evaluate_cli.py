@@ -89,6 +89,9 @@ def test_fast_sampler_spacing_on_the_command_line(run, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["sample", "--run", str(run), "--out", str(tmp_path / "b.npz"), "--spacing", "cubic"])
     assert e.value.code == 2
+    from ddpm import cli, sampling
+
+    assert cli.SPACINGS == sampling.SPACINGS  # the parser's copy of the choices
 
 
 def test_class_conditional_training_and_guided_sampling(tmp_path):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 EXIT_USAGE = 2
+SPACINGS = ("uniform", "quad")  # ddpm.sampling.SPACINGS, spelled here so that parsing imports no torch
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -228,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="ancestral")
     s.add_argument("--steps", type=int, help="network evaluations for the fast samplers")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM's eta")
-    s.add_argument("--spacing", choices=("uniform", "quad"), default="uniform",
+    s.add_argument("--spacing", choices=SPACINGS, default="uniform",
                    help="ddim and respaced: timesteps evenly spaced, or quadratically (denser near t = 0)")
     s.add_argument("--class", dest="class_label", type=int, help="class to draw (class-conditional runs)")
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
@@ -258,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sampler", default="ancestral")
     e.add_argument("--steps", type=int)
     e.add_argument("--eta", type=float, default=0.0)
-    e.add_argument("--spacing", choices=("uniform", "quad"), default="uniform")
+    e.add_argument("--spacing", choices=SPACINGS, default="uniform")
     e.add_argument("--device", default="auto")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_eval)

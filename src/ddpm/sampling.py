@@ -53,7 +53,7 @@ def timestep_subset(num_timesteps: int, steps: int | None, t_start: int | None =
 
 
 def _distinct(ts: list[int], top: int) -> list[int]:
-    """Ascending timesteps made distinct (each at least one above the last), ending at top; needs len(ts) <= top + 1."""
+    """Ascending timesteps made distinct (each at least one above the last), from 0 to top; needs len(ts) <= top + 1."""
     out: list[int] = []
     for t in sorted(ts):
         out.append(max(t, out[-1] + 1) if out else 0)
