@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .winograd import Conv3x3
+
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal features [B, dim] of timesteps t [B]: sin then cos, frequencies exp(-log(10000) i / (half - 1)),
@@ -41,11 +43,11 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float):
         super().__init__()
         self.norm1 = _norm(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv3x3(in_ch, out_ch)
         self.temb_proj = nn.Linear(temb_ch, out_ch)
         self.norm2 = _norm(out_ch)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = Conv3x3(out_ch, out_ch)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
@@ -100,7 +102,7 @@ class Upsample(nn.Module):
 
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv3x3(ch, ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -148,17 +150,20 @@ class UNet(nn.Module):
         out_channels: defaults to in_channels (2 x in_channels for learned variances).
         num_classes: when set, a class embedding (num_classes + 1 rows; the last is "no class", for
             classifier-free guidance) is added to the time embedding; forward takes y [B] (None -> no class).
-        channels_last: for inference on the CPU (gradients off, float32 or bfloat16), run the convolutions on a
+        channels_last: on the CPU in float32 or bfloat16 (autocast included), run the network on a
             channels-last copy of x (the output is returned contiguous). Only the memory layout changes, not
-            the arithmetic; it measured 1.17x faster there in both dtypes, while training measured no faster
-            (float32 0.99x, bf16 autocast 0.97x), so training keeps the plain layout (benchmarks/RESULTS.md).
-            Not part of `config`.
+            the arithmetic. Measured (benchmarks/RESULTS.md): inference 1.17x in both dtypes on an AMD EPYC
+            machine; on an Intel Xeon with AMX, float32 training with Winograd 1.10x and bf16-autocast training
+            1.10x (on the EPYC, before Winograd, training measured 0.99x / 0.97x). Not part of `config`.
+        winograd: the residual blocks' and upsamplers' 3x3 convolutions run Winograd's F(4x4, 3x3) on the CPU
+            in float32 where it measured faster (`ddpm.nn.winograd.Conv3x3`): the same function with a
+            rounding error about 1e-5 relative instead of 1e-6. Not part of `config`; `set_winograd` changes it.
     """
 
     def __init__(self, in_channels: int = 3, ch: int = 128, ch_mult: tuple[int, ...] = (1, 2, 2, 2),
                  num_res_blocks: int = 2, attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1,
                  resolution: int = 32, out_channels: int | None = None, num_classes: int | None = None,
-                 channels_last: bool = True):
+                 channels_last: bool = True, winograd: bool = True):
         super().__init__()
         ch_mult = tuple(int(c) for c in ch_mult)
         attn_resolutions = tuple(int(r) for r in attn_resolutions)
@@ -236,6 +241,20 @@ class UNet(nn.Module):
         self.norm_out = _norm(block_in)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
         self.reset_parameters()
+        self.set_winograd(winograd)
+
+    def _takes_channels_last(self, x: torch.Tensor) -> bool:
+        """Channels-last on the CPU in float32 and bf16 (autocast included), training and inference: it
+        measured faster on this project's machines (benchmarks/RESULTS.md), and the Winograd tiles gather
+        contiguous channels."""
+        return self.channels_last and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+
+    def set_winograd(self, enabled: bool) -> None:
+        """Turns the Winograd path of every Conv3x3 (the residual blocks' and upsamplers' 3x3 convolutions)
+        on or off; off runs nn.Conv2d's direct kernel everywhere (the same function, other rounding)."""
+        for m in self.modules():
+            if isinstance(m, Conv3x3):
+                m.winograd = bool(enabled)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -277,8 +296,7 @@ class UNet(nn.Module):
             raise ValueError("this UNet has no class embedding (num_classes=None) but labels were given")
         temb_act = F.silu(temb)  # every block's temb_proj takes swish(temb): computed once here
 
-        if (self.channels_last and not torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype in (torch.float32, torch.bfloat16)):  # every conv takes oneDNN's channels-last path
+        if self._takes_channels_last(x):  # every later layer keeps the layout
             x = x.contiguous(memory_format=torch.channels_last)
         hs = [self.conv_in(x)]
         for i, level in enumerate(self.down):

@@ -1,0 +1,191 @@
+"""3x3 convolutions (stride 1, padding 1) by Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray 2016).
+
+Each 6x6 input tile d gives a 4x4 output tile Y = A^T [(G g G^T) * (B^T d B)] A: the 3x3 convolution becomes
+36 independent matrix products (tiles x C_in) @ (C_in x C_out) with 4x fewer multiplications than the direct
+method, at the price of transforms that read and write the tiles a few times. The result is the same function
+of x and the weights; only the rounding differs (a relative error about 1e-5 in float32 against 1e-6 for the
+direct kernels). The backward pass works in the same transformed domain. `conv3x3_winograd` is used by the
+U-Net's wide 3x3 convolutions on the CPU in float32 (see `Conv3x3`), where it measured faster than oneDNN's
+direct convolution; everywhere else nn.Conv2d's own kernel runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_BT = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+       [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
+_G = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+      [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
+_AT = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
+
+_MATS: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _mats(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kron(B^T, B^T) [36, 36], kron(G, G) [36, 9], kron(A^T, A^T) [16, 36]) in `dtype`, built in float64."""
+    if dtype not in _MATS:
+        bt, g, at = (torch.tensor(m, dtype=torch.float64) for m in (_BT, _G, _AT))
+        _MATS[dtype] = tuple(torch.kron(m, m).to(dtype) for m in (bt, g, at))
+    return _MATS[dtype]
+
+
+def _input_tiles(x: torch.Tensor) -> torch.Tensor:
+    """x [N, C, H, W] -> its 6x6 tiles at stride 4 of the zero-padded input, laid out [36, N*th*tw*C]."""
+    xp = F.pad(x, (1, 1, 1, 1))
+    return xp.unfold(2, 6, 4).unfold(3, 6, 4).permute(4, 5, 0, 2, 3, 1).reshape(36, -1)
+
+
+def _fold_axis(t: torch.Tensor, tile_dim: int) -> torch.Tensor:
+    """Sums the overlapping 6-wide tiles along one axis back onto the unpadded 4-wide output positions.
+    `t` has the tile index at `tile_dim` and the 6 positions within a tile at `tile_dim + 1`: tile a covers
+    padded rows 4a..4a+5 (unpadded 4a-1..4a+4), so row 4a+k takes tile a's row k+1, and rows 4a and 4a+3 also
+    take tile a-1's row 5 and tile a+1's row 0."""
+    out = t.narrow(tile_dim + 1, 1, 4).clone(memory_format=torch.contiguous_format)
+    th = t.shape[tile_dim]
+    if th > 1:
+        out.narrow(tile_dim, 0, th - 1).select(tile_dim + 1, 3).add_(
+            t.narrow(tile_dim, 1, th - 1).select(tile_dim + 1, 0))
+        out.narrow(tile_dim, 1, th - 1).select(tile_dim + 1, 0).add_(
+            t.narrow(tile_dim, 0, th - 1).select(tile_dim + 1, 5))
+    return out
+
+
+def filter_transform(w: torch.Tensor) -> torch.Tensor:
+    """w [K, C, 3, 3] -> G w G^T per (k, c), laid out [36, K, C] (w read in place: no copy of the weights)."""
+    K, C = w.shape[:2]
+    kg = _mats(w.dtype)[1]
+    return (kg @ w.reshape(K * C, 9).t()).view(36, K, C)
+
+
+# A^T's column 1 is all ones, so kron(A^T, A^T)'s column 7 (tile position (1, 1)) is: a bias added to the
+# products at that position reaches every output once (a pass over 1/36 of the products instead of the output)
+_BIAS_POS = 7
+
+
+CHUNK_BYTES = 8 << 20
+
+
+def _chunks(x: torch.Tensor, K: int) -> list[tuple[int, int]]:
+    """Batch slices whose tiles ([36, n*th*tw, max(C, K)]) take at most CHUNK_BYTES each: they stay in cache
+    and below the allocator's reuse threshold (larger ones came back from the system zeroed on every call and
+    ran 2-3x slower)."""
+    N, C, H, W = x.shape
+    per_image = 36 * (H // 4) * (W // 4) * max(C, K) * x.element_size()
+    n = max(1, CHUNK_BYTES // per_image)
+    return [(i, min(i + n, N)) for i in range(0, N, n)]
+
+
+def _forward(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
+             keep_tiles: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(output [N, K, H, W] in x's memory format, the input tiles v [36, n*th*tw, C] per batch chunk if
+    keep_tiles) for filter tiles u [36, K, C]."""
+    N, C, H, W = x.shape
+    K = u.shape[1]
+    th, tw = H // 4, W // 4
+    kb, _, ka = _mats(x.dtype)
+    cl = _is_channels_last(x)
+    out = torch.empty((N, K, H, W), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last if cl else torch.contiguous_format)
+    tiles = []
+    for i, j in _chunks(x, K):
+        n = j - i
+        v = (kb @ _input_tiles(x[i:j])).view(36, n * th * tw, C)
+        m = torch.bmm(v, u.transpose(1, 2))  # [36, n * th * tw, K]
+        if bias is not None:
+            m[_BIAS_POS].add_(bias)
+        y = ka @ m.view(36, -1)  # [16, n * th * tw * K]
+        out[i:j].view(n, K, th, 4, tw, 4).copy_(y.view(4, 4, n, th, tw, K).permute(2, 5, 3, 0, 4, 1))
+        if keep_tiles:
+            tiles.append(v)
+    return out, tiles
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+class _Conv3x3Winograd(torch.autograd.Function):
+    """Autograd for the training path: forward keeps the transformed input and filter tiles; backward maps the
+    output gradient into the same domain (transposed output transform), multiplies there, and maps back
+    (transposed input transform and the overlap-add of the tiles; transposed filter transform)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        u = filter_transform(weight)
+        y, tiles = _forward(x, u, bias, keep_tiles=True)
+        ctx.save_for_backward(u)
+        ctx.tiles, ctx.chunks = tiles, _chunks(x, weight.shape[0])
+        ctx.shape = (*x.shape, weight.shape[0], _is_channels_last(x))
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (u,) = ctx.saved_tensors
+        N, C, H, W, K, cl = ctx.shape
+        th, tw = H // 4, W // 4
+        kb, kg, ka = _mats(gy.dtype)
+        gx = gw = gu = None
+        gb = gy.new_zeros(K) if ctx.needs_input_grad[2] else None
+        if ctx.needs_input_grad[0]:
+            gx = torch.empty((N, C, H, W), dtype=gy.dtype, device=gy.device,
+                             memory_format=torch.channels_last if cl else torch.contiguous_format)
+        for (i, j), v in zip(ctx.chunks, ctx.tiles, strict=True):
+            n = j - i
+            gy_tiles = gy[i:j].reshape(n, K, th, 4, tw, 4).permute(3, 5, 0, 2, 4, 1).reshape(16, -1)
+            gm = (ka.t() @ gy_tiles).view(36, n * th * tw, K)
+            if gb is not None:
+                gb += gm[_BIAS_POS].sum(0)  # the bias entered at that tile position only
+            if gx is not None:
+                gv = torch.bmm(gm, u)  # [36, P, C]
+                gd = (kb.t() @ gv.view(36, -1)).view(6, 6, n, th, tw, C).permute(2, 3, 0, 4, 1, 5)  # n th 6 tw 6 C
+                gd = _fold_axis(_fold_axis(gd, 1), 3)  # [n, th, 4, tw, 4, C]
+                gx[i:j].view(n, C, th, 4, tw, 4).copy_(gd.permute(0, 5, 1, 2, 3, 4))
+            if ctx.needs_input_grad[1]:
+                gmt = gm.transpose(1, 2)
+                gu = torch.bmm(gmt, v) if gu is None else gu.baddbmm_(gmt, v)  # [36, K, C]
+        if gu is not None:
+            gw = (gu.view(36, K * C).t() @ kg).view(K, C, 3, 3)
+        return gx, gw, gb
+
+
+def conv3x3_winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     filter_tiles: torch.Tensor | None = None) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1) for x [N, C, H, W] with H and W multiples of 4 and weight
+    [K, C, 3, 3], by Winograd F(4x4, 3x3); differentiable in x, weight and bias. The output has x's memory
+    format (channels-last or contiguous). Without autograd, `filter_tiles` may pass a precomputed
+    `filter_transform(weight)` (the weights do not change between sampling steps)."""
+    if x.dim() != 4 or weight.shape[1:] != (x.shape[1], 3, 3) or x.shape[2] % 4 or x.shape[3] % 4:
+        raise ValueError(f"conv3x3_winograd takes x [N, C, H, W] with H, W multiples of 4 and weight [K, C, 3, 3]; "
+                         f"got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _Conv3x3Winograd.apply(x, weight, bias)
+    u = filter_transform(weight) if filter_tiles is None else filter_tiles
+    return _forward(x, u, bias)[0]
+
+
+class Conv3x3(nn.Conv2d):
+    """nn.Conv2d(in_ch, out_ch, 3, padding=1) (same parameters, same state dict) that runs
+    `conv3x3_winograd` where it measured faster than the direct kernel (`benchmarks/winograd_layers.py`,
+    RESULTS.md): on the CPU in float32 outside autocast, both widths >= 128 (narrower layers ran 0.4-1.0x),
+    height and width multiples of 4. Set `winograd = False` for the direct kernel everywhere."""
+
+    MIN_CHANNELS = 128
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__(in_ch, out_ch, 3, padding=1)
+        self.winograd = True
+
+    def uses_winograd(self, x: torch.Tensor) -> bool:
+        return (self.winograd and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+                and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and min(self.in_channels, self.out_channels) >= self.MIN_CHANNELS
+                and x.shape[2] % 4 == 0 and x.shape[3] % 4 == 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_winograd(x):
+            return conv3x3_winograd(x, self.weight, self.bias)
+        return super().forward(x)

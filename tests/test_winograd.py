@@ -1,0 +1,151 @@
+"""Winograd F(4x4, 3x3) convolution: the same function and gradients as F.conv2d(padding=1) to float64
+rounding, float32 within its stated error, batch chunks invisible, and Conv3x3's choice of path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpm.nn import UNet, winograd
+from ddpm.nn.winograd import Conv3x3, conv3x3_winograd, filter_transform
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _case(N, C, K, H, W, dtype=torch.float64, channels_last=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=g, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(K, C, 3, 3, generator=g, dtype=dtype) / (3 * C ** 0.5)
+    b = torch.randn(K, generator=g, dtype=dtype)
+    return x, w, b
+
+
+def _grads(fn, x, w, b, gy):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    y = fn(*leaves)
+    return (y, *torch.autograd.grad(y, leaves, gy))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 8, 8), (1, 3, 2, 4, 4), (3, 4, 6, 8, 12), (2, 6, 3, 16, 4)])
+def test_float64_output_and_gradients_equal_direct_convolution(shape, channels_last):
+    x, w, b = _case(*shape, channels_last=channels_last)
+    gy = torch.randn(shape[0], shape[2], shape[3], shape[4], dtype=torch.float64)
+    ours = _grads(conv3x3_winograd, x, w, b, gy)
+    ref = _grads(lambda x_, w_, b_: F.conv2d(x_, w_, b_, padding=1), x, w, b, gy)
+    assert ref[0].abs().max() > 1 and ref[2].abs().max() > 1  # values at the scale of 1: 1e-12 is rounding
+    for a, r, name in zip(ours, ref, ("output", "d/dx", "d/dweight", "d/dbias"), strict=True):
+        assert a.shape == r.shape, name
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-12, msg=name)
+    cl = torch.channels_last
+    # the output and d/dx keep x's memory format (the U-Net's layers take it on from there)
+    assert ours[0].is_contiguous(memory_format=cl if channels_last else torch.contiguous_format)
+    assert ours[1].is_contiguous(memory_format=cl if channels_last else torch.contiguous_format)
+
+
+def test_gradcheck_and_no_bias():
+    x, w, _ = _case(1, 2, 3, 4, 8)
+    leaves = [x.requires_grad_(), w.requires_grad_()]
+    assert torch.autograd.gradcheck(lambda x_, w_: conv3x3_winograd(x_, w_), leaves)
+    with torch.no_grad():
+        torch.testing.assert_close(conv3x3_winograd(x, w), F.conv2d(x, w, padding=1), rtol=0, atol=1e-12)
+
+
+def test_float32_error_is_about_1e_5_of_the_output_scale():
+    x, w, b = _case(4, 64, 64, 16, 16, seed=1)
+    exact = F.conv2d(x, w, b, padding=1)
+    ours = conv3x3_winograd(x.float(), w.float(), b.float()).double()
+    direct = F.conv2d(x.float(), w.float(), b.float(), padding=1).double()
+    scale = exact.abs().max()
+    err, err_direct = (ours - exact).abs().max() / scale, (direct - exact).abs().max() / scale
+    assert err < 3e-5, err  # measured ~1e-5
+    assert err > err_direct  # honest about the price: the direct kernel rounds less (~1e-6)
+
+
+def test_batch_chunks_change_nothing(monkeypatch):
+    x, w, b = _case(5, 4, 6, 8, 8)
+    gy = torch.randn(5, 6, 8, 8, dtype=torch.float64)
+    whole = _grads(conv3x3_winograd, x, w, b, gy)
+    one_image = 36 * 2 * 2 * 6 * 8  # tiles of one image: 36 x (2 x 2 tiles) x max(C, K) x 8 bytes
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", 2 * one_image)
+    assert winograd._chunks(x, 6) == [(0, 2), (2, 4), (4, 5)]
+    chunked = _grads(conv3x3_winograd, x, w, b, gy)
+    for a, r in zip(chunked, whole, strict=True):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-12)  # the weight gradient sums chunks in another order
+
+
+def test_precomputed_filter_tiles_for_inference():
+    x, w, b = _case(2, 3, 4, 8, 8)
+    with torch.no_grad():
+        y = conv3x3_winograd(x, w, b, filter_tiles=filter_transform(w))
+    torch.testing.assert_close(y, F.conv2d(x, w, b, padding=1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("x_shape, w_shape", [((1, 3, 6, 8), (4, 3, 3, 3)), ((1, 3, 8, 8), (4, 2, 3, 3)),
+                                              ((3, 8, 8), (4, 3, 3, 3)), ((1, 3, 8, 8), (4, 3, 5, 5))])
+def test_shapes_it_cannot_take_are_refused(x_shape, w_shape):
+    with pytest.raises(ValueError, match="multiples of 4"):
+        conv3x3_winograd(torch.zeros(x_shape), torch.zeros(w_shape))
+
+
+def test_conv3x3_takes_the_winograd_path_only_where_it_measured_faster(monkeypatch):
+    conv = Conv3x3(128, 128)
+    assert isinstance(conv, torch.nn.Conv2d)  # same parameters and state dict as the direct layer
+    assert list(conv.state_dict()) == list(torch.nn.Conv2d(128, 128, 3, padding=1).state_dict())
+    x8, x4 = torch.randn(2, 128, 8, 8), torch.randn(2, 128, 4, 4)
+    assert conv.uses_winograd(x8) and conv.uses_winograd(x4)  # float32 on the CPU, training
+    with torch.no_grad():
+        assert conv.uses_winograd(x4)  # and inference
+        assert not conv.uses_winograd(torch.randn(2, 128, 6, 6))  # not a multiple of 4
+        assert not conv.uses_winograd(x8.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not conv.uses_winograd(x8)  # bf16 autocast keeps oneDNN's kernel (transforms need float32)
+    # narrower layers ran 0.4-1.0x the direct kernel (the digits network, 32 to 96 channels): direct
+    assert not Conv3x3(64, 128).uses_winograd(torch.randn(2, 64, 8, 8))
+    assert not Conv3x3(128, 96).uses_winograd(x8)
+    conv.winograd = False
+    assert not conv.uses_winograd(x8)
+    calls = []
+    conv.winograd = True
+    monkeypatch.setattr(winograd, "conv3x3_winograd", lambda *a: calls.append(1) or conv3x3_winograd(*a))
+    y = conv(x8)
+    assert calls == [1]
+    ref = F.conv2d(x8, conv.weight, conv.bias, padding=1)
+    torch.testing.assert_close(y, ref, rtol=0, atol=3e-5 * ref.abs().max().item())
+
+
+def test_unet_with_winograd_is_the_same_network():
+    torch.manual_seed(0)
+    fast = UNet(3, 128, (1, 2), 1, (8,), 0.0, 16)  # 128 channels and up: the widths that take the path
+    with torch.no_grad():  # non-zero output layers, so every layer contributes
+        for p in fast.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    direct = UNet(3, 128, (1, 2), 1, (8,), 0.0, 16, winograd=False)
+    direct.load_state_dict(fast.state_dict())
+    assert "winograd" not in fast.config
+    used = []
+    for m in fast.modules():
+        if isinstance(m, Conv3x3):
+            m.register_forward_hook(lambda m, args, out: used.append(m.uses_winograd(args[0])))
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([1, 500, 999])
+    y_fast, y_direct = fast(x, t), direct(x, t)
+    assert used and all(used)  # every residual-block and upsampler conv of this network took the path
+    assert y_direct.abs().mean() > 0.1
+    torch.testing.assert_close(y_fast, y_direct, rtol=1e-4, atol=2e-5)
+    y_fast.pow(2).mean().backward()
+    y_direct.pow(2).mean().backward()
+    for (name, p), q in zip(fast.named_parameters(), direct.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-6, msg=name)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast.eval()(x, t), direct.eval()(x, t), rtol=1e-4, atol=2e-5)
+    fast.set_winograd(False)
+    used.clear()
+    fast(x, t)
+    assert used and not any(used)
