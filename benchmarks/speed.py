@@ -1,7 +1,7 @@
 """Training-step and sampling speed of our U-Net against the peers on the same machine, interleaved, in one
 process; FLOPs per image from torch's flop counter and the achieved rate against a measured 3x3-conv peak.
 
-    .venv/bin/python benchmarks/speed.py [--train-batch 16] [--sample-batch 64] [--reps 3] [--bf16]
+    .venv/bin/python benchmarks/speed.py [--train-batch 16] [--train-steps 3] [--sample-batch 64] [--reps 3] [--bf16]
 
 Peers: diffusers' UNet2DModel in the google/ddpm-cifar10-32 configuration (one attention head) with
 DDPMScheduler, and denoising-diffusion-pytorch's Unet at its closest configuration (each skipped with a note
@@ -111,6 +111,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--train-batch", type=int, default=16)
     p.add_argument("--sample-batch", type=int, default=64)
+    p.add_argument("--train-steps", type=int, default=3, help="training steps timed per measurement")
     p.add_argument("--sample-steps", type=int, default=5, help="reverse steps timed per sampling measurement")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--bf16", action="store_true")
@@ -146,8 +147,9 @@ def main() -> None:
             # (measured: identical networks 20% apart depending on which came first in a repetition)
             train_rate(call(n, m), m, opts[n], args.train_batch, device, args.bf16)
             t0 = time.perf_counter()
-            train_rate(call(n, m), m, opts[n], args.train_batch, device, args.bf16)
-            rows[n]["train"].append(args.train_batch / (time.perf_counter() - t0))
+            for _ in range(args.train_steps):  # back to back, as in a training loop
+                train_rate(call(n, m), m, opts[n], args.train_batch, device, args.bf16)
+            rows[n]["train"].append(args.train_steps * args.train_batch / (time.perf_counter() - t0))
             m.eval()
             x = torch.randn(args.sample_batch, 3, 32, 32, device=device)
             with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
