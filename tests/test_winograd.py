@@ -81,6 +81,27 @@ def test_batch_chunks_change_nothing(monkeypatch):
         torch.testing.assert_close(a, r, rtol=0, atol=1e-12)  # the weight gradient sums chunks in another order
 
 
+def test_scratch_buffers_serve_every_mode_and_shape_in_turn():
+    # the pipeline's temporaries are reused across calls: inference mode, autograd and no_grad calls of other
+    # shapes in between must each still get their own correct result
+    cases = [_case(2, 3, 4, 8, 8, seed=s) for s in range(2)] + [_case(1, 5, 2, 4, 12, channels_last=True)]
+    for _ in range(2):
+        for x, w, b in cases:
+            ref = F.conv2d(x, w, b, padding=1)
+            with torch.inference_mode():
+                torch.testing.assert_close(conv3x3_winograd(x, w, b), ref, rtol=0, atol=1e-12)
+            with torch.no_grad():
+                torch.testing.assert_close(conv3x3_winograd(x, w, b), ref, rtol=0, atol=1e-12)
+            gy = torch.ones_like(ref)
+            ours = _grads(conv3x3_winograd, x, w, b, gy)
+            direct = _grads(lambda x_, w_, b_: F.conv2d(x_, w_, b_, padding=1), x, w, b, gy)
+            for a, r in zip(ours, direct, strict=True):
+                torch.testing.assert_close(a, r, rtol=0, atol=1e-12)
+    winograd.release_scratch()
+    x, w, b = cases[0]
+    torch.testing.assert_close(conv3x3_winograd(x, w, b), F.conv2d(x, w, b, padding=1), rtol=0, atol=1e-12)
+
+
 def test_precomputed_filter_tiles_for_inference():
     x, w, b = _case(2, 3, 4, 8, 8)
     with torch.no_grad():
