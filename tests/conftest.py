@@ -7,6 +7,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # tests/oracle.py and other test helpers
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: on the shared 2-core machines a second OpenMP thread waits on a busy
+    core (the 1000-step sampling runs took 42 s against 8 s, network tests ~10x longer)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -36,13 +36,7 @@ SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, 
              "variance_type": "fixed_large", "clip_sample": True, "prediction_type": "epsilon"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On the shared 2-core machine a second OpenMP thread waits on a busy core: 1 thread is much faster here
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
 
 
 def _randomise(model, seed=0):

@@ -32,13 +32,7 @@ M, S = 0.1, 0.3
 N = 20000  # rows of 2-D draws: 40,000 numbers per run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Intra-op threads on busy shared cores made the 1000-step runs 5x slower (42 s against 8 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
 
 
 class Counting:

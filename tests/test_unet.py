@@ -9,14 +9,7 @@ import torch
 from ddpm.nn import UNet, timestep_embedding
 from ddpm.nn.unet import AttnBlock
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On the shared 2-core machine a second OpenMP thread waits on a busy core: 1 thread is ~10x faster here
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
 
 
 def _count(m):

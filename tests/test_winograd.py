@@ -8,13 +8,7 @@ import torch.nn.functional as F
 from ddpm.nn import UNet, winograd
 from ddpm.nn.winograd import Conv3x3, conv3x3_winograd, filter_transform
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
 
 
 def _case(N, C, K, H, W, dtype=torch.float64, channels_last=False, seed=0):
