@@ -65,6 +65,15 @@ def build_model(cfg: Config) -> UNet:
     )
 
 
+def build_optimizer(params, lr: float, eps: float, device: torch.device) -> torch.optim.Adam:
+    """Adam with its fused kernel (the whole update in one pass per parameter) on CUDA and on the CPU, the
+    foreach implementation elsewhere. On the CPU the fused step of the CIFAR-10 network takes 26.5 ms against
+    87 ms for foreach (benchmarks/RESULTS.md)."""
+    if device.type in ("cuda", "cpu"):
+        return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
+    return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -215,9 +224,7 @@ class Trainer:
         self.ema = build_model(cfg).to(self.device)
         self.ema.load_state_dict(self.model.state_dict())
         self.ema.eval().requires_grad_(False)
-        fused = self.device.type == "cuda"
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, eps=t.adam_eps, fused=fused or None,
-                                    foreach=None if fused else True)
+        self.opt = build_optimizer(self.model.parameters(), t.lr, t.adam_eps, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=t.precision == "fp16")
         self.step = 0
         self.bad_in_a_row = 0
