@@ -99,8 +99,8 @@ def filter_transform(w: torch.Tensor) -> torch.Tensor:
     return (kg @ w.reshape(K * C, 9).t()).view(36, K, C)
 
 
-# A^T's column 1 is all ones, so kron(A^T, A^T)'s column 7 (tile position (1, 1)) is: a bias added to the
-# products at that position reaches every output once (a pass over 1/36 of the products instead of the output)
+# A^T's column 1 is all ones, so kron(A^T, A^T)'s column 7 (tile position (1, 1)) is all ones too: a bias added
+# to the products at that position reaches every output once (a pass over 1/36 of the products, not the output)
 _BIAS_POS = 7
 
 
@@ -118,9 +118,9 @@ def _chunks(x: torch.Tensor, K: int) -> list[tuple[int, int]]:
 
 
 def _forward(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
-             keep_tiles: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(output [N, K, H, W] in x's memory format, the input tiles v [36, n*th*tw, C] per batch chunk if
-    keep_tiles) for filter tiles u [36, K, C]."""
+             keep_tiles: bool = False) -> tuple[torch.Tensor, list[tuple[int, int, torch.Tensor]]]:
+    """(output [N, K, H, W] in x's memory format, and if keep_tiles each batch chunk's bounds (i, j) with its
+    input tiles v [36, (j - i)*th*tw, C]) for filter tiles u [36, K, C]."""
     N, C, H, W = x.shape
     K = u.shape[1]
     th, tw = H // 4, W // 4
@@ -141,7 +141,7 @@ def _forward(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
         y = torch.mm(ka, m.view(36, -1), out=_scratch("y", (16, P * K), x))
         out[i:j].view(n, K, th, 4, tw, 4).copy_(y.view(4, 4, n, th, tw, K).permute(2, 5, 3, 0, 4, 1))
         if keep_tiles:
-            tiles.append(v)
+            tiles.append((i, j, v))
     return out, tiles
 
 
@@ -159,7 +159,7 @@ class _Conv3x3Winograd(torch.autograd.Function):
         u = filter_transform(weight)
         y, tiles = _forward(x, u, bias, keep_tiles=True)
         ctx.save_for_backward(u)
-        ctx.tiles, ctx.chunks = tiles, _chunks(x, weight.shape[0])
+        ctx.tiles = tiles
         ctx.shape = (*x.shape, weight.shape[0], _is_channels_last(x))
         return y
 
@@ -174,7 +174,7 @@ class _Conv3x3Winograd(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = torch.empty((N, C, H, W), dtype=gy.dtype, device=gy.device,
                              memory_format=torch.channels_last if cl else torch.contiguous_format)
-        for (i, j), v in zip(ctx.chunks, ctx.tiles, strict=True):
+        for i, j, v in ctx.tiles:
             n = j - i
             P = n * th * tw
             gy_tiles = _scratch("gy", (4, 4, n, th, tw, K), gy)
