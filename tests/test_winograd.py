@@ -96,6 +96,18 @@ def test_scratch_buffers_serve_every_mode_and_shape_in_turn():
     torch.testing.assert_close(conv3x3_winograd(x, w, b), F.conv2d(x, w, b, padding=1), rtol=0, atol=1e-12)
 
 
+def test_weights_changed_in_place_before_backward_are_an_error():
+    # backward computes the filter tiles again from the saved weights: a weight changed in between (an optimizer
+    # step before backward) must fail loudly, as it does for F.conv2d, not give another weight's gradients
+    x, w, b = _case(2, 3, 4, 8, 8)
+    w = w.requires_grad_()
+    y = conv3x3_winograd(x, w, b)
+    with torch.no_grad():
+        w.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 def test_precomputed_filter_tiles_for_inference():
     x, w, b = _case(2, 3, 4, 8, 8)
     with torch.no_grad():

@@ -92,11 +92,19 @@ def _fold_axis(t: torch.Tensor, tile_dim: int, tag: str) -> torch.Tensor:
     return out
 
 
-def filter_transform(w: torch.Tensor) -> torch.Tensor:
+def filter_transform(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """w [K, C, 3, 3] -> G w G^T per (k, c), laid out [36, K, C] (w read in place: no copy of the weights)."""
     K, C = w.shape[:2]
     kg = _mats(w.dtype)[1]
-    return (kg @ w.reshape(K * C, 9).t()).view(36, K, C)
+    return torch.mm(kg, w.reshape(K * C, 9).t(), out=out).view(36, K, C)
+
+
+def _filter_tiles(w: torch.Tensor) -> torch.Tensor:
+    """filter_transform(w) in a scratch buffer (valid until the next call). The tiles of a wide layer take 9-19
+    MB, above the sizes glibc's allocator keeps for reuse: a fresh tensor per call came back from the system as
+    new pages every time (page faults); computing them again in backward costs less (training 1.08x)."""
+    K, C = w.shape[:2]
+    return filter_transform(w, out=_scratch("u", (36, K * C), w))
 
 
 # A^T's column 1 is all ones, so kron(A^T, A^T)'s column 7 (tile position (1, 1)) is all ones too: a bias added
@@ -150,22 +158,23 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 
 class _Conv3x3Winograd(torch.autograd.Function):
-    """Autograd for the training path: forward keeps the transformed input and filter tiles; backward maps the
+    """Autograd for the training path: forward keeps the transformed input tiles and the weights (the filter
+    tiles are computed again in backward, into a scratch buffer); backward maps the
     output gradient into the same domain (transposed output transform), multiplies there, and maps back
     (transposed input transform and the overlap-add of the tiles; transposed filter transform)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        u = filter_transform(weight)
-        y, tiles = _forward(x, u, bias, keep_tiles=True)
-        ctx.save_for_backward(u)
+        y, tiles = _forward(x, _filter_tiles(weight), bias, keep_tiles=True)
+        ctx.save_for_backward(weight)
         ctx.tiles = tiles
         ctx.shape = (*x.shape, weight.shape[0], _is_channels_last(x))
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        (u,) = ctx.saved_tensors
+        (weight,) = ctx.saved_tensors
+        u = _filter_tiles(weight)
         N, C, H, W, K, cl = ctx.shape
         th, tw = H // 4, W // 4
         kb, kg, ka = _mats(gy.dtype)
@@ -208,7 +217,7 @@ def conv3x3_winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return _Conv3x3Winograd.apply(x, weight, bias)
-    u = filter_transform(weight) if filter_tiles is None else filter_tiles
+    u = _filter_tiles(weight) if filter_tiles is None else filter_tiles
     return _forward(x, u, bias)[0]
 
 
