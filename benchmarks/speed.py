@@ -2,6 +2,7 @@
 process; FLOPs per image from torch's flop counter and the achieved rate against a measured 3x3-conv peak.
 
     .venv/bin/python benchmarks/speed.py [--train-batch 16] [--train-steps 3] [--sample-batch 64] [--reps 3] [--bf16]
+        [--keep-freed-memory]
 
 Peers: diffusers' UNet2DModel in the google/ddpm-cifar10-32 configuration (one attention head) with
 DDPMScheduler, and denoising-diffusion-pytorch's Unet at its closest configuration (each skipped with a note
@@ -20,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm import GaussianDiffusion, UNet, beta_schedule
 from ddpm.nn.winograd import Conv3x3
+from ddpm.runtime import keep_freed_memory
 from ddpm.train import build_optimizer
 
 
@@ -116,7 +118,12 @@ def main() -> None:
     p.add_argument("--sample-steps", type=int, default=5, help="reverse steps timed per sampling measurement")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="the allocator setting the ddpm commands make (ddpm.runtime), for every model in the process")
     args = p.parse_args()
+    if args.keep_freed_memory and not keep_freed_memory():
+        p.error("--keep-freed-memory: not applied (Linux with glibc only; DDPM_KEEP_FREED_MEMORY=0 or a "
+                "GLIBC_TUNABLES malloc setting turns it off)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     models = make_models(device)
     peak = conv_peak(torch.float32, device)
@@ -172,8 +179,9 @@ def main() -> None:
                 torch.cuda.synchronize()
             rows[n]["sample"].append(args.sample_batch * args.sample_steps / (time.perf_counter() - t0))
     dtype = "bf16 autocast" if args.bf16 else "float32"
+    alloc = "freed memory kept (ddpm.runtime)" if args.keep_freed_memory else "default allocator"
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, {dtype}; 3x3-conv peak {peak:.0f} GFLOP/s fp32, {peak_bf16:.0f} bf16\n")
+          f"torch {torch.__version__}, {dtype}, {alloc}; 3x3-conv peak {peak:.0f} GFLOP/s fp32, {peak_bf16:.0f} bf16\n")
     print(f"| model | params | GFLOP/img fwd | train img/s (batch {args.train_batch}) | train GFLOP/s | % of conv peak "
           f"| sample img-steps/s (batch {args.sample_batch}) | train, sample x diffusers |")
     print("|---|---|---|---|---|---|---|---|")

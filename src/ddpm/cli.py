@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     from ddpm.config import ConfigError
 
     args = build_parser().parse_args(argv)
+    from ddpm.runtime import keep_freed_memory
+
+    keep_freed_memory()  # large tensors reused without page faults (see there); DDPM_KEEP_FREED_MEMORY=0: off
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
