@@ -19,9 +19,9 @@ def keep_freed_memory(limit: int = KEEP_BYTES) -> bool:
     default for blocks above 32 MB, and for smaller ones whenever the heap's free top passes the trim threshold).
 
     Every fresh mapping arrives as zeroed pages, one page fault per 4 kB on first touch: a CIFAR-10 training
-    step at batch 16 took 100-230 thousand of them (about 1.5 us each on the machines measured), sampling at
+    step at batch 16 took 80-160 thousand of them (about 1.5 us each on the machine measured), sampling at
     batch 64 some 400 thousand per network call. With this setting both fall to about zero after the first
-    step (training 1.08-1.19x, benchmarks/RESULTS.md). The price: the process keeps its peak memory instead of
+    step (training 1.08x; benchmarks/RESULTS.md). The price: the process keeps its peak memory instead of
     returning it between steps. `ddpm` commands call this at start; `DDPM_KEEP_FREED_MEMORY=0` turns it off,
     and a GLIBC_TUNABLES malloc setting of one's own is left alone. Returns whether the setting was made
     (False off Linux/glibc)."""
