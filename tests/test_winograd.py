@@ -52,6 +52,18 @@ def test_gradcheck_and_no_bias():
         torch.testing.assert_close(conv3x3_winograd(x, w), F.conv2d(x, w, padding=1), rtol=0, atol=1e-12)
 
 
+def test_gradients_for_some_inputs_only():
+    # backward skips the work of the gradients nobody asked for (the filter tiles serve the input's only)
+    x, w, b = _case(2, 3, 4, 8, 8)
+    gy = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    for wanted in ((x,), (w,), (b,), (w, b)):
+        leaves = [t.detach().clone().requires_grad_(any(t is u for u in wanted)) for t in (x, w, b)]
+        ours = torch.autograd.grad(conv3x3_winograd(*leaves), [t for t in leaves if t.requires_grad], gy)
+        direct = torch.autograd.grad(F.conv2d(*leaves, padding=1), [t for t in leaves if t.requires_grad], gy)
+        for a, r in zip(ours, direct, strict=True):
+            torch.testing.assert_close(a, r, rtol=0, atol=1e-12)
+
+
 def test_float32_error_is_about_1e_5_of_the_output_scale():
     x, w, b = _case(4, 64, 64, 16, 16, seed=1)
     exact = F.conv2d(x, w, b, padding=1)

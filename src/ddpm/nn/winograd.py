@@ -159,9 +159,9 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 class _Conv3x3Winograd(torch.autograd.Function):
     """Autograd for the training path: forward keeps the transformed input tiles and the weights (the filter
-    tiles are computed again in backward, into a scratch buffer); backward maps the
-    output gradient into the same domain (transposed output transform), multiplies there, and maps back
-    (transposed input transform and the overlap-add of the tiles; transposed filter transform)."""
+    tiles, needed for the input gradient only, are computed again in backward into a scratch buffer); backward
+    maps the output gradient into the same domain (transposed output transform), multiplies there, and maps
+    back (transposed input transform and the overlap-add of the tiles; transposed filter transform)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -174,13 +174,13 @@ class _Conv3x3Winograd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         (weight,) = ctx.saved_tensors
-        u = _filter_tiles(weight)
         N, C, H, W, K, cl = ctx.shape
         th, tw = H // 4, W // 4
         kb, kg, ka = _mats(gy.dtype)
         gx = gw = gu = None
         gb = gy.new_zeros(K) if ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[0]:
+            u = _filter_tiles(weight)
             gx = torch.empty((N, C, H, W), dtype=gy.dtype, device=gy.device,
                              memory_format=torch.channels_last if cl else torch.contiguous_format)
         for i, j, v in ctx.tiles:
