@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import group_norm_act
 from .winograd import Conv3x3
 
 
@@ -49,15 +50,17 @@ class ResnetBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = Conv3x3(out_ch, out_ch)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.fused_norm = True  # UNet.set_fused_norm
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
         # temb_act = swish(temb) [B, temb_ch], computed once per forward for all blocks. Without autograd the
         # intermediate tensors are updated in place (fewer passes over memory); never x itself.
         inplace = not torch.is_grad_enabled()
-        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = self.conv1(group_norm_act(x, self.norm1, fused=self.fused_norm))
         temb = self.temb_proj(temb_act)[:, :, None, None]
         h = h.add_(temb) if inplace else h + temb
-        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=inplace)))
+        p = self.dropout.p if self.training else 0.0
+        h = self.conv2(group_norm_act(h, self.norm2, dropout=p, fused=self.fused_norm))
         skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
         return h.add_(skip) if inplace else skip + h
 
@@ -158,12 +161,16 @@ class UNet(nn.Module):
         winograd: the residual blocks' and upsamplers' 3x3 convolutions run Winograd's F(4x4, 3x3) on the CPU
             in float32 where it measured faster (`ddpm.nn.winograd.Conv3x3`): the same function with a
             rounding error about 1e-5 relative instead of 1e-6. Not part of `config`; `set_winograd` changes it.
+        fused_norm: the residual blocks' group norm -> swish (-> dropout) and the output's group norm -> swish
+            run as one compiled kernel on channels-last CPU tensors (`ddpm.nn.fused`; torch's operators where
+            it does not apply or cannot be built). The same function; dropout draws its masks from its own
+            hash of torch's seed. Not part of `config`; `set_fused_norm` changes it.
     """
 
     def __init__(self, in_channels: int = 3, ch: int = 128, ch_mult: tuple[int, ...] = (1, 2, 2, 2),
                  num_res_blocks: int = 2, attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1,
                  resolution: int = 32, out_channels: int | None = None, num_classes: int | None = None,
-                 channels_last: bool = True, winograd: bool = True):
+                 channels_last: bool = True, winograd: bool = True, fused_norm: bool = True):
         super().__init__()
         ch_mult = tuple(int(c) for c in ch_mult)
         attn_resolutions = tuple(int(r) for r in attn_resolutions)
@@ -242,6 +249,7 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
         self.reset_parameters()
         self.set_winograd(winograd)
+        self.set_fused_norm(fused_norm)
 
     def _takes_channels_last(self, x: torch.Tensor) -> bool:
         """Channels-last on the CPU in float32 and bf16 (autocast included), training and inference: it
@@ -255,6 +263,13 @@ class UNet(nn.Module):
         for m in self.modules():
             if isinstance(m, Conv3x3):
                 m.winograd = bool(enabled)
+
+    def set_fused_norm(self, enabled: bool) -> None:
+        """Turns the fused group norm -> swish (-> dropout) kernel on or off (off: torch's operators)."""
+        self.fused_norm = bool(enabled)
+        for m in self.modules():
+            if isinstance(m, ResnetBlock):
+                m.fused_norm = bool(enabled)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -320,4 +335,4 @@ class UNet(nn.Module):
                     h = level.attn[j](h)
             if i != 0:
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled())).contiguous()
+        return self.conv_out(group_norm_act(h, self.norm_out, fused=self.fused_norm)).contiguous()

@@ -1,0 +1,223 @@
+"""The fused group norm -> swish -> dropout kernel (ddpm.nn.fused) against torch's operators in float64."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpm.nn import UNet, fused
+
+pytestmark = pytest.mark.skipif(not fused.status()[0], reason=f"fused kernel unavailable: {fused.status()[1]}")
+
+
+def _norm(C, groups=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    norm = nn.GroupNorm(groups, C, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(C, generator=g) * 0.5 + 1)
+        norm.bias.copy_(torch.randn(C, generator=g) * 0.5)
+    return norm
+
+
+def _x(shape, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3 + 2  # an offset mean: the variance must not come from E[x^2] - E[x]^2
+    return x.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+
+
+def _reference(x, norm, silu=True, keep=None, p=0.0):
+    """float64 autograd of torch's own operators; keep: the dropout mask to apply (scaled by 1 / (1 - p))."""
+    x64 = x.detach().double().requires_grad_()
+    w64 = norm.weight.detach().double().requires_grad_()
+    b64 = norm.bias.detach().double().requires_grad_()
+    y = F.group_norm(x64, norm.num_groups, w64, b64, norm.eps)
+    if silu:
+        y = F.silu(y)
+    if keep is not None:
+        y = y * keep.double() / (1 - p)
+    return y, (x64, w64, b64)
+
+
+def _grads(y, inputs, dy):
+    return torch.autograd.grad(y, inputs, dy)
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 5, 7), (16, 128, 8, 8), (1, 256, 4, 4), (3, 96, 16, 16)])
+@pytest.mark.parametrize("silu", [True, False])
+def test_float32_output_and_gradients_equal_float64_reference(shape, silu):
+    norm = _norm(shape[1])
+    x = _x(shape)
+    y = fused.group_norm_act(x, norm, silu=silu)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
+    ref, inputs = _reference(x, norm, silu)
+    dy = torch.randn(shape, dtype=torch.float64)
+    got = _grads(y, [x, norm.weight, norm.bias], dy.float())
+    want = _grads(ref, inputs, dy)
+    assert (y.double() - ref).abs().max() <= 2e-6 * ref.abs().max()
+    for name, g, w in zip(("dx", "dweight", "dbias"), got, want, strict=True):
+        err = ((g.double() - w).abs().max() / w.abs().max()).item()
+        assert err < 1e-5, (name, err)
+
+
+def test_bfloat16_error_is_no_larger_than_torchs_own_bfloat16():
+    shape = (8, 128, 16, 16)
+    norm = _norm(128)
+    x = _x(shape, torch.bfloat16)
+    dy = torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    ref, inputs = _reference(x, norm)
+    want = _grads(ref, inputs, dy.double())
+
+    def errors(y, grads):
+        out = [((y.double() - ref).abs().max() / ref.abs().max()).item()]
+        return out + [((g.double() - w).abs().max() / w.abs().max()).item() for g, w in zip(grads, want, strict=True)]
+
+    y = fused.group_norm_act(x, norm)
+    ours = errors(y, _grads(y, [x, norm.weight, norm.bias], dy))
+    y = F.silu(norm(x))  # torch's channels-last bf16 kernels
+    theirs = errors(y, _grads(y, [x, norm.weight, norm.bias], dy))
+    assert y.dtype == torch.bfloat16
+    for name, a, b in zip(("y", "dx", "dweight", "dbias"), ours, theirs, strict=True):
+        assert a <= 1.5 * b + 1e-3, (name, a, b)
+    assert max(ours) < 2e-2  # bf16 keeps 8 bits: a relative rounding of 2^-9 per element
+
+
+def test_dropout_drops_a_fraction_p_and_the_gradient_follows_the_same_mask():
+    p, shape = 0.3, (4, 64, 16, 16)
+    norm = _norm(64)
+    x = _x(shape)
+    y = fused.group_norm_act(x, norm, dropout=p)
+    keep = y.detach() != 0
+    n = keep.numel()
+    dropped = 1 - keep.double().mean().item()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(dropped - p) < 5 * sigma, (dropped, p)
+    ref, inputs = _reference(x, norm, keep=keep, p=p)
+    assert (y.double() - ref).abs().max() <= 2e-6 * ref.abs().max()
+    dy = torch.randn(shape, dtype=torch.float64)
+    got = _grads(y, [x, norm.weight, norm.bias], dy.float())
+    for g, w in zip(got, _grads(ref, inputs, dy), strict=True):
+        assert ((g.double() - w).abs().max() / w.abs().max()).item() < 1e-5
+    # every channel and position drops at the same rate (no structure in the hash): per-channel counts
+    per_channel = 1 - keep.double().mean(dim=(0, 2, 3))
+    assert per_channel.std().item() < 3 * (p * (1 - p) / (n / 64)) ** 0.5
+
+
+def test_dropout_masks_follow_torchs_seed():
+    norm = _norm(64)
+    x = _x((2, 64, 8, 8))
+    torch.manual_seed(5)
+    a = fused.group_norm_act(x, norm, dropout=0.5)
+    b = fused.group_norm_act(x, norm, dropout=0.5)
+    torch.manual_seed(5)
+    c = fused.group_norm_act(x, norm, dropout=0.5)
+    assert torch.equal(a, c)
+    agree = ((a == 0) == (b == 0)).double().mean().item()
+    assert 0.4 < agree < 0.6  # two independent masks at p = 0.5 agree on about half the elements
+
+
+@pytest.mark.parametrize("N", [1, 16])
+def test_results_do_not_depend_on_the_thread_count(N):
+    norm = _norm(128)
+    x = _x((N, 128, 8, 8))
+    dy = torch.randn(x.shape)
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            torch.manual_seed(0)
+            y = fused.group_norm_act(x, norm, dropout=0.1)
+            out.append([y, *torch.autograd.grad(y, [x, norm.weight, norm.bias], dy)])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*out, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_nan_stays_in_its_group():
+    norm = _norm(64)
+    x = _x((2, 64, 4, 4)).detach().clone()
+    x[1, 5, 2, 3] = float("nan")  # sample 1, group 2 (channels 4-5)
+    y = fused.group_norm_act(x, norm)
+    nan = torch.isnan(y)
+    assert nan[1, 4:6].all() and nan.sum() == 2 * 16
+    assert torch.isnan(F.silu(norm(x))).sum() == nan.sum()
+
+
+def test_other_inputs_take_torchs_operators():
+    norm = _norm(64)
+    x = _x((2, 64, 8, 8)).detach()
+    norm64 = _norm(64).double()
+    for other, n in ((x.contiguous(), norm), (x.double().contiguous(memory_format=torch.channels_last), norm64)):
+        assert not fused.fused_applies(other, n)
+        assert torch.equal(fused.group_norm_act(other, n), F.silu(n(other)))
+    assert fused.fused_applies(x, norm)
+    assert torch.equal(fused.group_norm_act(x, norm, fused=False), F.silu(norm(x)))
+    with pytest.raises(ValueError, match="dropout must be in"):
+        fused.group_norm_act(x, norm, dropout=1.0)
+
+
+def test_unet_is_the_same_network_with_the_kernel(one_thread):
+    torch.manual_seed(0)
+    net = UNet(3, 32, (1, 2), 1, (8,), 0.1, 16)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([1, 10, 100, 999])
+    outs = []
+    for enabled in (True, False):
+        net.set_fused_norm(enabled)
+        net.eval()  # no dropout: the two paths compute the same function
+        with torch.no_grad():
+            y_eval = net(x, t)
+        net.train()
+        for m in net.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        net.zero_grad()
+        y = net(x, t)
+        y.square().mean().backward()
+        outs.append([y_eval, y.detach()] + [p.grad.clone() for p in net.parameters()])
+    scale = max(b.abs().max().item() for b in outs[1][2:])  # some gradients are zero up to rounding
+    for i, (a, b) in enumerate(zip(*outs, strict=True)):
+        assert (a - b).abs().max().item() < 1e-4 * (b.abs().max().item() if i < 2 else scale), i
+
+
+def _subprocess(code, env_extra, tmp_path):
+    env = {**os.environ, "DDPM_CACHE_DIR": str(tmp_path), "PYTHONWARNINGS": "default", **env_extra}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+_PROBE = """
+import torch, torch.nn.functional as F
+from ddpm.nn import fused
+norm = torch.nn.GroupNorm(32, 64)
+x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+assert torch.allclose(fused.group_norm_act(x, norm), F.silu(norm(x)), atol=1e-5)
+print(fused.status())
+"""
+
+
+def test_without_a_compiler_it_warns_once_and_runs_torchs_operators(tmp_path):
+    done = _subprocess(_PROBE, {"CC": "/nonexistent/cc"}, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "(False, \"could not build the kernel" in done.stdout and "/nonexistent/cc" in done.stdout
+    assert done.stderr.count("fused CPU group-norm kernel is off") == 1
+    done = _subprocess(_PROBE, {"DDPM_FUSED_CPU": "0"}, tmp_path)
+    assert done.returncode == 0 and "(False, 'turned off by DDPM_FUSED_CPU=0')" in done.stdout
+    assert "kernel is off" not in done.stderr  # asked for: no warning
+
+
+def test_the_kernel_is_compiled_once_into_the_cache(tmp_path):
+    first = _subprocess(_PROBE, {}, tmp_path)
+    assert first.returncode == 0 and "(True, 'compiled kernel loaded')" in first.stdout, first.stderr
+    built = sorted((tmp_path / "kernels").glob("fused_cpu-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    second = _subprocess(_PROBE, {}, tmp_path)
+    assert second.returncode == 0 and "(True," in second.stdout
+    assert sorted((tmp_path / "kernels").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
