@@ -190,18 +190,16 @@ def test_unet_with_winograd_is_the_same_network():
     assert used and not any(used)
 
 
-def test_training_with_winograd_stays_as_close_to_float64_as_the_direct_kernels():
-    # 30 Adam steps of a 128-channel U-Net (every residual-block conv on the Winograd path) from one start:
-    # float32 with Winograd, float32 with the direct kernels, float64 as the reference. Training amplifies any
-    # rounding difference step by step, so the float32 runs drift from float64 whatever the kernel; Winograd's
-    # larger rounding (1e-5 against 1e-6) must not make its run drift measurably further
-    torch.manual_seed(0)
+def _training_losses(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """30 Adam steps of a 128-channel U-Net (every residual-block conv on the Winograd path) from one start:
+    float32 with Winograd, float32 with the direct kernels, float64 as the reference. Their losses per step."""
+    torch.manual_seed(seed)
     nets = [UNet(3, 128, (1, 2), 1, (4,), 0.0, 8, winograd=w) for w in (True, False, False)]
     for net in nets[1:]:
         net.load_state_dict(nets[0].state_dict())
     nets[2].double()
     opts = [torch.optim.Adam(n.parameters(), lr=1e-3) for n in nets]
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(1)  # the same data for every start
     target = torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64)
     losses = [[], [], []]
     for _ in range(30):
@@ -214,8 +212,19 @@ def test_training_with_winograd_stays_as_close_to_float64_as_the_direct_kernels(
             loss.backward()
             opt.step()
             losses[k].append(loss.item())
-    wino, direct, exact = (torch.tensor(v, dtype=torch.float64) for v in losses)
-    assert exact[-5:].mean() < 0.7 * exact[:5].mean()  # it learned something
-    assert (wino[:5] - exact[:5]).abs().max() < 1e-4  # the first steps agree to float32 rounding
-    dev_wino, dev_direct = (wino - exact).abs().mean(), (direct - exact).abs().mean()
+    return tuple(torch.tensor(v, dtype=torch.float64) for v in losses)
+
+
+def test_training_with_winograd_stays_as_close_to_float64_as_the_direct_kernels():
+    # Training amplifies any rounding difference step by step (chaotically: one run's deviation from float64
+    # after 30 steps ranged 3e-4 to 2.5e-2 over seeds, and the two float32 runs' ratio 0.1 to 6, with the same
+    # kernels), so the float32 runs drift from float64 whatever the kernel. Summed over three starts,
+    # Winograd's larger rounding (1e-5 against 1e-6) must not make its runs drift measurably further.
+    dev_wino = dev_direct = 0.0
+    for seed in range(3):
+        wino, direct, exact = _training_losses(seed)
+        assert exact[-5:].mean() < 0.7 * exact[:5].mean()  # it learned something
+        assert (wino[:5] - exact[:5]).abs().max() < 1e-4  # the first steps agree to float32 rounding
+        dev_wino += (wino - exact).abs().mean().item()
+        dev_direct += (direct - exact).abs().mean().item()
     assert dev_wino < 3 * dev_direct, (dev_wino, dev_direct)
