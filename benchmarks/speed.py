@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm import GaussianDiffusion, UNet, beta_schedule
+from ddpm.nn.fused import status as fused_status
 from ddpm.nn.winograd import Conv3x3
 from ddpm.runtime import keep_freed_memory
 from ddpm.train import build_optimizer
@@ -69,6 +70,8 @@ def make_models(device):
     torch.manual_seed(0)
     models["ddpm (ours)"] = UNet(3, 128, (1, 2, 2, 2), 2, (16,), 0.1, 32).to(device)
     models["ddpm (ours), winograd=False"] = UNet(3, 128, (1, 2, 2, 2), 2, (16,), 0.1, 32, winograd=False).to(device)
+    models["ddpm (ours), fused_norm=False"] = UNet(3, 128, (1, 2, 2, 2), 2, (16,), 0.1, 32,
+                                                   fused_norm=False).to(device)
     try:
         from diffusers import UNet2DModel
 
@@ -180,6 +183,7 @@ def main() -> None:
             rows[n]["sample"].append(args.sample_batch * args.sample_steps / (time.perf_counter() - t0))
     dtype = "bf16 autocast" if args.bf16 else "float32"
     alloc = "freed memory kept (ddpm.runtime)" if args.keep_freed_memory else "default allocator"
+    alloc += "; fused group-norm kernel: " + ("on" if fused_status()[0] else f"off ({fused_status()[1]})")
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {dtype}, {alloc}; 3x3-conv peak {peak:.0f} GFLOP/s fp32, {peak_bf16:.0f} bf16\n")
     print(f"| model | params | GFLOP/img fwd | train img/s (batch {args.train_batch}) | train GFLOP/s | % of conv peak "
