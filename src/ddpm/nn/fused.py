@@ -26,6 +26,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -65,9 +66,9 @@ def _cpu_key() -> str:
     return platform.machine() + flags
 
 
-def _compile(compiler: str) -> Path:
+def _compile(compiler: list[str]) -> Path:
     source = _SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
                                      _cpu_key().encode()])).hexdigest()[:16]
     for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"ddpm-kernels-{os.getuid()}"):
@@ -81,10 +82,10 @@ def _compile(compiler: str) -> Path:
         except OSError:
             continue  # not writable: the next folder
         try:
-            done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True,
+            done = subprocess.run([*compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True,
                                   text=True, timeout=300)
             if done.returncode != 0:
-                raise RuntimeError(f"{compiler} failed on {_SOURCE}:\n{done.stderr[-2000:]}")
+                raise RuntimeError(f"{' '.join(compiler)} failed on {_SOURCE}:\n{done.stderr[-2000:]}")
             os.replace(tmp, target)  # atomic: a process compiling beside this one finds a whole file or none
             return target
         finally:
@@ -95,6 +96,8 @@ def _compile(compiler: str) -> Path:
 
 def _load() -> ctypes.CDLL | None:
     """The compiled library, or None (the reason in _state["why"]). Built once per process; warns once."""
+    if "lib" in _state:
+        return _state["lib"]  # type: ignore[return-value]
     with _lock:
         if "lib" in _state:
             return _state["lib"]  # type: ignore[return-value]
@@ -102,7 +105,8 @@ def _load() -> ctypes.CDLL | None:
         if os.environ.get("DDPM_FUSED_CPU", "1") == "0":
             why = "turned off by DDPM_FUSED_CPU=0"
         else:
-            compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+            found = shutil.which("gcc") or shutil.which("cc")
+            compiler = shlex.split(os.environ.get("CC", "")) or ([found] if found else [])
             if not compiler:
                 why = "no C compiler (gcc or $CC) on PATH"
             else:
@@ -122,9 +126,10 @@ def _load() -> ctypes.CDLL | None:
             why = "compiled kernel loaded"
         elif not why.startswith("turned off"):
             warnings.warn(f"ddpm: the fused CPU group-norm kernel is off ({why}); torch's operators run instead "
-                          "(slower on the CPU, same results). DDPM_FUSED_CPU=0 silences this.", RuntimeWarning,
-                          stacklevel=3)
-        _state["lib"], _state["why"] = lib, why
+                          "(the same function, slower on the CPU). DDPM_FUSED_CPU=0 silences this.",
+                          RuntimeWarning, stacklevel=3)
+        _state["why"] = why
+        _state["lib"] = lib  # last: its presence says the state is whole
         return lib
 
 
@@ -186,7 +191,7 @@ class _GroupNormAct(torch.autograd.Function):
 def fused_applies(x: torch.Tensor, norm: nn.GroupNorm) -> bool:
     """Whether `group_norm_act` takes the compiled kernel for this input (else torch's operators)."""
     return (x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() == 4 and norm.affine
-            and x.is_contiguous(memory_format=torch.channels_last) and x.shape[2] * x.shape[3] > 1
+            and x.is_contiguous(memory_format=torch.channels_last)
             and not torch.compiler.is_compiling() and _load() is not None)
 
 

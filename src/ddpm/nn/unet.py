@@ -76,10 +76,11 @@ class AttnBlock(nn.Module):
         self.k = nn.Conv2d(ch, ch, 1)
         self.v = nn.Conv2d(ch, ch, 1)
         self.proj_out = nn.Conv2d(ch, ch, 1)
+        self.fused_norm = True  # UNet.set_fused_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        h = self.norm(x)
+        h = group_norm_act(x, self.norm, silu=False, fused=self.fused_norm)
         q = self.q(h).reshape(B, 1, C, H * W).transpose(-1, -2)  # (B, 1 head, HW, C)
         k = self.k(h).reshape(B, 1, C, H * W).transpose(-1, -2)
         v = self.v(h).reshape(B, 1, C, H * W).transpose(-1, -2)
@@ -161,8 +162,8 @@ class UNet(nn.Module):
         winograd: the residual blocks' and upsamplers' 3x3 convolutions run Winograd's F(4x4, 3x3) on the CPU
             in float32 where it measured faster (`ddpm.nn.winograd.Conv3x3`): the same function with a
             rounding error about 1e-5 relative instead of 1e-6. Not part of `config`; `set_winograd` changes it.
-        fused_norm: the residual blocks' group norm -> swish (-> dropout) and the output's group norm -> swish
-            run as one compiled kernel on channels-last CPU tensors (`ddpm.nn.fused`; torch's operators where
+        fused_norm: the residual blocks' group norm -> swish (-> dropout), the output's group norm -> swish and
+            the attention blocks' group norm run as one compiled kernel on channels-last CPU tensors (`ddpm.nn.fused`; torch's operators where
             it does not apply or cannot be built). The same function; dropout draws its masks from its own
             hash of torch's seed. Not part of `config`; `set_fused_norm` changes it.
     """
@@ -268,7 +269,7 @@ class UNet(nn.Module):
         """Turns the fused group norm -> swish (-> dropout) kernel on or off (off: torch's operators)."""
         self.fused_norm = bool(enabled)
         for m in self.modules():
-            if isinstance(m, ResnetBlock):
+            if isinstance(m, (ResnetBlock, AttnBlock)):
                 m.fused_norm = bool(enabled)
 
     @torch.no_grad()
