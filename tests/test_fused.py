@@ -221,3 +221,19 @@ def test_the_kernel_is_compiled_once_into_the_cache(tmp_path):
     second = _subprocess(_PROBE, {}, tmp_path)
     assert second.returncode == 0 and "(True," in second.stdout
     assert sorted((tmp_path / "kernels").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("channels", [3, 1])  # one channel: conv_in's output would come back contiguous
+def test_unet_takes_the_kernel_by_default_for_every_group_norm(monkeypatch, channels):
+    calls = []
+    apply = fused._GroupNormAct.apply
+    monkeypatch.setattr(fused._GroupNormAct, "apply", lambda *a: calls.append(a[5:]) or apply(*a))
+    net = UNet(channels, 32, (1, 2), 1, (8,), 0.1, 16)  # defaults: channels-last, fused_norm=True
+    net(torch.randn(2, channels, 16, 16), torch.tensor([3, 400])).sum().backward()
+    blocks = sum(isinstance(m, nn.GroupNorm) for m in net.modules())
+    assert len(calls) == blocks  # every group norm of the network
+    assert sorted(set(calls)) == [(False, 0.0), (True, 0.0), (True, 0.1)]  # attention; norm1 and norm_out; norm2
+    calls.clear()
+    net.set_fused_norm(False)
+    net(torch.randn(2, channels, 16, 16), torch.tensor([3, 400]))
+    assert not calls

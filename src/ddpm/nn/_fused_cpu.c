@@ -1,5 +1,6 @@
-/* Group norm -> swish -> dropout in one pass over a channels-last (N, H, W, C) tensor, forward and backward,
- * float32 or bfloat16 data with float32 statistics and affine parameters. Loaded by ddpm/nn/fused.py through
+/* Group norm -> swish -> dropout as one kernel over a channels-last (N, H, W, C) tensor, forward (two passes
+ * for the statistics, one to write) and backward (two passes), float32 or bfloat16 data with float32
+ * statistics and affine parameters. Loaded by ddpm/nn/fused.py through
  * ctypes, compiled on first use for the machine it runs on (see there for why and how).
  *
  * Why: torch's channels-last group norm vectorises over the channels of one group (4 or 8 in the paper's
@@ -151,7 +152,7 @@ static float *scratch(size_t n) {
 
 /* Forward of one item: statistics of groups [g0, g1) of sample n, then y. */
 #define DEFINE_FORWARD(SUF, T)                                                                                 \
-    static void forward_item_##SUF(const T *x, T *y, const float *gamma, const float *beta, float *mean,      \
+    static int forward_item_##SUF(const T *x, T *y, const float *gamma, const float *beta, float *mean,      \
                                    float *rstd, int64_t n, int64_t HW, int64_t C, int64_t G, int64_t g0,       \
                                    int64_t g1, float eps, int silu, uint32_t threshold, float keep_scale,      \
                                    uint64_t seed) {                                                            \
@@ -159,7 +160,13 @@ static float *scratch(size_t n) {
         const T *xn = x + n * HW * C;                                                                          \
         T *yn = y + n * HW * C;                                                                                \
         double *total = (double *)malloc(sizeof(double) * w);                                                  \
-        float *f = (float *)malloc(sizeof(float) * 3 * w), *part = f, *a = f + w, *b = f + 2 * w;              \
+        float *f = (float *)malloc(sizeof(float) * 4 * w), *part = f, *a = f + w, *b = f + 2 * w;              \
+        float *v = f + 3 * w;                                                                                  \
+        if (!total || !f) {                                                                                    \
+            free(total);                                                                                       \
+            free(f);                                                                                           \
+            return -1;                                                                                         \
+        }                                                                                                      \
         double M = (double)D * (double)HW;                                                                     \
         channel_sums_##SUF(xn, HW, C, c0, c1, NULL, total, part);                                              \
         for (int64_t g = g0; g < g1; g++) {                                                                    \
@@ -180,7 +187,6 @@ static float *scratch(size_t n) {
                 b[c] = beta[c0 + c] - mean[n * G + g] * a[c];                                                  \
             }                                                                                                  \
         }                                                                                                      \
-        float *v = (float *)malloc(sizeof(float) * w);                                                         \
         for (int64_t r = 0; r < HW; r++) {                                                                     \
             load_row_##SUF(xn + r * C + c0, v, w);                                                             \
             affine_row(v, a, b, w);                                                                            \
@@ -188,15 +194,15 @@ static float *scratch(size_t n) {
             if (threshold) dropout_row(v, seed, (uint64_t)((n * HW + r) * C + c0), threshold, keep_scale, w);  \
             store_row_##SUF(v, yn + r * C + c0, w);                                                            \
         }                                                                                                      \
-        free(v);                                                                                               \
         free(total);                                                                                           \
         free(f);                                                                                               \
+        return 0;                                                                                              \
     }
 
 /* Backward of one item. dz = dL/d(normalised and affine-transformed x), kept in scratch between the passes;
  * sums [N, 2, C] gets sum(dz) and sum(dz * x) per channel (torch turns them into the parameter gradients). */
 #define DEFINE_BACKWARD(SUF, T)                                                                                \
-    static void backward_item_##SUF(const T *dy, const T *x, const float *gamma, const float *beta,           \
+    static int backward_item_##SUF(const T *dy, const T *x, const float *gamma, const float *beta,           \
                                     const float *mean, const float *rstd, T *dx, float *sums, int64_t n,       \
                                     int64_t HW, int64_t C, int64_t G, int64_t g0, int64_t g1, int silu,        \
                                     uint32_t threshold, float keep_scale, uint64_t seed) {                     \
@@ -206,6 +212,11 @@ static float *scratch(size_t n) {
         float *dz = scratch((size_t)(HW * w));                                                                 \
         double *acc = (double *)malloc(sizeof(double) * 2 * w), *s_dz = acc, *s_dzx = acc + w;                 \
         float *f = (float *)malloc(sizeof(float) * 6 * w);                                                     \
+        if (!dz || !acc || !f) {                                                                               \
+            free(acc);                                                                                         \
+            free(f);                                                                                           \
+            return -1;                                                                                         \
+        }                                                                                                      \
         float *a = f, *b = f + w, *p_dz = f + 2 * w, *p_dzx = f + 3 * w, *k = f + 4 * w, *xv = f + 5 * w;      \
         for (int64_t c = 0; c < w; c++) {                                                                      \
             int64_t g = (c0 + c) / D;                                                                          \
@@ -257,6 +268,7 @@ static float *scratch(size_t n) {
         }                                                                                                      \
         free(acc);                                                                                             \
         free(f);                                                                                               \
+        return 0;                                                                                              \
     }
 
 DEFINE_CHANNEL_SUMS(f32, float)
@@ -273,23 +285,25 @@ static int64_t group_blocks(int64_t N, int64_t G) {
     return blocks;
 }
 
-/* dtype: 0 float32, 1 bfloat16. threshold 0: no dropout. Returns 0, or -1 on a bad argument. */
+/* dtype: 0 float32, 1 bfloat16. threshold 0: no dropout. Returns 0; -1 for a bad argument, -2 when memory for
+ * the per-item buffers could not be had. */
 int ddpm_gn_act_forward(int dtype, const void *x, void *y, const float *gamma, const float *beta, float *mean,
                         float *rstd, int64_t N, int64_t HW, int64_t C, int64_t G, float eps, int silu,
                         uint32_t threshold, float keep_scale, uint64_t seed, int threads) {
     if (G <= 0 || C % G != 0 || N < 0 || HW <= 0 || (dtype != 0 && dtype != 1)) return -1;
     int64_t blocks = group_blocks(N, G), items = N * blocks, per = G / blocks;
-#pragma omp parallel for schedule(static) num_threads(threads)
+    int failed = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : failed)
     for (int64_t i = 0; i < items; i++) {
         int64_t n = i / blocks, g0 = (i % blocks) * per;
         if (dtype == 0)
-            forward_item_f32((const float *)x, (float *)y, gamma, beta, mean, rstd, n, HW, C, G, g0, g0 + per,
-                             eps, silu, threshold, keep_scale, seed);
+            failed |= forward_item_f32((const float *)x, (float *)y, gamma, beta, mean, rstd, n, HW, C, G, g0,
+                                       g0 + per, eps, silu, threshold, keep_scale, seed) != 0;
         else
-            forward_item_bf16((const bf16_t *)x, (bf16_t *)y, gamma, beta, mean, rstd, n, HW, C, G, g0,
-                              g0 + per, eps, silu, threshold, keep_scale, seed);
+            failed |= forward_item_bf16((const bf16_t *)x, (bf16_t *)y, gamma, beta, mean, rstd, n, HW, C, G, g0,
+                                        g0 + per, eps, silu, threshold, keep_scale, seed) != 0;
     }
-    return 0;
+    return failed ? -2 : 0;
 }
 
 int ddpm_gn_act_backward(int dtype, const void *dy, const void *x, const float *gamma, const float *beta,
@@ -302,16 +316,13 @@ int ddpm_gn_act_backward(int dtype, const void *dy, const void *x, const float *
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(| : failed)
     for (int64_t i = 0; i < items; i++) {
         int64_t n = i / blocks, g0 = (i % blocks) * per;
-        if (!scratch((size_t)(HW * per * (C / G)))) {
-            failed |= 1;
-            continue;
-        }
         if (dtype == 0)
-            backward_item_f32((const float *)dy, (const float *)x, gamma, beta, mean, rstd, (float *)dx, sums, n,
-                              HW, C, G, g0, g0 + per, silu, threshold, keep_scale, seed);
+            failed |= backward_item_f32((const float *)dy, (const float *)x, gamma, beta, mean, rstd, (float *)dx,
+                                        sums, n, HW, C, G, g0, g0 + per, silu, threshold, keep_scale, seed) != 0;
         else
-            backward_item_bf16((const bf16_t *)dy, (const bf16_t *)x, gamma, beta, mean, rstd, (bf16_t *)dx,
-                               sums, n, HW, C, G, g0, g0 + per, silu, threshold, keep_scale, seed);
+            failed |= backward_item_bf16((const bf16_t *)dy, (const bf16_t *)x, gamma, beta, mean, rstd,
+                                         (bf16_t *)dx, sums, n, HW, C, G, g0, g0 + per, silu, threshold,
+                                         keep_scale, seed) != 0;
     }
     return failed ? -2 : 0;
 }

@@ -4,15 +4,16 @@ The same function as `dropout(silu(group_norm(x)))` (dropout's mask aside: see b
 over memory instead of three, with every loop running across the whole channel row. It exists because torch's
 channels-last group norm vectorises over the channels of a single group (4 or 8 in the paper's network): its
 bfloat16 backward ran 3-4x slower than the contiguous one on the machine measured, and with swish and dropout
-(a 32-bit Bernoulli draw per element) this part took about a third of a bf16 training step
-(benchmarks/RESULTS.md has the measurements).
+(a 32-bit Bernoulli draw per element, then a pass to scale) this part took 30% of a bf16 training step. Fused:
+bf16 training 1.4x, float32 1.3x (benchmarks/RESULTS.md).
 
 The kernel is C (`_fused_cpu.c`), compiled on first use with the machine's C compiler for the machine's own
-instruction set (`-O3 -march=native -fopenmp`; about a second), cached under `$DDPM_CACHE_DIR` or
-`~/.cache/ddpm/kernels`, and loaded through ctypes. Its OpenMP threads are torch's own (torch ships libgomp, and
-the library resolves to the copy already loaded). With no compiler, or `DDPM_FUSED_CPU=0`, or anything but a
-float32/bfloat16 channels-last tensor on the CPU, `group_norm_act` runs torch's own operators instead: same
-results, torch's speed. `status()` says which and why.
+instruction set (`-O3 -march=native -fopenmp`, 512-bit vectors on x86-64; about a second), cached under
+`$DDPM_CACHE_DIR/kernels` or `~/.cache/ddpm/kernels`, and loaded through ctypes. Its OpenMP threads are
+torch's own (torch ships libgomp.so.1, and the library resolves to the copy already loaded). With no compiler,
+or `DDPM_FUSED_CPU=0`, or anything but a float32/bfloat16 channels-last tensor on the CPU, `group_norm_act`
+runs torch's own operators instead: the same function, torch's speed. `status()` says which and why. Its
+results do not depend on the number of threads (the sums run in a fixed order within a work item).
 
 Dropout: element i (its flat index in the channels-last tensor) is dropped when 32 random bits, a hash of
 (i, seed), fall below p * 2^32; the seed is drawn from torch's default generator, so `torch.manual_seed`
@@ -44,6 +45,7 @@ if platform.machine().lower() in ("x86_64", "amd64"):
     # gcc's default for AVX-512 machines is 256-bit vectors; the full width measured 1.1-1.4x faster here
     _FLAGS.append("-mprefer-vector-width=512")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_ERRORS = {-1: "arguments refused", -2: "out of memory for its buffers"}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -163,7 +165,7 @@ class _GroupNormAct(torch.autograd.Function):
                                      mean.data_ptr(), rstd.data_ptr(), N, H * W, C, groups, eps, int(silu),
                                      threshold, scale, seed, torch.get_num_threads())
         if rc != 0:
-            raise RuntimeError(f"fused group norm forward failed (code {rc}) for x {tuple(x.shape)} {x.dtype}")
+            raise RuntimeError(f"fused group norm forward: {_ERRORS.get(rc, rc)} for x {tuple(x.shape)} {x.dtype}")
         ctx.save_for_backward(x, w32, b32, mean, rstd)
         ctx.args = (groups, silu, threshold, scale, seed, weight.dtype, bias.dtype)
         return y
@@ -183,7 +185,7 @@ class _GroupNormAct(torch.autograd.Function):
                                       sums.data_ptr(), N, H * W, C, groups, int(silu), threshold, scale, seed,
                                       torch.get_num_threads())
         if rc != 0:
-            raise RuntimeError(f"fused group norm backward failed (code {rc}) for x {tuple(x.shape)} {x.dtype}")
+            raise RuntimeError(f"fused group norm backward: {_ERRORS.get(rc, rc)} for x {tuple(x.shape)} {x.dtype}")
         d = C // groups
         s_dz, s_dzx = sums[:, 0], sums[:, 1]
         dweight = ((s_dzx - mean.repeat_interleave(d, 1) * s_dz) * rstd.repeat_interleave(d, 1)).sum(0)

@@ -311,10 +311,12 @@ class UNet(nn.Module):
         elif y is not None:
             raise ValueError("this UNet has no class embedding (num_classes=None) but labels were given")
         temb_act = F.silu(temb)  # every block's temb_proj takes swish(temb): computed once here
+        cl = self._takes_channels_last(x)
 
-        if self._takes_channels_last(x):  # every later layer keeps the layout
-            x = x.contiguous(memory_format=torch.channels_last)
-        hs = [self.conv_in(x)]
+        hs = [self.conv_in(x.contiguous(memory_format=torch.channels_last) if cl else x)]
+        if cl:  # every later layer keeps the layout. A one-channel input's layout is ambiguous (its strides
+            # fit both), and conv_in answers it with a contiguous output: made channels-last here
+            hs[0] = hs[0].contiguous(memory_format=torch.channels_last)
         for i, level in enumerate(self.down):
             for j, block in enumerate(level.block):
                 h = block(hs[-1], temb_act)
