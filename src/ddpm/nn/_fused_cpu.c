@@ -285,44 +285,36 @@ static int64_t group_blocks(int64_t N, int64_t G) {
     return blocks;
 }
 
-/* dtype: 0 float32, 1 bfloat16. threshold 0: no dropout. Returns 0; -1 for a bad argument, -2 when memory for
- * the per-item buffers could not be had. */
+/* The body of both entry points: checks the shape, then runs CALL_F32 or CALL_BF16 (by dtype) for every work
+ * item (sample n, groups g0 .. g1) on `threads` threads. Returns 0; -1 for a bad argument, -2 when memory for
+ * an item's buffers could not be had. */
+#define RUN_ITEMS(CALL_F32, CALL_BF16)                                                                         \
+    if (G <= 0 || C % G != 0 || N < 0 || HW <= 0 || (dtype != 0 && dtype != 1)) return -1;                    \
+    int64_t blocks = group_blocks(N, G), items = N * blocks, per = G / blocks;                                 \
+    int failed = 0;                                                                                            \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) reduction(| : failed)")                   \
+    for (int64_t i = 0; i < items; i++) {                                                                      \
+        int64_t n = i / blocks, g0 = (i % blocks) * per, g1 = g0 + per;                                        \
+        failed |= (dtype == 0 ? (CALL_F32) : (CALL_BF16)) != 0;                                                \
+    }                                                                                                          \
+    return failed ? -2 : 0;
+
+/* dtype: 0 float32, 1 bfloat16. threshold 0: no dropout. */
 int ddpm_gn_act_forward(int dtype, const void *x, void *y, const float *gamma, const float *beta, float *mean,
                         float *rstd, int64_t N, int64_t HW, int64_t C, int64_t G, float eps, int silu,
                         uint32_t threshold, float keep_scale, uint64_t seed, int threads) {
-    if (G <= 0 || C % G != 0 || N < 0 || HW <= 0 || (dtype != 0 && dtype != 1)) return -1;
-    int64_t blocks = group_blocks(N, G), items = N * blocks, per = G / blocks;
-    int failed = 0;
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : failed)
-    for (int64_t i = 0; i < items; i++) {
-        int64_t n = i / blocks, g0 = (i % blocks) * per;
-        if (dtype == 0)
-            failed |= forward_item_f32((const float *)x, (float *)y, gamma, beta, mean, rstd, n, HW, C, G, g0,
-                                       g0 + per, eps, silu, threshold, keep_scale, seed) != 0;
-        else
-            failed |= forward_item_bf16((const bf16_t *)x, (bf16_t *)y, gamma, beta, mean, rstd, n, HW, C, G, g0,
-                                        g0 + per, eps, silu, threshold, keep_scale, seed) != 0;
-    }
-    return failed ? -2 : 0;
+    RUN_ITEMS(forward_item_f32((const float *)x, (float *)y, gamma, beta, mean, rstd, n, HW, C, G, g0, g1, eps,
+                               silu, threshold, keep_scale, seed),
+              forward_item_bf16((const bf16_t *)x, (bf16_t *)y, gamma, beta, mean, rstd, n, HW, C, G, g0, g1, eps,
+                                silu, threshold, keep_scale, seed))
 }
 
 int ddpm_gn_act_backward(int dtype, const void *dy, const void *x, const float *gamma, const float *beta,
                          const float *mean, const float *rstd, void *dx, float *sums, int64_t N, int64_t HW,
                          int64_t C, int64_t G, int silu, uint32_t threshold, float keep_scale, uint64_t seed,
                          int threads) {
-    if (G <= 0 || C % G != 0 || N < 0 || HW <= 0 || (dtype != 0 && dtype != 1)) return -1;
-    int64_t blocks = group_blocks(N, G), items = N * blocks, per = G / blocks;
-    int failed = 0;
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : failed)
-    for (int64_t i = 0; i < items; i++) {
-        int64_t n = i / blocks, g0 = (i % blocks) * per;
-        if (dtype == 0)
-            failed |= backward_item_f32((const float *)dy, (const float *)x, gamma, beta, mean, rstd, (float *)dx,
-                                        sums, n, HW, C, G, g0, g0 + per, silu, threshold, keep_scale, seed) != 0;
-        else
-            failed |= backward_item_bf16((const bf16_t *)dy, (const bf16_t *)x, gamma, beta, mean, rstd,
-                                         (bf16_t *)dx, sums, n, HW, C, G, g0, g0 + per, silu, threshold,
-                                         keep_scale, seed) != 0;
-    }
-    return failed ? -2 : 0;
+    RUN_ITEMS(backward_item_f32((const float *)dy, (const float *)x, gamma, beta, mean, rstd, (float *)dx, sums, n,
+                                HW, C, G, g0, g1, silu, threshold, keep_scale, seed),
+              backward_item_bf16((const bf16_t *)dy, (const bf16_t *)x, gamma, beta, mean, rstd, (bf16_t *)dx,
+                                 sums, n, HW, C, G, g0, g1, silu, threshold, keep_scale, seed))
 }
