@@ -183,7 +183,8 @@ def main() -> None:
             rows[n]["sample"].append(args.sample_batch * args.sample_steps / (time.perf_counter() - t0))
     dtype = "bf16 autocast" if args.bf16 else "float32"
     alloc = "freed memory kept (ddpm.runtime)" if args.keep_freed_memory else "default allocator"
-    alloc += "; fused group-norm kernel: " + ("on" if fused_status()[0] else f"off ({fused_status()[1]})")
+    fused_on, fused_why = fused_status()
+    alloc += "; fused group-norm kernel: " + ("on" if fused_on else f"off ({fused_why})")
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {dtype}, {alloc}; 3x3-conv peak {peak:.0f} GFLOP/s fp32, {peak_bf16:.0f} bf16\n")
     print(f"| model | params | GFLOP/img fwd | train img/s (batch {args.train_batch}) | train GFLOP/s | % of conv peak "

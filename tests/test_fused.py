@@ -42,10 +42,6 @@ def _reference(x, norm, silu=True, keep=None, p=0.0):
     return y, (x64, w64, b64)
 
 
-def _grads(y, inputs, dy):
-    return torch.autograd.grad(y, inputs, dy)
-
-
 @pytest.mark.parametrize("shape", [(2, 64, 5, 7), (16, 128, 8, 8), (1, 256, 4, 4), (3, 96, 16, 16)])
 @pytest.mark.parametrize("silu", [True, False])
 def test_float32_output_and_gradients_equal_float64_reference(shape, silu):
@@ -55,8 +51,8 @@ def test_float32_output_and_gradients_equal_float64_reference(shape, silu):
     assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
     ref, inputs = _reference(x, norm, silu)
     dy = torch.randn(shape, dtype=torch.float64)
-    got = _grads(y, [x, norm.weight, norm.bias], dy.float())
-    want = _grads(ref, inputs, dy)
+    got = torch.autograd.grad(y, [x, norm.weight, norm.bias], dy.float())
+    want = torch.autograd.grad(ref, inputs, dy)
     assert (y.double() - ref).abs().max() <= 2e-6 * ref.abs().max()
     for name, g, w in zip(("dx", "dweight", "dbias"), got, want, strict=True):
         err = ((g.double() - w).abs().max() / w.abs().max()).item()
@@ -69,16 +65,16 @@ def test_bfloat16_error_is_no_larger_than_torchs_own_bfloat16():
     x = _x(shape, torch.bfloat16)
     dy = torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     ref, inputs = _reference(x, norm)
-    want = _grads(ref, inputs, dy.double())
+    want = torch.autograd.grad(ref, inputs, dy.double())
 
     def errors(y, grads):
         out = [((y.double() - ref).abs().max() / ref.abs().max()).item()]
         return out + [((g.double() - w).abs().max() / w.abs().max()).item() for g, w in zip(grads, want, strict=True)]
 
     y = fused.group_norm_act(x, norm)
-    ours = errors(y, _grads(y, [x, norm.weight, norm.bias], dy))
+    ours = errors(y, torch.autograd.grad(y, [x, norm.weight, norm.bias], dy))
     y = F.silu(norm(x))  # torch's channels-last bf16 kernels
-    theirs = errors(y, _grads(y, [x, norm.weight, norm.bias], dy))
+    theirs = errors(y, torch.autograd.grad(y, [x, norm.weight, norm.bias], dy))
     assert y.dtype == torch.bfloat16
     for name, a, b in zip(("y", "dx", "dweight", "dbias"), ours, theirs, strict=True):
         assert a <= 1.5 * b + 1e-3, (name, a, b)
@@ -98,8 +94,8 @@ def test_dropout_drops_a_fraction_p_and_the_gradient_follows_the_same_mask():
     ref, inputs = _reference(x, norm, keep=keep, p=p)
     assert (y.double() - ref).abs().max() <= 2e-6 * ref.abs().max()
     dy = torch.randn(shape, dtype=torch.float64)
-    got = _grads(y, [x, norm.weight, norm.bias], dy.float())
-    for g, w in zip(got, _grads(ref, inputs, dy), strict=True):
+    got = torch.autograd.grad(y, [x, norm.weight, norm.bias], dy.float())
+    for g, w in zip(got, torch.autograd.grad(ref, inputs, dy), strict=True):
         assert ((g.double() - w).abs().max() / w.abs().max()).item() < 1e-5
     # every channel and position drops at the same rate (no structure in the hash): per-channel counts
     per_channel = 1 - keep.double().mean(dim=(0, 2, 3))

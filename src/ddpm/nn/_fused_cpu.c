@@ -112,6 +112,17 @@ static void input_grad_row(float *restrict xv, const float *restrict dz, const f
     for (int64_t c = 0; c < w; c++) xv[c] = a[c] * dz[c] + c2[c] * xv[c] + c3[c];
 }
 
+/* The per-channel scale a = gamma rstd and shift b = beta - mean a of sample n, channels [c0, c0 + w): one
+ * function for the forward and the backward, which must recompute exactly the forward's z = x a + b. */
+static void affine_coefficients(const float *gamma, const float *beta, const float *mean, const float *rstd,
+                                int64_t n, int64_t G, int64_t D, int64_t c0, int64_t w, float *a, float *b) {
+    for (int64_t c = 0; c < w; c++) {
+        int64_t g = (c0 + c) / D;
+        a[c] = gamma[c0 + c] * rstd[n * G + g];
+        b[c] = beta[c0 + c] - mean[n * G + g] * a[c];
+    }
+}
+
 /* Scratch of one thread, kept between calls (the threads are the OpenMP runtime's, shared with torch). */
 static __thread float *tls_buf = NULL;
 static __thread size_t tls_cap = 0;
@@ -179,14 +190,9 @@ static float *scratch(size_t n) {
         for (int64_t g = g0; g < g1; g++) {                                                                    \
             double s = 0.0;                                                                                    \
             for (int64_t d = 0; d < D; d++) s += total[(g - g0) * D + d];                                      \
-            float r = (float)(1.0 / sqrt(s / M + (double)eps));                                                \
-            rstd[n * G + g] = r;                                                                               \
-            for (int64_t d = 0; d < D; d++) {                                                                  \
-                int64_t c = (g - g0) * D + d;                                                                  \
-                a[c] = gamma[c0 + c] * r;                                                                      \
-                b[c] = beta[c0 + c] - mean[n * G + g] * a[c];                                                  \
-            }                                                                                                  \
+            rstd[n * G + g] = (float)(1.0 / sqrt(s / M + (double)eps));                                        \
         }                                                                                                      \
+        affine_coefficients(gamma, beta, mean, rstd, n, G, D, c0, w, a, b);                                    \
         for (int64_t r = 0; r < HW; r++) {                                                                     \
             load_row_##SUF(xn + r * C + c0, v, w);                                                             \
             affine_row(v, a, b, w);                                                                            \
@@ -218,13 +224,8 @@ static float *scratch(size_t n) {
             return -1;                                                                                         \
         }                                                                                                      \
         float *a = f, *b = f + w, *p_dz = f + 2 * w, *p_dzx = f + 3 * w, *k = f + 4 * w, *xv = f + 5 * w;      \
-        for (int64_t c = 0; c < w; c++) {                                                                      \
-            int64_t g = (c0 + c) / D;                                                                          \
-            a[c] = gamma[c0 + c] * rstd[n * G + g];                                                            \
-            b[c] = beta[c0 + c] - mean[n * G + g] * a[c];                                                      \
-            s_dz[c] = 0.0;                                                                                     \
-            s_dzx[c] = 0.0;                                                                                    \
-        }                                                                                                      \
+        affine_coefficients(gamma, beta, mean, rstd, n, G, D, c0, w, a, b);                                    \
+        for (int64_t c = 0; c < w; c++) s_dz[c] = s_dzx[c] = 0.0;                                              \
         for (int64_t r0 = 0; r0 < HW; r0 += ROW_BLOCK) {                                                       \
             int64_t r1 = r0 + ROW_BLOCK < HW ? r0 + ROW_BLOCK : HW;                                            \
             for (int64_t c = 0; c < w; c++) p_dz[c] = p_dzx[c] = 0.0f;                                         \

@@ -163,9 +163,10 @@ class UNet(nn.Module):
             in float32 where it measured faster (`ddpm.nn.winograd.Conv3x3`): the same function with a
             rounding error about 1e-5 relative instead of 1e-6. Not part of `config`; `set_winograd` changes it.
         fused_norm: the residual blocks' group norm -> swish (-> dropout), the output's group norm -> swish and
-            the attention blocks' group norm run as one compiled kernel on channels-last CPU tensors (`ddpm.nn.fused`; torch's operators where
-            it does not apply or cannot be built). The same function; dropout draws its masks from its own
-            hash of torch's seed. Not part of `config`; `set_fused_norm` changes it.
+            the attention blocks' group norm run as one compiled kernel on channels-last CPU tensors
+            (`ddpm.nn.fused`; torch's operators where it does not apply or cannot be built). The same function;
+            dropout draws its masks from its own hash of torch's seed. Not part of `config`; `set_fused_norm`
+            changes it.
     """
 
     def __init__(self, in_channels: int = 3, ch: int = 128, ch_mult: tuple[int, ...] = (1, 2, 2, 2),
