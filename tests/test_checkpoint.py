@@ -350,6 +350,18 @@ for line in sys.stdin:
 """
 
 
+def _proc_state(pid):
+    """The state and kernel wait channel of a process, as /proc tells them (for a failure message)."""
+    if pid is None:
+        return "none"
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        wchan = open(f"/proc/{pid}/wchan").read()
+        return f"pid {pid} state {state} wchan {wchan or '-'}"
+    except OSError as e:
+        return f"pid {pid}: {e}"
+
+
 class _Zygote:
     def __init__(self):
         self.proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -360,10 +372,17 @@ class _Zygote:
         self.saved = [0]  # every step a child reported as saved
         self.child = None
 
-    def until(self, word):
-        """Read the parent's and children's lines up to the next one that starts with `word`."""
+    def until(self, word, pid=None):
+        """Read the parent's and children's lines up to the next one that starts with `word`.
+
+        The wait is long on purpose: a SIGKILLed child inside fsync dies only when the fsync returns, and on a
+        fresh CI machine, still writing back the gigabytes of the venv just installed, one fsync has taken over
+        20 s. The limit only turns a hang into a failure that says what the child was doing."""
         while True:
-            msg = self.lines.get(timeout=20)
+            try:
+                msg = self.lines.get(timeout=180)
+            except queue.Empty:
+                raise AssertionError(f"no {word!r} line in 180 s; the child: {_proc_state(pid or self.child)}") from None
             if msg[0] == "saved":
                 self.saved.append(int(msg[1]))
             if msg[0] == word:
@@ -379,7 +398,7 @@ class _Zygote:
             os.kill(pid, signal.SIGKILL)
         self.proc.stdin.write(f"reap {pid}\n")
         self.child = None
-        return int(self.until("reaped")[2])
+        return int(self.until("reaped", pid)[2])
 
     def close(self):
         if self.child is not None:  # a failed assertion must not leave a saver running
