@@ -21,6 +21,8 @@ def _train(args: argparse.Namespace) -> int:
                         ("ckpt_every", "train.ckpt_every")):
         if getattr(args, flag) is not None:
             set_field(cfg, field, getattr(args, flag))
+    if args.compile:
+        set_field(cfg, "train.compile", True)
     apply_overrides(cfg, args.set or [])
     from ddpm.train import Trainer  # after validation: a bad value fails fast, before torch.nn is touched
 
@@ -53,7 +55,7 @@ def _sample(args: argparse.Namespace) -> int:
             print(f"wrote {out_dir / 'share_from.png'} and share_from.json")
         return 0
     opts = SampleOptions(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
-                         class_label=args.class_label, guidance=args.guidance)
+                         class_label=args.class_label, guidance=args.guidance, compile=args.compile)
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         raise ValueError(f"--out must end in .png or .npz; got {out}")
@@ -100,7 +102,8 @@ def _eval_fid(args: argparse.Namespace, out_dir: Path, device) -> int:
         n = args.n or 50_000
         samples_path = out_dir / f"samples_{n}_seed{args.seed}.npz"
         if not samples_path.exists():
-            opts = SampleOptions(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing)
+            opts = SampleOptions(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
+                                 compile=args.compile)
             parts = generate_to_parts(run, n, samples_path, seed=args.seed, batch_size=args.batch_size, opts=opts,
                                       device=device, progress=not args.quiet)
             assemble(parts, n, samples_path)
@@ -214,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     t.add_argument("--weights-only", action="store_true", help="with --resume: accept a checkpoint without optimizer state")
     t.add_argument("--force", action="store_true", help="start afresh in a directory that holds another run")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (train.compile): pays on a GPU, costs minutes on a CPU")
     t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override any configuration field")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
@@ -239,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=int, default=10, help="with --progressive: how many steps to show")
     s.add_argument("--share-from", metavar="T1,T2,...",
                    help="Figure 7: --n samples sharing x_t for each listed t (--out is a folder)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the network; on a GPU also CUDA graphs (a minute or more of compilation first)")
     s.add_argument("--device", default="auto")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_sample)
@@ -260,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int)
     e.add_argument("--eta", type=float, default=0.0)
     e.add_argument("--spacing", choices=SPACINGS, default="uniform")
+    e.add_argument("--compile", action="store_true", help="fid: " + "torch.compile the network; on a GPU also CUDA graphs (a minute or more of compilation first)")
     e.add_argument("--device", default="auto")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_eval)

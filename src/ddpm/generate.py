@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ddpm.images import save_grid, to_nhwc_uint8
+from ddpm.nn.compiled import compile_network
 from ddpm.sampling import SAMPLERS
 from ddpm.train import Run, derived_seed
 
@@ -31,6 +32,7 @@ class SampleOptions:
     class_label: int | None = None  # class-conditional runs: the class to draw (None: unconditional)
     guidance: float = 1.0  # classifier-free guidance scale (1: plain conditional)
     clip_denoised: bool = True  # clip the predicted x_0 to [-1, 1] at every step, as the paper's sampler
+    compile: bool = False  # torch.compile the network, CUDA graphs on a GPU (ddpm.nn.compiled)
 
 
 def sample_generators(seed: int, indices: range, device: torch.device) -> list[torch.Generator]:
@@ -38,27 +40,31 @@ def sample_generators(seed: int, indices: range, device: torch.device) -> list[t
     return [torch.Generator(device=device).manual_seed(derived_seed(seed, "sample", i)) for i in indices]
 
 
-def model_for(run: Run, opts: SampleOptions, batch: int, device: torch.device) -> Callable:
-    """The callable the sampler sees: the run's model, conditioned and guided as asked."""
+def model_for(run: Run, opts: SampleOptions, batch: int, device: torch.device, net: Callable | None = None
+              ) -> Callable:
+    """The callable the sampler sees: the run's model (or `net`, a compiled form of it), conditioned and guided
+    as asked."""
     m = run.config.model
+    net = run.model if net is None else net
     if m.num_classes is None:
         if opts.class_label is not None:
             raise ValueError(f"--class needs a class-conditional run; {run.path} was trained without labels")
-        return run.model
+        return net
     label = m.num_classes if opts.class_label is None else opts.class_label
     if not 0 <= label <= m.num_classes:
         raise ValueError(f"--class must lie in 0..{m.num_classes - 1}; got {opts.class_label}")
     y = torch.full((batch,), label, device=device, dtype=torch.long)
     if opts.class_label is None or opts.guidance == 1.0:
-        return lambda x, t: run.model(x, t, y[: x.shape[0]])
+        return lambda x, t: net(x, t, y[: x.shape[0]])
     from ddpm.guidance import guided_model
 
-    return guided_model(run.model, y, opts.guidance, null_label=m.num_classes)
+    return guided_model(net, y, opts.guidance, null_label=m.num_classes)
 
 
 def sample_batch(run: Run, indices: range, seed: int, opts: SampleOptions, device: torch.device,
-                 progress: bool = False, callback=None) -> torch.Tensor:
-    """Samples [len(indices), C, H, W] in [-1, 1] for the given global sample indices."""
+                 progress: bool = False, callback=None, net: Callable | None = None) -> torch.Tensor:
+    """Samples [len(indices), C, H, W] in [-1, 1] for the given global sample indices. `net`: the network to
+    call instead of run.model (generate_to_parts passes the compiled one once for all its batches)."""
     if opts.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {opts.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     m = run.config.model
@@ -72,7 +78,9 @@ def sample_batch(run: Run, indices: range, seed: int, opts: SampleOptions, devic
     elif opts.spacing != "uniform":
         raise ValueError(f"spacing {opts.spacing!r} applies to the ddim and respaced samplers, not {opts.sampler!r}")
     fn = SAMPLERS[opts.sampler]
-    return fn(run.diffusion, model_for(run, opts, len(indices), device), x_T, steps=opts.steps, generator=gens,
+    if net is None and opts.compile:
+        net = compile_network(run.model, sampling=True)
+    return fn(run.diffusion, model_for(run, opts, len(indices), device, net), x_T, steps=opts.steps, generator=gens,
               clip_denoised=opts.clip_denoised, progress=progress, callback=callback, **kwargs)
 
 
@@ -106,8 +114,9 @@ def generate_to_parts(run: Run, n: int, out: str | Path, seed: int = 0, batch_si
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, initial=n - sum(len(b) for b in todo) * world, desc="samples", dynamic_ncols=True)
+    net = compile_network(run.model, sampling=True) if opts.compile and todo else None
     for b in todo:
-        x = sample_batch(run, b, seed, opts, device)
+        x = sample_batch(run, b, seed, opts, device, net=net)
         _atomic_save_npy(parts / f"part_{b.start:09d}_{b.stop:09d}.npy", to_nhwc_uint8(x))
         if bar is not None:
             bar.update(len(b) * world)

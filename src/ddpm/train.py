@@ -29,6 +29,7 @@ from ddpm.config import Config, ConfigError, diff_configs
 from ddpm.data import build_dataset, check_enough, to_model_range
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.nn import UNet
+from ddpm.nn.compiled import compile_network
 from ddpm.schedule import beta_schedule
 
 FORMAT_VERSION = 1
@@ -231,10 +232,14 @@ class Trainer:
         self.bad_total = 0
         if resume:
             self._resume(weights_only)
-        self.net = self.model
+        self.ddp = None
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        # what a step calls: the model, or DDP over it; compiled when asked (the checkpoints keep self.model's keys)
+        self.net = self.model if self.ddp is None else self.ddp
+        if t.compile:
+            self.net = compile_network(self.net)
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ run directory
@@ -356,7 +361,7 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             x0, t, noise, y = self._micro_batch(self.step * cfg.grad_accum + micro)
             sync = micro == cfg.grad_accum - 1 or self.dist.world == 1
-            ctx = self.net.no_sync() if not sync and isinstance(self.net, nn.parallel.DistributedDataParallel) else _null()
+            ctx = self.ddp.no_sync() if not sync and self.ddp is not None else _null()
             with ctx, torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 fn = self.net if y is None else (lambda x, tt, y=y: self.net(x, tt, y))
                 loss = self.diffusion.training_losses(fn, x0, t=t, noise=noise).float().mean() / cfg.grad_accum

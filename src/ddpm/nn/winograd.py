@@ -225,7 +225,8 @@ class Conv3x3(nn.Conv2d):
     """nn.Conv2d(in_ch, out_ch, 3, padding=1) (same parameters, same state dict) that runs
     `conv3x3_winograd` where it measured faster than the direct kernel (`benchmarks/winograd_layers.py`,
     RESULTS.md): on the CPU in float32 outside autocast, both widths >= 128 (narrower layers ran 0.4-1.0x),
-    height and width multiples of 4. Set `winograd = False` for the direct kernel everywhere."""
+    height and width multiples of 4, outside torch.compile (Inductor gets the direct convolution). Set
+    `winograd = False` for the direct kernel everywhere."""
 
     MIN_CHANNELS = 128
 
@@ -237,7 +238,7 @@ class Conv3x3(nn.Conv2d):
         return (self.winograd and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
                 and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
                 and min(self.in_channels, self.out_channels) >= self.MIN_CHANNELS
-                and x.shape[2] % 4 == 0 and x.shape[3] % 4 == 0)
+                and x.shape[2] % 4 == 0 and x.shape[3] % 4 == 0 and not torch.compiler.is_compiling())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_winograd(x):
