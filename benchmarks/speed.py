@@ -2,16 +2,20 @@
 process; FLOPs per image from torch's flop counter and the achieved rate against a measured 3x3-conv peak.
 
     .venv/bin/python benchmarks/speed.py [--train-batch 16] [--train-steps 3] [--sample-batch 64] [--reps 3] [--bf16]
-        [--keep-freed-memory]
+        [--keep-freed-memory] [--compile] [--only ours,diffusers,ddp]
 
 Peers: diffusers' UNet2DModel in the google/ddpm-cifar10-32 configuration (one attention head) with
 DDPMScheduler, and denoising-diffusion-pytorch's Unet at its closest configuration (each skipped with a note
-when not installed: `pip install -e .[bench]`). Prints a markdown table for benchmarks/RESULTS.md.
+when not installed: `pip install -e .[bench]`). With --compile, ours and diffusers' also run through
+torch.compile (ours through `ddpm.nn.compiled.compile_network`, which samples with CUDA graphs on a GPU;
+diffusers' the same way: torch.compile for training, mode "reduce-overhead" for sampling on CUDA). On CUDA the
+achieved rate against the measured conv peak is the MFU. Prints a markdown table for benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import time
 
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm import GaussianDiffusion, UNet, beta_schedule
+from ddpm.nn.compiled import compile_network
 from ddpm.nn.fused import status as fused_status
 from ddpm.nn.winograd import Conv3x3
 from ddpm.runtime import keep_freed_memory
@@ -65,43 +70,70 @@ def flops_per_image(model_fn, model, x, t) -> tuple[float, float]:
     return fwd, fc.get_total_flops() / x.shape[0]
 
 
-def make_models(device):
+def make_models(device, compile_too: bool, only: set[str]):
+    """name -> (module, training callable, sampling callable), each callable (x, t) -> eps."""
     models = {}
     torch.manual_seed(0)
-    models["ddpm (ours)"] = UNet(3, 128, (1, 2, 2, 2), 2, (16,), 0.1, 32).to(device)
-    models["ddpm (ours), winograd=False"] = UNet(3, 128, (1, 2, 2, 2), 2, (16,), 0.1, 32, winograd=False).to(device)
-    models["ddpm (ours), fused_norm=False"] = UNet(3, 128, (1, 2, 2, 2), 2, (16,), 0.1, 32,
-                                                   fused_norm=False).to(device)
+
+    def ours(**kw):
+        return UNet(3, 128, (1, 2, 2, 2), 2, (16,), 0.1, 32, **kw).to(device)
+
+    if "ours" in only:
+        m = ours()
+        models["ddpm (ours)"] = (m, m, m)
+        if device == "cpu":  # our CPU kernels, each switched off in turn (on CUDA neither applies)
+            for flag in ("winograd", "fused_norm"):
+                m = ours(**{flag: False})
+                models[f"ddpm (ours), {flag}=False"] = (m, m, m)
+        if compile_too:
+            m = ours()
+            models["ddpm (ours), torch.compile"] = (m, compile_network(m), compile_network(m, sampling=True))
     try:
+        if "diffusers" not in only:
+            raise ImportError
         from diffusers import UNet2DModel
 
         net = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
                           block_out_channels=(128, 256, 256, 256),
                           down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
                           up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
-                          norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, dropout=0.1).to(device)
-        models["diffusers UNet2DModel"] = net
+                          norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, dropout=0.1)
+
+        def unwrap(f):
+            return lambda x, t: f(x, t).sample
+
+        m = net.to(device)
+        models["diffusers UNet2DModel"] = (m, unwrap(m), unwrap(m))
+        if compile_too:
+            c = copy.deepcopy(m)
+            sampled = torch.compile(c, mode="reduce-overhead") if device == "cuda" else torch.compile(c)
+            models["diffusers UNet2DModel, torch.compile"] = (c, unwrap(torch.compile(c)), unwrap(sampled))
     except ImportError:
-        print("diffusers not installed: skipped")
+        if "diffusers" in only:
+            print("diffusers not installed: skipped")
     try:
+        if "ddp" not in only:
+            raise ImportError
         from denoising_diffusion_pytorch import Unet
 
-        models["denoising-diffusion-pytorch Unet"] = Unet(dim=128, dim_mults=(1, 2, 2, 2), dropout=0.1, attn_heads=1,
-                                                          full_attn=(False, True, False, False)).to(device)
+        m = Unet(dim=128, dim_mults=(1, 2, 2, 2), dropout=0.1, attn_heads=1,
+                 full_attn=(False, True, False, False)).to(device)
+        models["denoising-diffusion-pytorch Unet"] = (m, m, m)
     except ImportError:
-        print("denoising-diffusion-pytorch not installed: skipped")
+        if "ddp" in only:
+            print("denoising-diffusion-pytorch not installed: skipped")
     except TypeError as e:
         print(f"denoising-diffusion-pytorch: {e}: skipped")
     return models
 
 
-def call(name, model):
-    if name.startswith("diffusers"):
-        return lambda x, t: model(x, t).sample
-    return model
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
-def train_rate(fn, model, opt, B, device, amp):
+def train_step(fn, opt, B, device, amp):
+    """One step, with no host sync (the caller syncs once after the timed steps)."""
     x = torch.randn(B, 3, 32, 32, device=device)
     t = torch.randint(0, 1000, (B,), device=device)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
@@ -109,8 +141,6 @@ def train_rate(fn, model, opt, B, device, amp):
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -121,6 +151,9 @@ def main() -> None:
     p.add_argument("--sample-steps", type=int, default=5, help="reverse steps timed per sampling measurement")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also ours and diffusers' through torch.compile")
+    p.add_argument("--only", default="ours,diffusers,ddp",
+                   help="which models: ours, diffusers, ddp (denoising-diffusion-pytorch), comma-separated")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="the allocator setting the ddpm commands make (ddpm.runtime), for every model in the process")
     args = p.parse_args()
@@ -128,7 +161,7 @@ def main() -> None:
         p.error("--keep-freed-memory: not applied (Linux with glibc only; DDPM_KEEP_FREED_MEMORY=0 or a "
                 "GLIBC_TUNABLES malloc setting turns it off)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    models = make_models(device)
+    models = make_models(device, args.compile, set(args.only.split(",")))
     peak = conv_peak(torch.float32, device)
     peak_bf16 = conv_peak(torch.bfloat16, device)
     diff = GaussianDiffusion(beta_schedule("linear", 1000))
@@ -142,63 +175,85 @@ def main() -> None:
     # ours: the optimizer `ddpm train` builds (fused Adam on the CPU and CUDA); the peers: foreach Adam, faster on
     # the CPU than torch's default there (the per-parameter loop)
     opts = {n: build_optimizer(m.parameters(), 2e-4, 1e-8, torch.device(device)) if n.startswith("ddpm")
-            else torch.optim.Adam(m.parameters(), lr=2e-4, foreach=True) for n, m in models.items()}
-    flops = {}
-    for n, m in models.items():
+            else torch.optim.Adam(m.parameters(), lr=2e-4, foreach=True) for n, (m, _, _) in models.items()}
+    amp = dict(device_type=device, dtype=torch.bfloat16, enabled=args.bf16)
+
+    def sample(n, fn, x):
+        for i in range(999, 999 - args.sample_steps, -1):
+            tt = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
+            if n.startswith("diffusers") and sched is not None:
+                x = sched.step(fn(x, tt), i, x).prev_sample
+            else:
+                p_ = diff.p_mean_variance(fn, x, tt)
+                x = p_.mean + (0.5 * p_.log_variance).exp() * torch.randn_like(x)
+        return x
+
+    flops, compile_s = {}, {}
+    for n, (m, train_fn, sample_fn) in models.items():
         x = torch.randn(2, 3, 32, 32, device=device)
-        flops[n] = flops_per_image(call(n, m), m, x, torch.tensor([1, 2], device=device))
+        eager = (lambda x, t, m=m: m(x, t).sample) if n.startswith("diffusers") else m
+        flops[n] = flops_per_image(eager, m, x, torch.tensor([1, 2], device=device))
         m.zero_grad(set_to_none=True)
-        for _ in range(2):  # warm-up at the timed batch size (oneDNN picks and caches its kernels per shape)
-            train_rate(call(n, m), m, opts[n], args.train_batch, device, args.bf16)
+        # warm-up at the timed batch sizes: oneDNN and cuDNN pick kernels per shape, torch.compile compiles on
+        # the first call, and CUDA graphs are recorded on the second and replayed from the third
+        calls = 3 if device == "cuda" else 2
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            train_step(train_fn, opts[n], args.train_batch, device, args.bf16)
         m.eval()
-        with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
-            call(n, m)(torch.randn(args.sample_batch, 3, 32, 32, device=device),
-                       torch.full((args.sample_batch,), 999, device=device))
+        x = torch.randn(args.sample_batch, 3, 32, 32, device=device)
+        with torch.inference_mode(), torch.autocast(**amp):
+            for _ in range(calls):
+                sample_fn(x, torch.full((x.shape[0],), 999, device=device))
+        sync(device)
+        compile_s[n] = time.perf_counter() - t0
     for _ in range(args.reps):  # interleaved: each rep times every model once
-        for n, m in models.items():
+        for n, (m, train_fn, sample_fn) in models.items():
             m.train()
             # an untimed step first: right after another model's work, the first step pays for fresh memory
             # (measured: identical networks 20% apart depending on which came first in a repetition)
-            train_rate(call(n, m), m, opts[n], args.train_batch, device, args.bf16)
+            train_step(train_fn, opts[n], args.train_batch, device, args.bf16)
+            sync(device)
             t0 = time.perf_counter()
             for _ in range(args.train_steps):  # back to back, as in a training loop
-                train_rate(call(n, m), m, opts[n], args.train_batch, device, args.bf16)
+                train_step(train_fn, opts[n], args.train_batch, device, args.bf16)
+            sync(device)
             rows[n]["train"].append(args.train_steps * args.train_batch / (time.perf_counter() - t0))
             m.eval()
             x = torch.randn(args.sample_batch, 3, 32, 32, device=device)
-            with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
-                call(n, m)(x, torch.full((x.shape[0],), 999, device=device))  # untimed, as above
-            t0 = time.perf_counter()
-            with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
-                for i in range(999, 999 - args.sample_steps, -1):
-                    tt = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
-                    if n.startswith("diffusers") and sched is not None:
-                        out = m(x, tt).sample
-                        x = sched.step(out, i, x).prev_sample
-                    else:
-                        p_ = diff.p_mean_variance(call(n, m), x, tt)
-                        x = p_.mean + (0.5 * p_.log_variance).exp() * torch.randn_like(x)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            with torch.inference_mode(), torch.autocast(**amp):
+                sample_fn(x, torch.full((x.shape[0],), 999, device=device))  # untimed, as above
+                sync(device)
+                t0 = time.perf_counter()
+                sample(n, sample_fn, x)
+                sync(device)
             rows[n]["sample"].append(args.sample_batch * args.sample_steps / (time.perf_counter() - t0))
     dtype = "bf16 autocast" if args.bf16 else "float32"
-    alloc = "freed memory kept (ddpm.runtime)" if args.keep_freed_memory else "default allocator"
-    fused_on, fused_why = fused_status()
-    alloc += "; fused group-norm kernel: " + ("on" if fused_on else f"off ({fused_why})")
-    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, {dtype}, {alloc}; 3x3-conv peak {peak:.0f} GFLOP/s fp32, {peak_bf16:.0f} bf16\n")
+    if device == "cuda":
+        tf32 = (f"TF32 convolutions {'on' if torch.backends.cudnn.allow_tf32 else 'off'}, matmuls "
+                f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}")
+        where = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+        extra = tf32
+    else:
+        where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        alloc = "freed memory kept (ddpm.runtime)" if args.keep_freed_memory else "default allocator"
+        fused_on, fused_why = fused_status()
+        extra = alloc + "; fused group-norm kernel: " + ("on" if fused_on else f"off ({fused_why})")
+    print(f"\n{time.strftime('%Y-%m-%d')}, {where}, torch {torch.__version__}, {dtype}, {extra}; "
+          f"3x3-conv peak {peak:.0f} GFLOP/s fp32, {peak_bf16:.0f} bf16\n")
     print(f"| model | params | GFLOP/img fwd | train img/s (batch {args.train_batch}) | train GFLOP/s | % of conv peak "
-          f"| sample img-steps/s (batch {args.sample_batch}) | train, sample x diffusers |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"| sample img-steps/s (batch {args.sample_batch}) | train, sample x diffusers | warm-up s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     med = {n: {k: sorted(v)[len(v) // 2] for k, v in r.items()} for n, r in rows.items()}
     peer = med.get("diffusers UNet2DModel")
     for n, r in med.items():
         tr, sm = r["train"], r["sample"]
         gf = tr * flops[n][1] / 1e9
         ref = peak_bf16 if args.bf16 else peak
-        params = sum(p.numel() for p in models[n].parameters())
+        params = sum(p.numel() for p in models[n][0].parameters())
         vs = f"{tr / peer['train']:.2f}, {sm / peer['sample']:.2f}" if peer else "-"
-        print(f"| {n} | {params:,} | {flops[n][0] / 1e9:.2f} | {tr:.2f} | {gf:.0f} | {100 * gf / ref:.0f}% | {sm:.1f} | {vs} |")
+        print(f"| {n} | {params:,} | {flops[n][0] / 1e9:.2f} | {tr:.2f} | {gf:.0f} | {100 * gf / ref:.0f}% | {sm:.1f} "
+              f"| {vs} | {compile_s[n]:.0f} |")
 
 
 if __name__ == "__main__":
