@@ -1,6 +1,7 @@
 """torchrun with 2 gloo processes on the CPU: the same training as one process with the whole batch, the
 same samples, and checkpoints that resume with another world size."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -24,11 +25,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(nproc: int, *args: str) -> None:
+def _torchrun(nproc: int, *args: str, **env: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "ddpm", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **env})
     assert res.returncode == 0, res.stderr[-3000:]
 
 
@@ -70,3 +71,19 @@ def test_two_ranks_train_like_one_process_and_resume_with_one(tmp_path):
     assert main(["sample", "--run", str(one), "--n", "10", "--batch-size", "3", "--out", str(s1), "--seed", "4", "--quiet"]) == 0
     _torchrun(2, "sample", "--run-dir", str(one), "--num-samples", "10", "--batch-size", "3", "--out", str(s2), "--seed", "4", "--quiet")
     np.testing.assert_array_equal(np.load(s1)["arr_0"], np.load(s2)["arr_0"])
+
+
+@pytest.mark.slow
+def test_two_compiled_ranks_with_gradient_accumulation_train_like_one_eager_process(tmp_path):
+    """torch.compile over DistributedDataParallel, with no_sync on the first of two micro-batches: the same
+    step as one eager process (traced with the aot_eager backend: the same graphs as Inductor's input)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--batch-size", "16", "--set", "train.grad_accum=2", *TINY]
+    assert main(["train", "--out", str(one), "--steps", "1", *common]) == 0
+    _torchrun(2, "train", "--out", str(two), "--steps", "1", "--compile", *common, DDPM_COMPILE_BACKEND="aot_eager")
+    a, b = (load_checkpoint(latest_checkpoint(r / "checkpoints")) for r in (one, two))
+    assert b.state["config"]["train"]["compile"] is True and b.state["world_size"] == 2
+    assert a.tensors.keys() == b.tensors.keys()
+    for k in a.tensors:
+        if k.startswith(("model/", "ema/")):
+            torch.testing.assert_close(b.tensors[k], a.tensors[k], rtol=1e-5, atol=1e-7, msg=k)

@@ -13,12 +13,15 @@ optimizer see the plain module.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-BACKEND = "inductor"  # torch.compile's backend; the tests use "aot_eager" (the same tracing, no code generation)
+# torch.compile's backend: Inductor, unless DDPM_COMPILE_BACKEND names another ("aot_eager": the same tracing
+# without code generation, seconds instead of minutes; the tests use it, torchrun'd ones through the variable)
+BACKEND = os.environ.get("DDPM_COMPILE_BACKEND", "inductor")
 
 
 def compile_network(net: nn.Module, *, sampling: bool = False) -> Callable[..., torch.Tensor]:
