@@ -9,6 +9,7 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 SPACINGS = ("uniform", "quad")  # ddpm.sampling.SPACINGS, spelled here so that parsing imports no torch
+COMPILE_HELP = "torch.compile the network, on a GPU as CUDA graphs (minutes of compilation first; no gain on a CPU)"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -218,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weights-only", action="store_true", help="with --resume: accept a checkpoint without optimizer state")
     t.add_argument("--force", action="store_true", help="start afresh in a directory that holds another run")
     t.add_argument("--compile", action="store_true",
-                   help="torch.compile the network (train.compile): pays on a GPU, costs minutes on a CPU")
+                   help="torch.compile the network (train.compile; minutes of compilation first, no gain on a CPU)")
     t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override any configuration field")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=int, default=10, help="with --progressive: how many steps to show")
     s.add_argument("--share-from", metavar="T1,T2,...",
                    help="Figure 7: --n samples sharing x_t for each listed t (--out is a folder)")
-    s.add_argument("--compile", action="store_true", help="torch.compile the network; on a GPU also CUDA graphs (a minute or more of compilation first)")
+    s.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     s.add_argument("--device", default="auto")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_sample)
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int)
     e.add_argument("--eta", type=float, default=0.0)
     e.add_argument("--spacing", choices=SPACINGS, default="uniform")
-    e.add_argument("--compile", action="store_true", help="fid: " + "torch.compile the network; on a GPU also CUDA graphs (a minute or more of compilation first)")
+    e.add_argument("--compile", action="store_true", help="fid: " + COMPILE_HELP)
     e.add_argument("--device", default="auto")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_eval)

@@ -60,7 +60,7 @@ class TrainConfig:
     seed: int = 0  # seeds weights, data order, flips, t and noise
     grad_accum: int = 1  # micro-batches per optimizer step (per rank)
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + gradient scaling, GPU)
-    compile: bool = False  # torch.compile the network (ddpm.nn.compiled; pays on a GPU, costs minutes on a CPU)
+    compile: bool = False  # torch.compile the network (ddpm.nn.compiled; for GPUs: no gain on a CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     class_dropout: float = 0.1  # class-conditional models: label dropped to "null" this often (CFG)
     log_every: int = 50  # TensorBoard scalars every N steps
