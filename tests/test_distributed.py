@@ -86,4 +86,4 @@ def test_two_compiled_ranks_with_gradient_accumulation_train_like_one_eager_proc
     assert a.tensors.keys() == b.tensors.keys()
     for k in a.tensors:
         if k.startswith(("model/", "ema/")):
-            torch.testing.assert_close(b.tensors[k], a.tensors[k], rtol=1e-5, atol=1e-7, msg=k)
+            torch.testing.assert_close(b.tensors[k], a.tensors[k], rtol=1e-5, atol=1e-6, msg=k)  # a lost all-reduce: 1e-3
