@@ -50,23 +50,30 @@ def test_network_on_the_gpu_computes_what_it_computes_on_the_cpu():
         torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-3 * b.abs().max().item())
 
 
-def _losses(run):
-    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+def _log(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
-def test_training_on_the_gpu_follows_the_cpu_and_low_precision_stays_close(tmp_path):
+def test_training_on_the_gpu_follows_the_cpu_and_low_precision_stays_finite(tmp_path):
     runs = {}
     for name, extra in (("cpu", ["--set", "train.device=cpu"]), ("fp32", ["--set", "train.device=cuda"]),
                         ("bf16", ["--set", "train.device=cuda", "--set", "train.precision=bf16"]),
                         ("fp16", ["--set", "train.device=cuda", "--set", "train.precision=fp16"])):
         runs[name] = tmp_path / name
-        assert main(["train", "--out", str(runs[name]), "--steps", "5", "--batch-size", "16", *TINY, *extra]) == 0
-    cpu = _losses(runs["cpu"])
-    np.testing.assert_allclose(_losses(runs["fp32"]), cpu, rtol=1e-4)
+        assert main(["train", "--out", str(runs[name]), "--steps", "6", "--batch-size", "16", *TINY, *extra]) == 0
+    cpu = [e["loss"] for e in _log(runs["cpu"])]
+    np.testing.assert_allclose([e["loss"] for e in _log(runs["fp32"])], cpu, rtol=1e-3)
     for name in ("bf16", "fp16"):
-        losses = _losses(runs[name])
-        assert all(np.isfinite(losses)), (name, losses)
-        np.testing.assert_allclose(losses, cpu, rtol=3e-2, err_msg=name)
+        log = _log(runs[name])
+        assert all(np.isfinite(e["loss"]) for e in log), (name, log)
+        # the first loss is the same network on the same batch: only the forward's precision differs
+        assert abs(log[0]["loss"] - cpu[0]) < 2e-2 * cpu[0], (name, log[0]["loss"], cpu[0])
+        # bf16 keeps float32's range: every step applies; fp16's gradient scaler may skip the first steps
+        # (gradients overflowing at its initial scale) and must then lower the scale until steps apply
+        applied = sum(e["finite"] for e in log)
+        assert applied == len(log) if name == "bf16" else applied >= 1, (name, log)
+        run = load_run(runs[name], ema=False)
+        assert all(torch.isfinite(p).all() for p in run.model.parameters())
 
 
 def test_compiled_sampling_with_cuda_graphs_draws_the_same_images(tmp_path):
