@@ -9,7 +9,8 @@ DDPMScheduler, and denoising-diffusion-pytorch's Unet at its closest configurati
 when not installed: `pip install -e .[bench]`). With --compile, ours and diffusers' also run through
 torch.compile (ours through `ddpm.nn.compiled.compile_network`, which samples with CUDA graphs on a GPU;
 diffusers' the same way: torch.compile for training, mode "reduce-overhead" for sampling on CUDA). On CUDA the
-achieved rate against the measured conv peak is the MFU. Prints a markdown table for benchmarks/RESULTS.md.
+achieved rate against the measured conv peak is the MFU, and a channels_last row each (weights and input in
+that layout; on the CPU our network chooses its layouts itself). Prints a markdown table for benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ def flops_per_image(model_fn, model, x, t) -> tuple[float, float]:
     return fwd, fc.get_total_flops() / x.shape[0]
 
 
+def channels_last(fn):
+    return lambda x, t: fn(x.contiguous(memory_format=torch.channels_last), t)
+
+
 def make_models(device, compile_too: bool, only: set[str]):
     """name -> (module, training callable, sampling callable), each callable (x, t) -> eps."""
     models = {}
@@ -85,6 +90,9 @@ def make_models(device, compile_too: bool, only: set[str]):
             for flag in ("winograd", "fused_norm"):
                 m = ours(**{flag: False})
                 models[f"ddpm (ours), {flag}=False"] = (m, m, m)
+        if device == "cuda":  # our network keeps the caller's layout on CUDA: a channels-last copy measures that
+            m = ours().to(memory_format=torch.channels_last)
+            models["ddpm (ours), channels_last"] = (m, channels_last(m), channels_last(m))
         if compile_too:
             m = ours()
             models["ddpm (ours), torch.compile"] = (m, compile_network(m), compile_network(m, sampling=True))
@@ -104,6 +112,9 @@ def make_models(device, compile_too: bool, only: set[str]):
 
         m = net.to(device)
         models["diffusers UNet2DModel"] = (m, unwrap(m), unwrap(m))
+        if device == "cuda":
+            c = copy.deepcopy(m).to(memory_format=torch.channels_last)
+            models["diffusers UNet2DModel, channels_last"] = (c, channels_last(unwrap(c)), channels_last(unwrap(c)))
         if compile_too:
             c = copy.deepcopy(m)
             sampled = torch.compile(c, mode="reduce-overhead") if device == "cuda" else torch.compile(c)
