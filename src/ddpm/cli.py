@@ -9,6 +9,8 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 SPACINGS = ("uniform", "quad")  # ddpm.sampling.SPACINGS, spelled here so that parsing imports no torch
+PRECISIONS = ("fp32", "bf16", "fp16")  # ddpm.generate.PRECISIONS
+PRECISION_HELP = "the network's precision: autocast to bf16 (CPU or GPU) or fp16 (GPU); the sampler stays float32"
 COMPILE_HELP = "torch.compile the network, on a GPU as CUDA graphs (minutes of compilation first; no gain on a CPU)"
 
 
@@ -56,7 +58,8 @@ def _sample(args: argparse.Namespace) -> int:
             print(f"wrote {out_dir / 'share_from.png'} and share_from.json")
         return 0
     opts = SampleOptions(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
-                         class_label=args.class_label, guidance=args.guidance, compile=args.compile)
+                         class_label=args.class_label, guidance=args.guidance, compile=args.compile,
+                         precision=args.precision)
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         raise ValueError(f"--out must end in .png or .npz; got {out}")
@@ -104,7 +107,7 @@ def _eval_fid(args: argparse.Namespace, out_dir: Path, device) -> int:
         samples_path = out_dir / f"samples_{n}_seed{args.seed}.npz"
         if not samples_path.exists():
             opts = SampleOptions(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
-                                 compile=args.compile)
+                                 compile=args.compile, precision=args.precision)
             parts = generate_to_parts(run, n, samples_path, seed=args.seed, batch_size=args.batch_size, opts=opts,
                                       device=device, progress=not args.quiet)
             assemble(parts, n, samples_path)
@@ -246,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--share-from", metavar="T1,T2,...",
                    help="Figure 7: --n samples sharing x_t for each listed t (--out is a folder)")
     s.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    s.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     s.add_argument("--device", default="auto")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_sample)
@@ -268,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eta", type=float, default=0.0)
     e.add_argument("--spacing", choices=SPACINGS, default="uniform")
     e.add_argument("--compile", action="store_true", help="fid: " + COMPILE_HELP)
+    e.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fid: " + PRECISION_HELP)
     e.add_argument("--device", default="auto")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_eval)

@@ -33,6 +33,28 @@ class SampleOptions:
     guidance: float = 1.0  # classifier-free guidance scale (1: plain conditional)
     clip_denoised: bool = True  # clip the predicted x_0 to [-1, 1] at every step, as the paper's sampler
     compile: bool = False  # torch.compile the network, CUDA graphs on a GPU (ddpm.nn.compiled)
+    precision: str = "fp32"  # the network's: fp32, or bf16 / fp16 autocast (the sampler's arithmetic stays float32)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def with_precision(net: Callable, precision: str, device: torch.device) -> Callable:
+    """`net` called under autocast at `precision` ("fp32": `net` itself), its output returned in float32, so that
+    only the network runs in low precision: the means, variances and noise of every step stay float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return net
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device (use bf16 on the CPU)")
+
+    def call(*args, **kwargs) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype):
+            return net(*args, **kwargs).float()
+
+    return call
 
 
 def sample_generators(seed: int, indices: range, device: torch.device) -> list[torch.Generator]:
@@ -80,6 +102,7 @@ def sample_batch(run: Run, indices: range, seed: int, opts: SampleOptions, devic
     fn = SAMPLERS[opts.sampler]
     if net is None and opts.compile:
         net = compile_network(run.model, sampling=True)
+    net = with_precision(run.model if net is None else net, opts.precision, device)
     return fn(run.diffusion, model_for(run, opts, len(indices), device, net), x_T, steps=opts.steps, generator=gens,
               clip_denoised=opts.clip_denoised, progress=progress, callback=callback, **kwargs)
 
