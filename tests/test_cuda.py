@@ -89,3 +89,16 @@ def test_compiled_sampling_with_cuda_graphs_draws_the_same_images(tmp_path):
     # per-sample seeds: the same images whatever the batch, the graphs recorded for the first batch size included
     again = sample_batch(run, range(4, 8), 3, SampleOptions(compile=True), dev)
     torch.testing.assert_close(again, plain[4:], rtol=0, atol=1e-3)
+
+
+def test_low_precision_sampling_on_the_gpu_stays_near_float32(tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--out", str(run_dir), "--steps", "2", "--batch-size", "16", *TINY]) == 0
+    dev = torch.device("cuda")
+    run = load_run(run_dir, device=dev)
+    _perturbed(run.model)
+    plain = sample_batch(run, range(8), 3, SampleOptions(), dev)
+    for precision in ("bf16", "fp16"):
+        low = sample_batch(run, range(8), 3, SampleOptions(precision=precision), dev)
+        assert low.dtype == torch.float32
+        assert 0 < (low - plain).abs().mean() < 0.02, precision  # the CPU's bf16: 1.6e-3
