@@ -64,8 +64,8 @@ def sample_generators(seed: int, indices: range, device: torch.device) -> list[t
 
 def model_for(run: Run, opts: SampleOptions, batch: int, device: torch.device, net: Callable | None = None
               ) -> Callable:
-    """The callable the sampler sees: the run's model (or `net`, a compiled or low-precision form of it), conditioned and guided
-    as asked."""
+    """The callable the sampler sees: the run's model (or `net`, a compiled or low-precision form of it),
+    conditioned and guided as asked."""
     m = run.config.model
     net = run.model if net is None else net
     if m.num_classes is None:
