@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny import TINY, perturbed, train_tiny
 from torch._dynamo.utils import counters
 
 from ddpm import UNet, load_run
@@ -15,10 +16,6 @@ from ddpm.checkpoint import latest_checkpoint, load_checkpoint
 from ddpm.cli import main
 from ddpm.generate import SampleOptions, sample_batch
 from ddpm.nn import compiled
-
-TINY = ["--set", "model.ch=32", "--set", "model.ch_mult=1,2", "--set", "model.attn_resolutions=4",
-        "--set", "diffusion.num_timesteps=40", "--set", "train.sample_every=0", "--set", "train.log_every=1",
-        "--set", "train.warmup=2", "--quiet"]
 
 
 @pytest.fixture(autouse=True)
@@ -61,12 +58,9 @@ def test_compiled_training_is_the_same_function_and_keeps_the_keys(tmp_path):
 
 
 def test_compiled_sampling_draws_the_same_images(tmp_path):
-    run = tmp_path / "run"
-    assert main(["train", "--out", str(run), "--steps", "2", "--batch-size", "16", *TINY]) == 0
+    run = train_tiny(tmp_path / "run")
     r = load_run(run)
-    with torch.no_grad():  # a trained-looking network: the zero-initialised last layers would output 0
-        for p in r.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturbed(r.model)
     dev = torch.device("cpu")
     plain = sample_batch(r, range(3, 9), 7, SampleOptions(), dev)
     assert _graphs() == 0
@@ -87,10 +81,7 @@ def test_our_cpu_kernels_step_aside_inside_a_compiled_graph(monkeypatch):
     """Winograd and the fused group norm are opaque to the compiler: inside a graph torch's operators run, with
     no graph break (one graph for the whole network)."""
     torch.manual_seed(0)
-    net = UNet(3, 128, (1, 2), 1, (8,), 0.0, 16).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    net = perturbed(UNet(3, 128, (1, 2), 1, (8,), 0.0, 16).eval(), 0.02)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
     ref = net(x, t)
     net.set_winograd(False)

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny import TINY, perturbed, train_tiny
 
 from ddpm import UNet, load_run
 from ddpm.cli import main
@@ -15,9 +16,6 @@ from ddpm.generate import SampleOptions, sample_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-TINY = ["--set", "model.ch=32", "--set", "model.ch_mult=1,2", "--set", "model.attn_resolutions=4",
-        "--set", "diffusion.num_timesteps=40", "--set", "train.sample_every=0", "--set", "train.log_every=1",
-        "--set", "train.warmup=2", "--quiet"]
 
 
 @pytest.fixture(autouse=True)
@@ -29,16 +27,9 @@ def _no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _perturbed(net):
-    with torch.no_grad():  # the zero-initialised last layers would make every output 0
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return net
-
-
 def test_network_on_the_gpu_computes_what_it_computes_on_the_cpu():
     torch.manual_seed(0)
-    net = _perturbed(UNet(3, 128, (1, 2), 1, (8,), 0.0, 16))
+    net = perturbed(UNet(3, 128, (1, 2), 1, (8,), 0.0, 16))
     x, t = torch.randn(4, 3, 16, 16), torch.tensor([0, 10, 500, 999])
     ref = net(x, t)
     g_ref = torch.autograd.grad(ref.pow(2).sum(), list(net.parameters()))
@@ -77,11 +68,9 @@ def test_training_on_the_gpu_follows_the_cpu_and_low_precision_stays_finite(tmp_
 
 
 def test_compiled_sampling_with_cuda_graphs_draws_the_same_images(tmp_path):
-    run_dir = tmp_path / "run"
-    assert main(["train", "--out", str(run_dir), "--steps", "2", "--batch-size", "16", *TINY]) == 0
     dev = torch.device("cuda")
-    run = load_run(run_dir, device=dev)
-    _perturbed(run.model)
+    run = load_run(train_tiny(tmp_path / "run"), device=dev)
+    perturbed(run.model)
     plain = sample_batch(run, range(8), 3, SampleOptions(), dev)
     graphed = sample_batch(run, range(8), 3, SampleOptions(compile=True), dev)
     assert plain.abs().mean() > 0.1
@@ -92,11 +81,9 @@ def test_compiled_sampling_with_cuda_graphs_draws_the_same_images(tmp_path):
 
 
 def test_low_precision_sampling_on_the_gpu_stays_near_float32(tmp_path):
-    run_dir = tmp_path / "run"
-    assert main(["train", "--out", str(run_dir), "--steps", "2", "--batch-size", "16", *TINY]) == 0
     dev = torch.device("cuda")
-    run = load_run(run_dir, device=dev)
-    _perturbed(run.model)
+    run = load_run(train_tiny(tmp_path / "run"), device=dev)
+    perturbed(run.model)
     plain = sample_batch(run, range(8), 3, SampleOptions(), dev)
     for precision in ("bf16", "fp16"):
         low = sample_batch(run, range(8), 3, SampleOptions(precision=precision), dev)

@@ -92,14 +92,13 @@ def test_resume_without_checkpoint_never_starts_fresh(tmp_path, capsys):
 def test_sampling_with_the_network_in_bf16(tmp_path, capsys):
     """--precision bf16: the network under autocast, the sampler's arithmetic in float32: images near the
     float32 ones, not the same (the network did run in bf16); fp16 needs a GPU; a typo is refused."""
+    from tiny import perturbed, train_tiny
+
     from ddpm.generate import SampleOptions, sample_batch
 
-    run = tmp_path / "run"
-    assert main(["train", "--out", str(run), "--steps", "2", "--batch-size", "16", *TINY]) == 0
+    run = train_tiny(tmp_path / "run")
     r = load_run(run)
-    with torch.no_grad():  # a trained-looking network: the zero-initialised last layers would output 0
-        for p in r.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    perturbed(r.model)
     dev = torch.device("cpu")
     plain = sample_batch(r, range(8), 3, SampleOptions(), dev)
     low = sample_batch(r, range(8), 3, SampleOptions(precision="bf16"), dev)
