@@ -32,6 +32,11 @@ from ddpm.runtime import keep_freed_memory
 from ddpm.train import build_optimizer
 
 
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def conv_peak(dtype, device, reps=5) -> float:
     """GFLOP/s of a large 3x3 convolution (the bulk of the U-Net's work): 16 x 256 x 32 x 32 and 64 x 256 x 16 x 16
     inputs, each in the contiguous and the channels-last layout; the best of the four is the machine's peak."""
@@ -42,13 +47,11 @@ def conv_peak(dtype, device, reps=5) -> float:
             w = torch.randn(256, 256, 3, 3, device=device, dtype=dtype).contiguous(memory_format=layout)
             for _ in range(2):
                 F.conv2d(x, w, padding=1)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             t0 = time.perf_counter()
             for _ in range(reps):
                 F.conv2d(x, w, padding=1)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             dt = (time.perf_counter() - t0) / reps
             best = max(best, 2 * b * 256 * 256 * 9 * hw * hw / dt / 1e9)
     return best
@@ -69,6 +72,11 @@ def flops_per_image(model_fn, model, x, t) -> tuple[float, float]:
     for m, flag in flags.items():
         m.winograd = flag
     return fwd, fc.get_total_flops() / x.shape[0]
+
+
+def unwrap(f):
+    """diffusers' model returns an output object: its tensor."""
+    return lambda x, t: f(x, t).sample
 
 
 def channels_last(fn):
@@ -96,51 +104,40 @@ def make_models(device, compile_too: bool, only: set[str]):
         if compile_too:
             m = ours()
             models["ddpm (ours), torch.compile"] = (m, compile_network(m), compile_network(m, sampling=True))
-    try:
-        if "diffusers" not in only:
-            raise ImportError
-        from diffusers import UNet2DModel
-
-        net = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-                          block_out_channels=(128, 256, 256, 256),
-                          down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                          up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
-                          norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, dropout=0.1)
-
-        def unwrap(f):
-            return lambda x, t: f(x, t).sample
-
-        m = net.to(device)
-        models["diffusers UNet2DModel"] = (m, unwrap(m), unwrap(m))
-        if device == "cuda":
-            c = copy.deepcopy(m).to(memory_format=torch.channels_last)
-            models["diffusers UNet2DModel, channels_last"] = (c, channels_last(unwrap(c)), channels_last(unwrap(c)))
-        if compile_too:
-            c = copy.deepcopy(m)
-            sampled = torch.compile(c, mode="reduce-overhead") if device == "cuda" else torch.compile(c)
-            models["diffusers UNet2DModel, torch.compile"] = (c, unwrap(torch.compile(c)), unwrap(sampled))
-    except ImportError:
-        if "diffusers" in only:
+    if "diffusers" in only:
+        try:
+            from diffusers import UNet2DModel
+        except ImportError:
             print("diffusers not installed: skipped")
-    try:
-        if "ddp" not in only:
-            raise ImportError
-        from denoising_diffusion_pytorch import Unet
+        else:
+            net = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+                              block_out_channels=(128, 256, 256, 256),
+                              down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                              up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                              attention_head_dim=None, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False,
+                              freq_shift=1, dropout=0.1)
+            m = net.to(device)
+            models["diffusers UNet2DModel"] = (m, unwrap(m), unwrap(m))
+            if device == "cuda":
+                c = copy.deepcopy(m).to(memory_format=torch.channels_last)
+                models["diffusers UNet2DModel, channels_last"] = (c, channels_last(unwrap(c)),
+                                                                  channels_last(unwrap(c)))
+            if compile_too:
+                c = copy.deepcopy(m)
+                sampled = torch.compile(c, mode="reduce-overhead") if device == "cuda" else torch.compile(c)
+                models["diffusers UNet2DModel, torch.compile"] = (c, unwrap(torch.compile(c)), unwrap(sampled))
+    if "ddp" in only:
+        try:
+            from denoising_diffusion_pytorch import Unet
 
-        m = Unet(dim=128, dim_mults=(1, 2, 2, 2), dropout=0.1, attn_heads=1,
-                 full_attn=(False, True, False, False)).to(device)
-        models["denoising-diffusion-pytorch Unet"] = (m, m, m)
-    except ImportError:
-        if "ddp" in only:
+            m = Unet(dim=128, dim_mults=(1, 2, 2, 2), dropout=0.1, attn_heads=1,
+                     full_attn=(False, True, False, False)).to(device)
+            models["denoising-diffusion-pytorch Unet"] = (m, m, m)
+        except ImportError:
             print("denoising-diffusion-pytorch not installed: skipped")
-    except TypeError as e:
-        print(f"denoising-diffusion-pytorch: {e}: skipped")
+        except TypeError as e:
+            print(f"denoising-diffusion-pytorch: {e}: skipped")
     return models
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def train_step(fn, opt, B, device, amp):
@@ -202,7 +199,7 @@ def main() -> None:
     flops, compile_s = {}, {}
     for n, (m, train_fn, sample_fn) in models.items():
         x = torch.randn(2, 3, 32, 32, device=device)
-        eager = (lambda x, t, m=m: m(x, t).sample) if n.startswith("diffusers") else m
+        eager = unwrap(m) if n.startswith("diffusers") else m
         flops[n] = flops_per_image(eager, m, x, torch.tensor([1, 2], device=device))
         m.zero_grad(set_to_none=True)
         # warm-up at the timed batch sizes: oneDNN and cuDNN pick kernels per shape, torch.compile compiles on
