@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny import TINY, perturbed, train_tiny
+from tiny import perturbed, train_tiny
 from torch._dynamo.utils import counters
 
 from ddpm import UNet, load_run
@@ -37,15 +37,14 @@ def _losses(run):
 
 def test_compiled_training_is_the_same_function_and_keeps_the_keys(tmp_path):
     eager, comp = tmp_path / "eager", tmp_path / "compiled"
-    assert main(["train", "--out", str(eager), "--steps", "4", "--batch-size", "16", *TINY]) == 0
+    train_tiny(eager, 4)
     assert _graphs() == 0
-    assert main(["train", "--out", str(comp), "--steps", "2", "--batch-size", "16", "--compile", *TINY]) == 0
+    train_tiny(comp, 2, "--compile")
     assert _graphs() >= 1
     assert json.loads((comp / "config.json").read_text())["train"]["compile"] is True
     # the compiled run resumes its own checkpoint; an eager run resumes it too (compile changes no state)
-    assert main(["train", "--out", str(comp), "--steps", "3", "--batch-size", "16", "--resume", "--compile",
-                 *TINY]) == 0
-    assert main(["train", "--out", str(comp), "--steps", "4", "--batch-size", "16", "--resume", *TINY]) == 0
+    train_tiny(comp, 3, "--resume", "--compile")
+    train_tiny(comp, 4, "--resume")
     a, b = (load_checkpoint(latest_checkpoint(r / "checkpoints")) for r in (eager, comp))
     assert a.tensors.keys() == b.tensors.keys() and not any("_orig_mod" in k for k in b.tensors)
     # the same steps: the losses and weights agree to float32 rounding (the compiled graph decomposes group norm

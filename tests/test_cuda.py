@@ -8,10 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny import TINY, perturbed, train_tiny
+from tiny import perturbed, train_tiny
 
 from ddpm import UNet, load_run
-from ddpm.cli import main
 from ddpm.generate import SampleOptions, sample_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -51,7 +50,7 @@ def test_training_on_the_gpu_follows_the_cpu_and_low_precision_stays_finite(tmp_
                         ("bf16", ["--set", "train.device=cuda", "--set", "train.precision=bf16"]),
                         ("fp16", ["--set", "train.device=cuda", "--set", "train.precision=fp16"])):
         runs[name] = tmp_path / name
-        assert main(["train", "--out", str(runs[name]), "--steps", "6", "--batch-size", "16", *TINY, *extra]) == 0
+        train_tiny(runs[name], 6, *extra)
     cpu = [e["loss"] for e in _log(runs["cpu"])]
     np.testing.assert_allclose([e["loss"] for e in _log(runs["fp32"])], cpu, rtol=1e-3)
     for name in ("bf16", "fp16"):

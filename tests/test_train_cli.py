@@ -5,14 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny import TINY, perturbed, train_tiny
 
 from ddpm import load_run
 from ddpm.checkpoint import latest_checkpoint, load_checkpoint
 from ddpm.cli import main
-
-TINY = ["--set", "model.ch=32", "--set", "model.ch_mult=1,2", "--set", "model.attn_resolutions=4",
-        "--set", "diffusion.num_timesteps=40", "--set", "train.sample_every=0", "--set", "train.log_every=1",
-        "--set", "train.warmup=2", "--quiet"]
 
 
 def _losses(run):
@@ -92,8 +89,6 @@ def test_resume_without_checkpoint_never_starts_fresh(tmp_path, capsys):
 def test_sampling_with_the_network_in_bf16(tmp_path, capsys):
     """--precision bf16: the network under autocast, the sampler's arithmetic in float32: images near the
     float32 ones, not the same (the network did run in bf16); fp16 needs a GPU; a typo is refused."""
-    from tiny import perturbed, train_tiny
-
     from ddpm.generate import SampleOptions, sample_batch
 
     run = train_tiny(tmp_path / "run")
