@@ -9,7 +9,7 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 SPACINGS = ("uniform", "quad")  # ddpm.sampling.SPACINGS, spelled here so that parsing imports no torch
-PRECISIONS = ("fp32", "bf16", "fp16")  # ddpm.generate.PRECISIONS
+PRECISIONS = ("fp32", "bf16", "fp16")  # ddpm.train.AMP_DTYPES
 PRECISION_HELP = "the network's precision: autocast to bf16 (CPU or GPU) or fp16 (GPU); the sampler stays float32"
 COMPILE_HELP = "torch.compile the network, on a GPU as CUDA graphs (minutes of compilation first; no gain on a CPU)"
 

@@ -20,7 +20,7 @@ import torch
 from ddpm.images import save_grid, to_nhwc_uint8
 from ddpm.nn.compiled import compile_network
 from ddpm.sampling import SAMPLERS
-from ddpm.train import Run, derived_seed
+from ddpm.train import Run, amp_dtype, derived_seed
 
 
 @dataclass
@@ -36,19 +36,12 @@ class SampleOptions:
     precision: str = "fp32"  # the network's: fp32, or bf16 / fp16 autocast (the sampler's arithmetic stays float32)
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def with_precision(net: Callable, precision: str, device: torch.device) -> Callable:
     """`net` called under autocast at `precision` ("fp32": `net` itself), its output returned in float32, so that
     only the network runs in low precision: the means, variances and noise of every step stay float32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    dtype = PRECISIONS[precision]
+    dtype = amp_dtype(precision, device, "precision")
     if dtype is None:
         return net
-    if dtype == torch.float16 and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device (use bf16 on the CPU)")
 
     def call(*args, **kwargs) -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype):

@@ -75,6 +75,19 @@ def build_optimizer(params, lr: float, eps: float, device: torch.device) -> torc
     return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
 
 
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(precision: str, device: torch.device, field: str) -> torch.dtype | None:
+    """The autocast dtype of a precision name (None: float32, no autocast), refusing what `device` cannot run;
+    `field` names the setting in the error."""
+    if precision not in AMP_DTYPES:
+        raise ConfigError(f"{field} must be one of {', '.join(AMP_DTYPES)}; got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"{field} fp16 needs a CUDA device (use bf16 on the CPU)")
+    return AMP_DTYPES[precision]
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -207,8 +220,7 @@ class Trainer:
                               f"{t.grad_accum} accumulation step(s)")
         self.micro_global = t.batch_size // t.grad_accum  # examples per micro-batch over all ranks
         self.per_rank = per_rank
-        if t.precision == "fp16" and self.device.type != "cuda":
-            raise ConfigError("train.precision fp16 needs a CUDA device (use bf16 on the CPU)")
+        self.amp_dtype = amp_dtype(t.precision, self.device, "train.precision")
 
         self.ckpt_dir = self.run_dir / "checkpoints"
         self._prepare_run_dir(resume, force)
@@ -355,14 +367,13 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         torch.manual_seed(derived_seed(cfg.seed, f"dropout/{self.dist.rank}", self.step))
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
             x0, t, noise, y = self._micro_batch(self.step * cfg.grad_accum + micro)
             sync = micro == cfg.grad_accum - 1 or self.dist.world == 1
             ctx = self.ddp.no_sync() if not sync and self.ddp is not None else _null()
-            with ctx, torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with ctx, torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 fn = self.net if y is None else (lambda x, tt, y=y: self.net(x, tt, y))
                 loss = self.diffusion.training_losses(fn, x0, t=t, noise=noise).float().mean() / cfg.grad_accum
             self.scaler.scale(loss).backward()
