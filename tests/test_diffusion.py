@@ -8,6 +8,7 @@ from oracle import GaussianOracle, abar_of, sampler_moments
 
 from ddpm import GaussianDiffusion, beta_schedule
 from ddpm.likelihood import discretized_gaussian_log_likelihood, normal_kl
+from ddpm.sampling import ddim
 
 BETAS = beta_schedule("linear", 1000)
 PARAMS = ["eps", "x0", "xprev"]
@@ -214,6 +215,43 @@ def test_loss_types_run_and_kl_is_the_bound_term():
     nll = -discretized_gaussian_log_likelihood(x0, p.mean, 0.5 * p.log_variance).mean(1) / math.log(2)
     want = torch.where(t == 0, nll, kl).float()
     torch.testing.assert_close(loss, want)
+
+
+@pytest.mark.parametrize("mean_type,var_type,loss_type", [("eps", "fixedlarge", "simple"), ("x0", "fixedsmall", "kl"),
+                                                            ("xprev", "fixedlarge", "simple"), ("eps", "learned_range", "hybrid")])
+def test_the_math_stays_float32_when_the_network_runs_in_bf16(mean_type, var_type, loss_type):
+    """bf16 training and sampling (autocast around the whole step) round the network's output only: loss, bound
+    and sampler computed inside autocast from a bf16 output equal float32 arithmetic on that same output."""
+    x0, _ = _quantised_gaussian(0.0, 0.3, 16, 4)
+    oracle = GaussianOracle(BETAS, 0.0, 0.3, mean_type)
+    learned = var_type == "learned_range"
+
+    def net(x, t):  # what a network under bf16 autocast returns: a bf16 tensor
+        out = oracle(x, t)
+        return (torch.cat([out, torch.zeros_like(out)], 1) if learned else out).bfloat16()
+
+    def rounded(x, t):  # the same numbers, handed over in float32
+        return net(x, t).float()
+
+    d = GaussianDiffusion(BETAS, mean_type=mean_type, var_type=var_type, loss_type=loss_type)
+    t = torch.tensor([0, 1, 2, 10, 100, 400, 700, 999]).repeat(2)
+    noise = torch.randn_like(x0)
+
+    def everything(model):
+        loss = d.training_losses(model, x0, t=t, noise=noise)
+        bound = d.bpd(model, x0, generator=torch.Generator().manual_seed(3), clip_denoised=False)
+        samples = d.sample(model, (16, 4), generator=torch.Generator().manual_seed(4))
+        fast = ddim(d, model, torch.randn(16, 4, generator=torch.Generator().manual_seed(5)), steps=20)
+        return loss, bound.total, samples, fast
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = everything(net)
+    outside = everything(rounded)
+    for a, b in zip(inside, outside, strict=True):
+        assert a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    if not learned:  # the rounding is there to see: the float32 oracle's loss differs
+        assert (d.training_losses(oracle, x0, t=t, noise=noise) != outside[0]).any()
 
 
 # ------------------------------------------------------------------ likelihood pieces

@@ -196,7 +196,11 @@ class GaussianDiffusion:
         )
 
     def split_output(self, output: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Split a learned-variance model's [B, 2C, ...] output into (mean part, v); v is None otherwise."""
+        """Split a learned-variance model's [B, 2C, ...] output into (mean part, v); v is None otherwise.
+
+        The output comes back in x_t's dtype: a network run in bf16 (autocast) rounds its prediction only, and
+        the means, variances, losses and samples built from it keep x_t's precision."""
+        output = output.to(x_t.dtype)
         if self.var_type is VarType.LEARNED_RANGE:
             if output.shape[1] != 2 * x_t.shape[1]:
                 raise ValueError(
