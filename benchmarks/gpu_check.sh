@@ -2,7 +2,9 @@
 # The checks and measurements that need a GPU, as one run for a session lent one (the GPU table of issue 9):
 # the CUDA tests (tests/test_cuda.py: GPU against CPU, bf16/fp16 training, sampling with CUDA graphs), then
 # benchmarks/speed.py in float32, in bf16, and with torch.compile rows, each under a time limit: at most
-# 9.5 minutes (one device call), most of it the compilation of the last step.
+# 9.5 minutes (one device call), most of it the compilation of the last step. The eager tables hold a
+# channels_last and a cudnn.benchmark row for ours and diffusers': whether either should become a default of
+# the ddpm commands on CUDA is for those rows to say.
 #
 # Before, on the development machine (the peers travel as wheels; the device's python3 already holds torch,
 # accelerate, einops, safetensors, huggingface-hub and the rest):

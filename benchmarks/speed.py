@@ -9,14 +9,17 @@ DDPMScheduler, and denoising-diffusion-pytorch's Unet at its closest configurati
 when not installed: `pip install -e .[bench]`). With --compile, ours and diffusers' also run through
 torch.compile (ours through `ddpm.nn.compiled.compile_network`, which samples with CUDA graphs on a GPU;
 diffusers' the same way: torch.compile for training, mode "reduce-overhead" for sampling on CUDA). On CUDA the
-achieved rate against the measured conv peak is the MFU, and a channels_last row each (weights and input in
-that layout; on the CPU our network chooses its layouts itself). Prints a markdown table for benchmarks/RESULTS.md.
+achieved rate against the measured conv peak is the MFU, with a channels_last row each (weights and input in
+that layout; on the CPU our network chooses its layouts itself) and a cudnn.benchmark row each (cuDNN times its
+algorithms per shape during the warm-up and keeps the fastest; off for every other row). Prints a markdown table
+for benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import platform
 import time
 
@@ -39,21 +42,25 @@ def sync(device):
 
 def conv_peak(dtype, device, reps=5) -> float:
     """GFLOP/s of a large 3x3 convolution (the bulk of the U-Net's work): 16 x 256 x 32 x 32 and 64 x 256 x 16 x 16
-    inputs, each in the contiguous and the channels-last layout; the best of the four is the machine's peak."""
+    inputs, each in the contiguous and the channels-last layout, on CUDA also with cudnn.benchmark; the best is
+    the machine's peak."""
     best = 0.0
-    for b, hw in ((16, 32), (64, 16)):
-        for layout in (torch.contiguous_format, torch.channels_last):
-            x = torch.randn(b, 256, hw, hw, device=device, dtype=dtype).contiguous(memory_format=layout)
-            w = torch.randn(256, 256, 3, 3, device=device, dtype=dtype).contiguous(memory_format=layout)
-            for _ in range(2):
-                F.conv2d(x, w, padding=1)
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                F.conv2d(x, w, padding=1)
-            sync(device)
-            dt = (time.perf_counter() - t0) / reps
-            best = max(best, 2 * b * 256 * 256 * 9 * hw * hw / dt / 1e9)
+    layouts = (torch.contiguous_format, torch.channels_last)
+    benchmarks = (False, True) if device == "cuda" else (False,)
+    for (b, hw), layout, benchmark in itertools.product(((16, 32), (64, 16)), layouts, benchmarks):
+        torch.backends.cudnn.benchmark = benchmark
+        x = torch.randn(b, 256, hw, hw, device=device, dtype=dtype).contiguous(memory_format=layout)
+        w = torch.randn(256, 256, 3, 3, device=device, dtype=dtype).contiguous(memory_format=layout)
+        for _ in range(2):
+            F.conv2d(x, w, padding=1)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            F.conv2d(x, w, padding=1)
+        sync(device)
+        dt = (time.perf_counter() - t0) / reps
+        best = max(best, 2 * b * 256 * 256 * 9 * hw * hw / dt / 1e9)
+    torch.backends.cudnn.benchmark = False
     return best
 
 
@@ -83,6 +90,9 @@ def channels_last(fn):
     return lambda x, t: fn(x.contiguous(memory_format=torch.channels_last), t)
 
 
+BENCHMARKED = ", cudnn.benchmark"  # the rows measured with torch.backends.cudnn.benchmark on (CUDA only)
+
+
 def make_models(device, compile_too: bool, only: set[str]):
     """name -> (module, training callable, sampling callable), each callable (x, t) -> eps."""
     models = {}
@@ -101,6 +111,8 @@ def make_models(device, compile_too: bool, only: set[str]):
         if device == "cuda":  # our network keeps the caller's layout on CUDA: a channels-last copy measures that
             m = ours().to(memory_format=torch.channels_last)
             models["ddpm (ours), channels_last"] = (m, channels_last(m), channels_last(m))
+            m = ours()
+            models["ddpm (ours)" + BENCHMARKED] = (m, m, m)
         if compile_too:
             m = ours()
             models["ddpm (ours), torch.compile"] = (m, compile_network(m), compile_network(m, sampling=True))
@@ -122,6 +134,8 @@ def make_models(device, compile_too: bool, only: set[str]):
                 c = copy.deepcopy(m).to(memory_format=torch.channels_last)
                 models["diffusers UNet2DModel, channels_last"] = (c, channels_last(unwrap(c)),
                                                                   channels_last(unwrap(c)))
+                c = copy.deepcopy(m)
+                models["diffusers UNet2DModel" + BENCHMARKED] = (c, unwrap(c), unwrap(c))
             if compile_too:
                 c = copy.deepcopy(m)
                 sampled = torch.compile(c, mode="reduce-overhead") if device == "cuda" else torch.compile(c)
@@ -198,6 +212,7 @@ def main() -> None:
 
     flops, compile_s = {}, {}
     for n, (m, train_fn, sample_fn) in models.items():
+        torch.backends.cudnn.benchmark = n.endswith(BENCHMARKED)  # read by every convolution, backward's too
         x = torch.randn(2, 3, 32, 32, device=device)
         eager = unwrap(m) if n.startswith("diffusers") else m
         flops[n] = flops_per_image(eager, m, x, torch.tensor([1, 2], device=device))
@@ -217,6 +232,7 @@ def main() -> None:
         compile_s[n] = time.perf_counter() - t0
     for _ in range(args.reps):  # interleaved: each rep times every model once
         for n, (m, train_fn, sample_fn) in models.items():
+            torch.backends.cudnn.benchmark = n.endswith(BENCHMARKED)
             m.train()
             # an untimed step first: right after another model's work, the first step pays for fresh memory
             # (measured: identical networks 20% apart depending on which came first in a repetition)
