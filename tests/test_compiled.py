@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny import perturbed, train_tiny
+from tiny import losses, perturbed, train_tiny
 from torch._dynamo.utils import counters
 
 from ddpm import UNet, load_run
@@ -31,10 +31,6 @@ def _graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def _losses(run):
-    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
-
-
 def test_compiled_training_is_the_same_function_and_keeps_the_keys(tmp_path):
     eager, comp = tmp_path / "eager", tmp_path / "compiled"
     train_tiny(eager, 4)
@@ -49,7 +45,7 @@ def test_compiled_training_is_the_same_function_and_keeps_the_keys(tmp_path):
     assert a.tensors.keys() == b.tensors.keys() and not any("_orig_mod" in k for k in b.tensors)
     # the same steps: the losses and weights agree to float32 rounding (the compiled graph decomposes group norm
     # and runs torch's operators where the eager network runs the fused C kernel)
-    np.testing.assert_allclose(_losses(comp), _losses(eager), rtol=1e-5)
+    np.testing.assert_allclose(losses(comp), losses(eager), rtol=1e-5)
     keys = [k for k in a.tensors if k.startswith("model/")]
     wa, wb = (torch.cat([c.tensors[k].flatten() for k in keys]) for c in (a, b))
     assert (wa - wb).norm() < 1e-4 * wa.norm()  # measured 1e-6 (Adam turns a near-zero gradient's rounding into

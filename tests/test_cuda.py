@@ -3,12 +3,10 @@ the network and a training step on the GPU compute what they compute on the CPU;
 torch.compile with CUDA graphs draws the images eager sampling draws; bf16 and fp16 training stay finite and
 near float32."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from tiny import perturbed, train_tiny
+from tiny import losses, perturbed, train_log, train_tiny
 
 from ddpm import UNet, load_run
 from ddpm.generate import SampleOptions, sample_batch
@@ -40,10 +38,6 @@ def test_network_on_the_gpu_computes_what_it_computes_on_the_cpu():
         torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-3 * b.abs().max().item())
 
 
-def _log(run):
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-
-
 def test_training_on_the_gpu_follows_the_cpu_and_low_precision_stays_finite(tmp_path):
     runs = {}
     for name, extra in (("cpu", ["--set", "train.device=cpu"]), ("fp32", ["--set", "train.device=cuda"]),
@@ -51,10 +45,10 @@ def test_training_on_the_gpu_follows_the_cpu_and_low_precision_stays_finite(tmp_
                         ("fp16", ["--set", "train.device=cuda", "--set", "train.precision=fp16"])):
         runs[name] = tmp_path / name
         train_tiny(runs[name], 6, *extra)
-    cpu = [e["loss"] for e in _log(runs["cpu"])]
-    np.testing.assert_allclose([e["loss"] for e in _log(runs["fp32"])], cpu, rtol=1e-3)
+    cpu = losses(runs["cpu"])
+    np.testing.assert_allclose(losses(runs["fp32"]), cpu, rtol=1e-3)
     for name in ("bf16", "fp16"):
-        log = _log(runs[name])
+        log = train_log(runs[name])
         assert all(np.isfinite(e["loss"]) for e in log), (name, log)
         # the first loss is the same network on the same batch: only the forward's precision differs
         assert abs(log[0]["loss"] - cpu[0]) < 2e-2 * cpu[0], (name, log[0]["loss"], cpu[0])

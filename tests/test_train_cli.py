@@ -5,15 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny import TINY, perturbed, train_tiny
+from tiny import TINY, losses, perturbed, train_log, train_tiny
 
 from ddpm import load_run
 from ddpm.checkpoint import latest_checkpoint, load_checkpoint
 from ddpm.cli import main
-
-
-def _losses(run):
-    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 def test_train_resume_sample(tmp_path, capsys):
@@ -27,7 +23,7 @@ def test_train_resume_sample(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main(["train", "--out", str(run), "--steps", "6", "--batch-size", "16", "--resume", *TINY]) == 0
     assert load_run(run).step == 6
-    assert len(_losses(run)) == 6
+    assert len(losses(run)) == 6
     assert list((run / "tb").glob("events.out.tfevents*"))
 
     png, npz = tmp_path / "s.png", tmp_path / "s.npz"
@@ -59,7 +55,7 @@ def test_resume_is_bitwise_exact_mid_epoch(tmp_path):
     assert any(k.startswith("optim/") for k in ca.tensors) and any(k.startswith("ema/") for k in ca.tensors)
     for k in ca.tensors:
         assert torch.equal(ca.tensors[k], cb.tensors[k]), k
-    assert _losses(a) == _losses(b)
+    assert losses(a) == losses(b)
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
@@ -115,7 +111,7 @@ def test_bf16_training_on_the_cpu_follows_float32(tmp_path, capsys):
     float32's do, not equal to them (the network did run in bf16); fp16 on the CPU is refused by name."""
     runs = {"fp32": train_tiny(tmp_path / "fp32", 8, "--ckpt-every", "4"),
             "bf16": train_tiny(tmp_path / "bf16", 8, "--ckpt-every", "4", "--set", "train.precision=bf16")}
-    logs = {k: [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()] for k, run in runs.items()}
+    logs = {k: train_log(run) for k, run in runs.items()}
     assert all(e["finite"] for log in logs.values() for e in log) and len(logs["bf16"]) == 8
     a, b = (np.array([e["loss"] for e in logs[k]]) for k in ("fp32", "bf16"))
     assert (np.abs(b - a) / a).max() < 0.01  # measured 1.4e-4 (the fresh network's zeroed output layer)

@@ -1,5 +1,6 @@
 """A tiny digits run for the tests that sample from a trained run (the command line's own path)."""
 
+import json
 from pathlib import Path
 
 import torch
@@ -15,6 +16,15 @@ def train_tiny(run: Path, steps: int = 2, *extra: str) -> Path:
     """`ddpm train` of the tiny network into `run` for `steps` steps at batch 16; returns `run`."""
     assert main(["train", "--out", str(run), "--steps", str(steps), "--batch-size", "16", *TINY, *extra]) == 0
     return run
+
+
+def train_log(run: Path) -> list[dict]:
+    """The run's log.jsonl: one entry a logged step (TINY logs every step), with its loss and `finite`."""
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def losses(run: Path) -> list[float]:
+    return [e["loss"] for e in train_log(run)]
 
 
 def perturbed(net: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
