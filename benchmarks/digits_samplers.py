@@ -37,15 +37,15 @@ def main() -> None:
     print(f"run {args.run} (step {run.step}), {args.n} samples each, seeds {args.seeds}\n")
     print("| sampler | NFE | Frechet | ratio to floor | confident | seconds |")
     print("|---|---|---|---|---|---|")
-    rows = [(n, e, sp) for n in args.samplers for e in (args.eta if n == "ddim" else [0.0])
-            for sp in (args.spacing if n in ("ddim", "respaced") else ["uniform"])]
+    rows = [(n, e, sp) for n in args.samplers for e in (args.eta if n == "ddim" else [None])
+            for sp in (args.spacing if n in ("ddim", "respaced") else [None])]
     for name, eta, spacing in rows:
         label = name + (f" eta={eta:g}" if name == "ddim" else "") + (" quad" if spacing == "quad" else "")
         for k in [run.diffusion.num_timesteps] if name == "ancestral" else args.nfe:
             if k == run.diffusion.num_timesteps and (spacing == "quad" or name == "respaced"):
                 continue  # every timestep: the same as the uniform row / as ancestral (tested)
             steps = None if k == run.diffusion.num_timesteps else k
-            opts = SampleOptions(sampler=name, steps=steps, eta=eta, spacing=spacing)
+            opts = SampleOptions(sampler=name, steps=steps, eta=eta, spacing=spacing if steps is not None else None)
             reps, t0 = [], time.perf_counter()
             for seed in args.seeds:
                 rep = evaluate_digits(to_nhwc_uint8(sample_batch(run, range(args.n), seed, opts, torch.device("cpu"))))

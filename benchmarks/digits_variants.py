@@ -30,7 +30,7 @@ from ddpm.evaluate import _eval_images, bpd_of_images
 from ddpm.generate import SampleOptions, sample_batch
 from ddpm.images import to_nhwc_uint8
 from ddpm.metrics.digits import digits_probs, evaluate_digits
-from ddpm.train import build_diffusion
+from ddpm.run import build_diffusion
 
 VARIANTS = {
     "learned": ["diffusion.var_type=learned_range", "diffusion.loss_type=hybrid"],

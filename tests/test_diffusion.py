@@ -8,7 +8,7 @@ from oracle import GaussianOracle, abar_of, sampler_moments
 
 from ddpm import GaussianDiffusion, beta_schedule
 from ddpm.likelihood import discretized_gaussian_log_likelihood, normal_kl
-from ddpm.sampling import ddim
+from ddpm.sampling import run_sampler
 
 BETAS = beta_schedule("linear", 1000)
 PARAMS = ["eps", "x0", "xprev"]
@@ -241,7 +241,7 @@ def test_the_math_stays_float32_when_the_network_runs_in_bf16(mean_type, var_typ
         loss = d.training_losses(model, x0, t=t, noise=noise)
         bound = d.bpd(model, x0, generator=torch.Generator().manual_seed(3), clip_denoised=False)
         samples = d.sample(model, (16, 4), generator=torch.Generator().manual_seed(4))
-        fast = ddim(d, model, torch.randn(16, 4, generator=torch.Generator().manual_seed(5)), steps=20)
+        fast = run_sampler("ddim", d, model, torch.randn(16, 4, generator=torch.Generator().manual_seed(5)), steps=20)
         return loss, bound.total, samples, fast
 
     with torch.autocast("cpu", dtype=torch.bfloat16):

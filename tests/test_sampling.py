@@ -15,14 +15,14 @@ from ddpm import GaussianDiffusion, beta_schedule
 from ddpm.guidance import guided_model
 from ddpm.sampling import (
     SAMPLERS,
-    ancestral,
-    ddim,
-    dpmpp2m,
+    Sampler,
+    check_sampler,
     edit,
     inpaint,
     logsnr_subset,
     respace,
-    respaced,
+    run_sampler,
+    timestep_grid,
     timestep_subset,
 )
 
@@ -33,6 +33,19 @@ N = 20000  # rows of 2-D draws: 40,000 numbers per run
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
+
+
+def _by_name(name: str):
+    """Sampler `name` called as scripts call it, through `run_sampler` (which builds its grid)."""
+
+    def call(d, model, x_T, **kwargs):
+        return run_sampler(name, d, model, x_T, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+ancestral, respaced, ddim, dpmpp2m = (_by_name(n) for n in ("ancestral", "respaced", "ddim", "dpmpp2m"))
 
 
 class Counting:
@@ -148,6 +161,76 @@ def test_steps_and_t_start_are_validated():
         ddim(d, model, x, steps=10, t_start=1000)
     with pytest.raises(ValueError, match=r"t_edit must lie in 0\.\.999; got -1"):
         edit(d, model, x, -1)
+
+
+def test_samplers_take_their_grid():
+    """Called directly, a sampler runs on exactly the timesteps it is given (one network call each), and
+    run_sampler gives it the grid that timestep_grid builds."""
+    d = GaussianDiffusion(BETAS, var_type="fixedsmall")
+    oracle = GaussianOracle(BETAS, M, S, "eps")
+    grid = [0, 17, 400, 999]
+    for name, spec in SAMPLERS.items():
+        seen = []
+
+        def model(x, t, seen=seen):
+            seen.append(int(t[0]))
+            return oracle(x, t)
+
+        x = spec.fn(d, model, _x_T(16), grid, generator=torch.Generator().manual_seed(1), clip_denoised=False)
+        assert seen == grid[::-1] and x.shape == (16, 2), name
+    for spacing in ("uniform", "quad", "logsnr"):
+        want = logsnr_subset(d, 12) if spacing == "logsnr" else timestep_subset(1000, 12, spacing=spacing)
+        assert timestep_grid(d, 12, spacing) == want
+    assert timestep_grid(d, None, "quad", t_start=5) == [0, 1, 2, 3, 4, 5]
+    got = SAMPLERS["ddim"].fn(d, oracle, _x_T(64), timestep_grid(d, 20, "quad"), eta=0.5,
+                              generator=torch.Generator().manual_seed(2), clip_denoised=False)
+    want = ddim(d, oracle, _x_T(64), steps=20, spacing="quad", eta=0.5, generator=torch.Generator().manual_seed(2),
+                clip_denoised=False)
+    assert torch.equal(got, want)
+
+
+def test_an_option_a_sampler_does_not_take_is_an_error():
+    d = GaussianDiffusion(BETAS)
+    model = GaussianOracle(BETAS, M, S)
+    x = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match=r"sampler 'ancestral' takes no option 'eta' \(only ddim takes it\)"):
+        run_sampler("ancestral", d, model, x, eta=0.5)
+    with pytest.raises(ValueError, match="sampler 'ddim' takes no option 'churn'"):
+        run_sampler("ddim", d, model, x, steps=5, churn=1.0)
+    with pytest.raises(ValueError, match="spacing 'quad' applies to the ddim and respaced samplers, not 'dpmpp2m'"):
+        run_sampler("dpmpp2m", d, model, x, steps=5, spacing="quad")
+    with pytest.raises(ValueError, match="spacing 'logsnr' applies to the dpmpp2m sampler, not 'ddim'"):
+        check_sampler("ddim", 5, "logsnr")
+    with pytest.raises(ValueError, match="unknown sampler 'heun'; choose one of ancestral, respaced, ddim, dpmpp2m"):
+        check_sampler("heun")
+    with pytest.raises(ValueError, match="sampler 'respaced' takes no option 'eta'"):
+        edit(d, model, x, 10, sampler="respaced", steps=5, eta=1.0)
+
+
+def test_a_new_sampler_is_one_function_and_one_line(monkeypatch):
+    """The extension point of the table: a deterministic first-order sampler (DDIM with eta 0 written out) is
+    added with one entry and runs through run_sampler and `ddpm.generate`'s options unchanged."""
+
+    def euler(diffusion, model, x_T, timesteps, *, generator=None, clip_denoised=True, progress=False,
+              callback=None):
+        x = x_T
+        for j in range(len(timesteps) - 1, -1, -1):
+            t, s = timesteps[j], (timesteps[j - 1] if j > 0 else -1)
+            a_s = float(diffusion.alphas_cumprod[s]) if s >= 0 else 1.0
+            tt = torch.full((x.shape[0],), t, dtype=torch.long)
+            x0 = diffusion.p_mean_variance(model, x, tt, clip_denoised).pred_x0
+            eps = diffusion.predict_eps_from_x0(x, tt, x0)
+            x = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps
+        return x
+
+    monkeypatch.setitem(SAMPLERS, "euler", Sampler(euler, ("uniform", "quad")))  # the one line
+    d = GaussianDiffusion(BETAS)
+    model = GaussianOracle(BETAS, M, S)
+    got = run_sampler("euler", d, model, _x_T(64), steps=10, spacing="quad", clip_denoised=False)
+    want = ddim(d, model, _x_T(64), steps=10, spacing="quad", clip_denoised=False)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="sampler 'euler' takes no option 'eta'"):
+        run_sampler("euler", d, model, _x_T(4), steps=10, eta=0.0)
 
 
 # ------------------------------------------------------------------------------------- moments on the oracle
@@ -300,13 +383,13 @@ def test_samplers_share_one_signature_and_clip_only_when_asked():
     d = GaussianDiffusion(BETAS)
     model = GaussianOracle(BETAS, 0.9, 0.5, "eps")  # data beyond [-1, 1] a quarter of the time
     x_T = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0))
-    for name, sampler in SAMPLERS.items():
+    for name in SAMPLERS:
         steps = None if name == "ancestral" else 5
         for clip in (True, False):
             gens = [torch.Generator().manual_seed(i) for i in range(64)]  # one generator per sample
             pred = []
-            x = sampler(d, model, x_T, steps=steps, generator=gens, clip_denoised=clip, progress=False,
-                        callback=lambda t, x_t, x0, pred=pred: pred.append(x0.abs().max().item()), t_start=None)
+            x = run_sampler(name, d, model, x_T, steps=steps, generator=gens, clip_denoised=clip, progress=False,
+                            callback=lambda t, x_t, x0, pred=pred: pred.append(x0.abs().max().item()), t_start=None)
             assert x.shape == x_T.shape and len(pred) == (steps or 1000), name
             assert (x.abs().max().item() <= 1.0) == clip and (max(pred) <= 1.0) == clip, (name, clip)
 
@@ -421,7 +504,7 @@ def test_edit_small_t_keeps_the_image_and_large_t_forgets_it():
     image = torch.full((2000, 2), -0.6, dtype=torch.float64)
     near = edit(d, model, image, 5, generator=torch.Generator().manual_seed(0), clip_denoised=False)
     assert (near - image).abs().mean().item() < 0.06  # measured 0.034: the noise of 6 steps
-    far = edit(d, model, image, 999, sampler=ddim, steps=50, generator=torch.Generator().manual_seed(0),
+    far = edit(d, model, image, 999, sampler="ddim", steps=50, generator=torch.Generator().manual_seed(0),
                clip_denoised=False)
     _assert_moments(far, *ddim_moments(timestep_subset(1000, 50), 0.0))  # a fresh DDIM-50 sample
 

@@ -13,7 +13,8 @@ import torch
 from ddpm.checkpoint import latest_checkpoint, load_checkpoint
 from ddpm.cli import main
 from ddpm.config import apply_overrides, preset
-from ddpm.train import Trainer, TrainingError, load_run
+from ddpm.run import load_run
+from ddpm.train import Trainer, TrainingError
 
 TINY_SETS = ["model.ch=32", "model.ch_mult=1,2", "model.attn_resolutions=4", "diffusion.num_timesteps=40",
              "train.sample_every=0", "train.warmup=2", "train.batch_size=16", "train.log_every=1"]

@@ -14,7 +14,7 @@ def __getattr__(name: str):
 
         return UNet
     if name == "load_run":
-        from ddpm.train import load_run
+        from ddpm.run import load_run
 
         return load_run
     raise AttributeError(f"module 'ddpm' has no attribute {name!r}")

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 EXIT_USAGE = 2
-SPACINGS = ("uniform", "quad")  # ddpm.sampling.SPACINGS, spelled here so that parsing imports no torch
-PRECISIONS = ("fp32", "bf16", "fp16")  # ddpm.train.AMP_DTYPES
+SPACINGS = ("uniform", "quad", "logsnr")  # ddpm.sampling.SPACINGS, spelled here so that parsing imports no torch
+PRECISIONS = ("fp32", "bf16", "fp16")  # ddpm.run.AMP_DTYPES
 PRECISION_HELP = "the network's precision: autocast to bf16 (CPU or GPU) or fp16 (GPU); the sampler stays float32"
 COMPILE_HELP = "torch.compile the network, on a GPU as CUDA graphs (minutes of compilation first; no gain on a CPU)"
 
@@ -40,7 +40,7 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
 
     from ddpm.generate import SampleOptions, assemble, generate_to_parts
-    from ddpm.train import init_distributed, load_run, resolve_device
+    from ddpm.run import init_distributed, load_run, resolve_device
 
     d = init_distributed(args.device)
     device = resolve_device(args.device)
@@ -75,7 +75,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from ddpm import evaluate
-    from ddpm.train import load_run, resolve_device
+    from ddpm.run import load_run, resolve_device
 
     device = resolve_device(args.device)
     out_dir = Path(args.out) if args.out else Path(args.run) / "eval"
@@ -98,7 +98,7 @@ def _eval_fid(args: argparse.Namespace, out_dir: Path, device) -> int:
     if args.samples:
         samples_path = Path(args.samples)
     else:
-        from ddpm.train import load_run
+        from ddpm.run import load_run
 
         if not args.run:
             raise ValueError("ddpm eval fid needs --run RUN_DIR or --samples FILE.npz")
@@ -143,7 +143,7 @@ def _asdict(obj) -> dict:
 def _interpolate(args: argparse.Namespace) -> int:
     from ddpm import evaluate
     from ddpm.data import read_image
-    from ddpm.train import load_run, resolve_device
+    from ddpm.run import load_run, resolve_device
 
     device = resolve_device(args.device)
     run = load_run(args.run, device=device)
@@ -166,7 +166,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from ddpm.convert import export_diffusers, scheduler_config_for
-    from ddpm.train import load_run
+    from ddpm.run import load_run
 
     if args.to != "diffusers":
         raise ValueError(f"--to must be diffusers; got {args.to}")
@@ -181,24 +181,24 @@ def _inpaint_or_edit(args: argparse.Namespace) -> int:
 
     from ddpm.data import read_image, to_model_range
     from ddpm.images import save_grid
-    from ddpm.sampling import SAMPLERS, edit, inpaint
-    from ddpm.train import derived_seed, load_run, resolve_device
+    from ddpm.run import load_run, resolve_device, sample_generator
+    from ddpm.sampling import check_sampler, edit, inpaint
 
     device = resolve_device(args.device)
+    if args.command == "edit":
+        check_sampler(args.sampler, args.steps)
     run = load_run(args.run, device=device)
     m = run.config.model
     image = to_model_range(read_image(args.image, m.resolution, m.in_channels))[None].to(device)
     x = image.expand(args.n, -1, -1, -1)
-    gens = [torch.Generator(device=device).manual_seed(derived_seed(args.seed, args.command, i)) for i in range(args.n)]
-    model = run.model if m.num_classes is None else (lambda x_, t_: run.model(x_, t_, None))
+    gens = sample_generator(args.seed, args.command, range(args.n), device)
+    model = run.conditioned(batch=args.n)  # class-conditional runs: the null label
     if args.command == "inpaint":
         mask = read_image(args.mask, m.resolution, 1).to(device).float()[None] / 255.0  # white = known
         mask = (mask > 0.5).to(x.dtype).expand(args.n, m.in_channels, -1, -1)
         out = inpaint(run.diffusion, model, x, mask, generator=gens, resample=args.resample)
     else:
-        if args.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        out = edit(run.diffusion, model, x, args.t, sampler=SAMPLERS[args.sampler], steps=args.steps, generator=gens)
+        out = edit(run.diffusion, model, x, args.t, sampler=args.sampler, steps=args.steps, generator=gens)
     path = save_grid(torch.cat([image, out]), args.out, nrow=args.n + 1)
     print(f"wrote {path}: the input, then {args.n} results")
     return 0
@@ -237,9 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--sampler", default="ancestral")
     s.add_argument("--steps", type=int, help="network evaluations for the fast samplers")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM's eta")
-    s.add_argument("--spacing", choices=SPACINGS, default="uniform",
-                   help="ddim and respaced: timesteps evenly spaced, or quadratically (denser near t = 0)")
+    s.add_argument("--eta", type=float, help="DDIM's eta (default 0: deterministic)")
+    s.add_argument("--spacing", choices=SPACINGS,
+                   help="the timestep grid: ddim and respaced take uniform (their default) or quad (denser near "
+                        "t = 0); dpmpp2m runs on logsnr")
     s.add_argument("--class", dest="class_label", type=int, help="class to draw (class-conditional runs)")
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     s.add_argument("--raw-weights", action="store_true", help="use the raw trained weights instead of the EMA")
@@ -269,8 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--features", choices=["inception", "digits"], default="inception")
     e.add_argument("--sampler", default="ancestral")
     e.add_argument("--steps", type=int)
-    e.add_argument("--eta", type=float, default=0.0)
-    e.add_argument("--spacing", choices=SPACINGS, default="uniform")
+    e.add_argument("--eta", type=float)
+    e.add_argument("--spacing", choices=SPACINGS)
     e.add_argument("--compile", action="store_true", help="fid: " + COMPILE_HELP)
     e.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fid: " + PRECISION_HELP)
     e.add_argument("--device", default="auto")

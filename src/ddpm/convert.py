@@ -13,6 +13,7 @@ import torch
 
 from ddpm.checkpoint import CheckpointError, safe_torch_load
 from ddpm.nn import UNet
+from ddpm.run import save_run
 
 DIFFUSERS_VERSION = "0.30.0"  # the config format written; any later diffusers reads it
 
@@ -377,7 +378,6 @@ def write_run(source: str | Path, run_dir: str | Path, preset_name: str | None =
     """Convert released weights into a run directory (config.json + a checkpoint whose raw and EMA weights
     are both the file's), so `ddpm sample` and the evaluations work on it unchanged. The diffusion settings
     come from the preset: fixedlarge for CIFAR-10, fixedsmall for the 256x256 models."""
-    from ddpm.checkpoint import save_checkpoint
     from ddpm.config import preset
 
     source, run_dir = Path(source), Path(run_dir)
@@ -395,9 +395,5 @@ def write_run(source: str | Path, run_dir: str | Path, preset_name: str | None =
     cfg.model.resolution = c["resolution"]
     if c["out_channels"] == 2 * c["in_channels"]:
         cfg.diffusion.var_type, cfg.diffusion.loss_type = "learned_range", "hybrid"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.json")
-    sd = model.state_dict()
-    tensors = {f"model/{k}": v for k, v in sd.items()} | {f"ema/{k}": v for k, v in sd.items()}
-    state = {"format": 1, "step": step, "config": cfg.to_dict(), "optimizer": None, "converted_from": str(source)}
-    return save_checkpoint(run_dir / "checkpoints", step, tensors, state, keep=1)
+    sd = model.state_dict()  # both the raw and the EMA weights are the file's
+    return save_run(run_dir, cfg, step, sd, sd, extra={"converted_from": str(source)}, keep=1, write_config=True)

@@ -24,7 +24,6 @@ from ddpm.likelihood import (
 from ddpm.schedule import parse_enum
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Generator = torch.Generator | list[torch.Generator] | None
 
 
 class MeanType(str, Enum):
@@ -55,14 +54,38 @@ class PMeanVariance:
     pred_x0: torch.Tensor
 
 
+class StackedGenerator:
+    """One torch.Generator per sample (EDM's stacked random generator): row i of every draw comes from
+    generator i alone, so a sample's noise does not depend on the batch it is drawn in."""
+
+    def __init__(self, generators: list[torch.Generator]):
+        self.generators = list(generators)
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, shape: tuple[int, ...], device=None, dtype=torch.float32) -> torch.Tensor:
+        """N(0, I) noise [B, ...] with B = len(self); each row drawn on its generator's device, then moved."""
+        if len(self.generators) != shape[0]:
+            raise ValueError(f"got {len(self.generators)} generators for a batch of {shape[0]}")
+        rows = [torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in self.generators]
+        out = torch.stack(rows)
+        return out if device is None else out.to(device)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn(tuple(x.shape), x.device, x.dtype)
+
+
+Generator = torch.Generator | StackedGenerator | list[torch.Generator] | None
+
+
 def randn(shape: tuple[int, ...], generator: Generator, device, dtype=torch.float32) -> torch.Tensor:
-    """Standard normal noise [B, ...]. With a list of B generators, row i comes from generator i alone, so a
-    sample's noise does not depend on the batch it is drawn in."""
+    """Standard normal noise [B, ...] from one generator, or per sample from a `StackedGenerator` (a plain
+    list of B generators is taken as one)."""
     if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        rows = [torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in generator]
-        return torch.stack(rows).to(device)
+        generator = StackedGenerator(generator)
+    if isinstance(generator, StackedGenerator):
+        return generator.randn(shape, device, dtype)
     if generator is not None and generator.device != torch.device(device):
         return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
@@ -269,7 +292,8 @@ class GaussianDiffusion:
         if device is None:
             device = _model_device(model)
         x_T = randn(tuple(shape), generator, device)
-        return ancestral(self, model, x_T, generator=generator, clip_denoised=clip_denoised, progress=progress)
+        return ancestral(self, model, x_T, list(range(self.num_timesteps)), generator=generator,
+                         clip_denoised=clip_denoised, progress=progress)
 
     # ---------------------------------------------------------------- losses and likelihood
 

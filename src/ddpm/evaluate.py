@@ -12,11 +12,10 @@ from pathlib import Path
 import torch
 
 from ddpm.data import build_dataset, to_model_range
-from ddpm.diffusion import randn
 from ddpm.images import save_gif, save_grid
 from ddpm.likelihood import BpdResult, rate_distortion
-from ddpm.sampling import ancestral
-from ddpm.train import Run, derived_seed
+from ddpm.run import Run, sample_generator
+from ddpm.sampling import ancestral, timestep_grid
 
 
 def _plot(path: Path, xs, ys_list, labels, xlabel: str, ylabel: str, title: str, logy: bool = False) -> Path:
@@ -69,17 +68,9 @@ def bpd_of_images(run: Run, images_u8: torch.Tensor, batch_size: int = 64, seed:
         batches = tqdm(batches, desc="bits/dim batches")
     for s in batches:
         x0 = to_model_range(images_u8[s : s + batch_size]).to(device)
-        gens = [torch.Generator(device=device).manual_seed(derived_seed(seed, "bpd", i)) for i in range(s, s + x0.shape[0])]
-        results.append(run.diffusion.bpd(_conditional(run), x0, generator=gens))
+        gens = sample_generator(seed, "bpd", range(s, s + x0.shape[0]), device)
+        results.append(run.diffusion.bpd(run.conditioned(batch=x0.shape[0]), x0, generator=gens))
     return BpdResult(*(torch.cat([getattr(r, f) for r in results]).cpu() for f in ("total", "prior", "terms", "x0_mse")))
-
-
-def _conditional(run: Run):
-    """Class-conditional runs are evaluated unconditionally (the null label)."""
-    if run.config.model.num_classes is None:
-        return run.model
-    null = run.config.model.num_classes
-    return lambda x, t: run.model(x, t, torch.full((x.shape[0],), null, device=x.device, dtype=torch.long))
 
 
 def eval_bpd(run: Run, out_dir: str | Path, split: str = "test", n: int | None = None, batch_size: int = 64,
@@ -148,9 +139,10 @@ def progressive(run: Run, out_dir: str | Path, n: int = 8, seed: int = 0, frames
             shots[t] = pred_x0.detach().cpu()
 
     m = run.config.model
-    gens = [torch.Generator(device=device).manual_seed(derived_seed(seed, "sample", i)) for i in range(n)]
-    x_T = randn((n, m.in_channels, m.resolution, m.resolution), gens, device)
-    ancestral(run.diffusion, _conditional(run), x_T, generator=gens, callback=grab)
+    gens = sample_generator(seed, "sample", range(n), device)
+    x_T = gens.randn((n, m.in_channels, m.resolution, m.resolution), device)
+    ancestral(run.diffusion, run.conditioned(batch=n), x_T, timestep_grid(run.diffusion), generator=gens,
+              callback=grab)
     cols = [shots[t] for t in keep]
     strip = torch.stack(cols, 1).reshape(-1, *cols[0].shape[1:])  # [n * frames, C, H, W], row-major
     save_grid(strip, out / "progressive.png", nrow=len(keep))
@@ -176,14 +168,15 @@ def share_from(run: Run, out_dir: str | Path, ts: list[int], k: int = 4, seed: i
             stored[t] = x_t.detach().clone()
 
     m = run.config.model
-    g = [torch.Generator(device=device).manual_seed(derived_seed(seed, "share", 0))]
-    x_T = randn((1, m.in_channels, m.resolution, m.resolution), g, device)
-    model = _conditional(run)
-    ancestral(run.diffusion, model, x_T, generator=g, callback=grab)
+    g = sample_generator(seed, "share", [0], device)
+    x_T = g.randn((1, m.in_channels, m.resolution, m.resolution), device)
+    model = run.conditioned(batch=k)
+    ancestral(run.diffusion, model, x_T, timestep_grid(run.diffusion), generator=g, callback=grab)
     rows = []
     for t in sorted(ts, reverse=True):
-        gens = [torch.Generator(device=device).manual_seed(derived_seed(seed, f"share/{t}", i)) for i in range(k)]
-        rows.append(ancestral(run.diffusion, model, stored[t].expand(k, -1, -1, -1).clone(), generator=gens, t_start=t).cpu())
+        gens = sample_generator(seed, f"share/{t}", range(k), device)
+        x_t = stored[t].expand(k, -1, -1, -1).clone()
+        rows.append(ancestral(run.diffusion, model, x_t, timestep_grid(run.diffusion, t_start=t), generator=gens).cpu())
     save_grid(torch.cat(rows), out / "share_from.png", nrow=k)
     info = {"run": str(run.path), "step": run.step, "timesteps": sorted(ts, reverse=True), "k": k, "seed": seed}
     _write_json(out / "share_from.json", info)
@@ -202,13 +195,14 @@ def interpolate(run: Run, out_dir: str | Path, a_u8: torch.Tensor, b_u8: torch.T
         raise ValueError(f"--t must lie in 0..{T - 1}; got {t}")
     x0 = to_model_range(torch.stack([a_u8, b_u8])).to(device)
     tt = torch.full((2,), t, device=device, dtype=torch.long)
-    enc = [torch.Generator(device=device).manual_seed(derived_seed(seed, "encode", 0))]
-    noise = randn((1, *x0.shape[1:]), enc, device).expand(2, -1, -1, -1)
+    enc = sample_generator(seed, "encode", [0], device)
+    noise = enc.randn((1, *x0.shape[1:]), device).expand(2, -1, -1, -1)
     x_t = run.diffusion.q_sample(x0, tt, noise)
     lams = torch.linspace(0, 1, steps, device=device)
     latents = (1 - lams)[:, None, None, None] * x_t[0] + lams[:, None, None, None] * x_t[1]
-    gens = [torch.Generator(device=device).manual_seed(derived_seed(seed, "decode", 0)) for _ in range(steps)]
-    decoded = ancestral(run.diffusion, _conditional(run), latents, generator=gens, t_start=t).cpu()
+    gens = sample_generator(seed, "decode", [0] * steps, device)  # the same reverse noise at every lambda
+    decoded = ancestral(run.diffusion, run.conditioned(batch=steps), latents, timestep_grid(run.diffusion, t_start=t),
+                        generator=gens).cpu()
     save_grid(torch.cat([x0.cpu()[:1], decoded, x0.cpu()[1:]]), out / "interpolation.png", nrow=steps + 2)
     rec_err = [float((decoded[0] - x0[0].cpu()).pow(2).mean().sqrt() * 127.5),
                float((decoded[-1] - x0[1].cpu()).pow(2).mean().sqrt() * 127.5)]

@@ -19,21 +19,33 @@ import torch
 
 from ddpm.images import save_grid, to_nhwc_uint8
 from ddpm.nn.compiled import compile_network
-from ddpm.sampling import SAMPLERS
-from ddpm.train import Run, amp_dtype, derived_seed
+from ddpm.run import Run, amp_dtype, sample_generator
+from ddpm.sampling import check_sampler, run_sampler
 
 
 @dataclass
 class SampleOptions:
     sampler: str = "ancestral"  # a name in ddpm.sampling.SAMPLERS
     steps: int | None = None  # network evaluations for the fast samplers (None: all T)
-    eta: float = 0.0  # DDIM's eta
-    spacing: str = "uniform"  # ddim and respaced: "uniform" or "quad" timesteps (ddpm.sampling.timestep_subset)
+    eta: float | None = None  # DDIM's eta (None: the sampler's default, 0)
+    spacing: str | None = None  # the timestep grid: uniform | quad | logsnr (None: the sampler's default)
     class_label: int | None = None  # class-conditional runs: the class to draw (None: unconditional)
     guidance: float = 1.0  # classifier-free guidance scale (1: plain conditional)
     clip_denoised: bool = True  # clip the predicted x_0 to [-1, 1] at every step, as the paper's sampler
     compile: bool = False  # torch.compile the network, CUDA graphs on a GPU (ddpm.nn.compiled)
     precision: str = "fp32"  # the network's: fp32, or bf16 / fp16 autocast (the sampler's arithmetic stays float32)
+
+    def sampler_options(self) -> dict:
+        """The options given for the sampler itself (those left at None are not passed)."""
+        return {} if self.eta is None else {"eta": self.eta}
+
+
+def check_options(run: Run, opts: SampleOptions, device: torch.device) -> None:
+    """Refuse, before any work, a sampler option the sampler does not take, a class or guidance the run
+    cannot use, or a precision the device cannot run (ValueError / ConfigError naming the option)."""
+    check_sampler(opts.sampler, opts.steps, opts.spacing, opts.sampler_options())
+    run.conditioned(opts.class_label, opts.guidance)
+    amp_dtype(opts.precision, device, "precision")
 
 
 def with_precision(net: Callable, precision: str, device: torch.device) -> Callable:
@@ -50,54 +62,21 @@ def with_precision(net: Callable, precision: str, device: torch.device) -> Calla
     return call
 
 
-def sample_generators(seed: int, indices: range, device: torch.device) -> list[torch.Generator]:
-    """One generator per sample index: sample i's noise depends on (seed, i) alone."""
-    return [torch.Generator(device=device).manual_seed(derived_seed(seed, "sample", i)) for i in indices]
-
-
-def model_for(run: Run, opts: SampleOptions, batch: int, device: torch.device, net: Callable | None = None
-              ) -> Callable:
-    """The callable the sampler sees: the run's model (or `net`, a compiled or low-precision form of it),
-    conditioned and guided as asked."""
-    m = run.config.model
-    net = run.model if net is None else net
-    if m.num_classes is None:
-        if opts.class_label is not None:
-            raise ValueError(f"--class needs a class-conditional run; {run.path} was trained without labels")
-        return net
-    label = m.num_classes if opts.class_label is None else opts.class_label
-    if not 0 <= label <= m.num_classes:
-        raise ValueError(f"--class must lie in 0..{m.num_classes - 1}; got {opts.class_label}")
-    y = torch.full((batch,), label, device=device, dtype=torch.long)
-    if opts.class_label is None or opts.guidance == 1.0:
-        return lambda x, t: net(x, t, y[: x.shape[0]])
-    from ddpm.guidance import guided_model
-
-    return guided_model(net, y, opts.guidance, null_label=m.num_classes)
-
-
 def sample_batch(run: Run, indices: range, seed: int, opts: SampleOptions, device: torch.device,
                  progress: bool = False, callback=None, net: Callable | None = None) -> torch.Tensor:
     """Samples [len(indices), C, H, W] in [-1, 1] for the given global sample indices. `net`: the network to
     call instead of run.model (generate_to_parts passes the compiled one once for all its batches)."""
-    if opts.sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {opts.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    check_options(run, opts, device)
     m = run.config.model
-    gens = sample_generators(seed, indices, device)
-    from ddpm.diffusion import randn
-
-    x_T = randn((len(indices), m.in_channels, m.resolution, m.resolution), gens, device)
-    kwargs = {"eta": opts.eta} if opts.sampler == "ddim" else {}
-    if opts.sampler in ("ddim", "respaced"):
-        kwargs["spacing"] = opts.spacing
-    elif opts.spacing != "uniform":
-        raise ValueError(f"spacing {opts.spacing!r} applies to the ddim and respaced samplers, not {opts.sampler!r}")
-    fn = SAMPLERS[opts.sampler]
+    gens = sample_generator(seed, "sample", indices, device)
+    x_T = gens.randn((len(indices), m.in_channels, m.resolution, m.resolution), device)
     if net is None and opts.compile:
         net = compile_network(run.model, sampling=True)
     net = with_precision(run.model if net is None else net, opts.precision, device)
-    return fn(run.diffusion, model_for(run, opts, len(indices), device, net), x_T, steps=opts.steps, generator=gens,
-              clip_denoised=opts.clip_denoised, progress=progress, callback=callback, **kwargs)
+    model = run.conditioned(opts.class_label, opts.guidance, len(indices), net)
+    return run_sampler(opts.sampler, run.diffusion, model, x_T, steps=opts.steps, spacing=opts.spacing,
+                       generator=gens, clip_denoised=opts.clip_denoised, progress=progress, callback=callback,
+                       **opts.sampler_options())
 
 
 def _parts_dir(out: Path) -> Path:
@@ -120,6 +99,7 @@ def generate_to_parts(run: Run, n: int, out: str | Path, seed: int = 0, batch_si
     skipping parts already there. Returns the parts folder."""
     opts = opts or SampleOptions()
     device = torch.device(device)
+    check_options(run, opts, device)
     parts = _parts_dir(Path(out))
     parts.mkdir(parents=True, exist_ok=True)
     batches = [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]

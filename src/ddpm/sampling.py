@@ -1,19 +1,25 @@
-"""Samplers: free functions with one signature.
+"""Timestep grids, and samplers as free functions with one signature, each receiving its grid:
 
-    sampler(diffusion, model, x_T, *, steps=None, generator=None, clip_denoised=True, progress=False,
-            callback=None, t_start=None) -> x_0
+    sampler(diffusion, model, x_T, timesteps, *, generator=None, clip_denoised=True, progress=False,
+            callback=None, **its own options) -> x_0
 
-x_T [B, ...] is the starting noise (or, with `t_start`, a latent at timestep t_start: the reverse process
-then starts there, which editing and the shared-latent figures use). `steps` is the number of network
-evaluations (None: every timestep). `generator` (one torch.Generator, or a list with one per sample so that a
-sample does not depend on its batch) draws the noise of each step. `callback(t, x_t, pred_x0)` sees every
-step. Samplers run under torch.inference_mode. Timesteps are 0-based, as in `ddpm.diffusion`.
+`timesteps` is an ascending list of 0-based timesteps (`timestep_grid` builds one: every step, uniform,
+quadratic or log-SNR spacing, from `t_start`); the reverse process starts at x_T [B, ...], a latent at
+timesteps[-1] (pure noise when that is T - 1; editing and the shared-latent figures start lower), and steps
+down through the grid to the clean data. Each grid point is one network evaluation. `generator` (one
+torch.Generator, or a `StackedGenerator` with one per sample so that a sample does not depend on its batch)
+draws the noise of each step. `callback(t, x_t, pred_x0)` sees every step. Samplers run under
+torch.inference_mode.
+
+`SAMPLERS` says which grids and options each sampler takes; `run_sampler` builds the grid and refuses an
+option that the sampler does not take. A new sampler is one function and one line in that table.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -25,7 +31,7 @@ Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 # ---------------------------------------------------------------------------------------------- shared pieces
 
 
-SPACINGS = ("uniform", "quad")
+SPACINGS = ("uniform", "quad", "logsnr")  # timestep_grid's spacings
 
 
 def timestep_subset(num_timesteps: int, steps: int | None, t_start: int | None = None,
@@ -36,7 +42,7 @@ def timestep_subset(num_timesteps: int, steps: int | None, t_start: int | None =
     quad: t_i = round((i / (steps - 1))^2 t_start), denser near t = 0 (the DDIM paper's CIFAR-10 choice), where
     values that round alike are pushed up by one so all stay distinct. One step keeps t_start alone;
     steps=None keeps every timestep."""
-    if spacing not in SPACINGS:
+    if spacing not in ("uniform", "quad"):  # logsnr needs the schedule: timestep_grid
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
     top = num_timesteps - 1 if t_start is None else int(t_start)
     if not 0 <= top < num_timesteps:
@@ -77,6 +83,15 @@ def logsnr_subset(diffusion: GaussianDiffusion, steps: int | None, t_start: int 
     below = (picked - 1).clamp(min=0)
     nearer = torch.where((lam[below] - targets).abs() < (lam[picked] - targets).abs(), below, picked)
     return _distinct(nearer.tolist(), kept[-1])  # near t = 0 several targets share a timestep
+
+
+def timestep_grid(diffusion: GaussianDiffusion, steps: int | None = None, spacing: str = "uniform",
+                  t_start: int | None = None) -> list[int]:
+    """The ascending timesteps a sampler visits: every timestep 0..t_start (steps None), or `steps` of them
+    spaced "uniform" / "quad" (`timestep_subset`) or evenly in log-SNR ("logsnr", `logsnr_subset`)."""
+    if spacing == "logsnr":
+        return logsnr_subset(diffusion, steps, t_start)
+    return timestep_subset(diffusion.num_timesteps, steps, t_start, spacing)
 
 
 def _progress(seq, progress: bool, desc: str):
@@ -122,16 +137,36 @@ def _full(x: torch.Tensor, t: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- samplers
 
 
+def _every_timestep(timesteps: list[int]) -> bool:
+    return list(timesteps) == list(range(len(timesteps)))
+
+
 @torch.inference_mode()
-def ancestral(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, *, steps: int | None = None,
+def ancestral(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, timesteps: list[int], *,
               generator: Generator = None, clip_denoised: bool = True, progress: bool = False,
-              callback: Callback | None = None, t_start: int | None = None) -> torch.Tensor:
-    """Algorithm 2 of the paper, over every timestep (`steps` must be None or all of them; see `respaced`)."""
-    ts = timestep_subset(diffusion.num_timesteps, None, t_start)
-    if steps is not None and steps != len(ts):
-        raise ValueError(f"ancestral sampling runs all {len(ts)} steps; use 'respaced' or 'ddim' for steps={steps}")
+              callback: Callback | None = None) -> torch.Tensor:
+    """Algorithm 2 of the paper over `timesteps` t_1 < ... < t_S.
+
+    Every timestep 0..t_S: the paper's sampler on the diffusion's own tables. A subset: improved DDPM's
+    respacing (sec. 4): the kept timesteps define a shorter process with beta_i = 1 - abar_{t_i} / abar_{t_{i-1}}
+    (`respace`), whose own tables give the posterior and the variances (fixedlarge, fixedsmall and the
+    learned_range bounds), so each step goes to the previous kept timestep, never to t - 1; the model is
+    called with the original timesteps t_i."""
+    if not _every_timestep(timesteps):
+        short = respace(diffusion, list(timesteps))
+        index = torch.tensor(list(timesteps), device=x_T.device)
+
+        def on_original_t(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+            return model(x, index[i])
+
+        def report(i: int, x: torch.Tensor, pred_x0: torch.Tensor) -> None:
+            callback(timesteps[i], x, pred_x0)
+
+        return ancestral(short, on_original_t, x_T, list(range(len(timesteps))), generator=generator,
+                         clip_denoised=clip_denoised, progress=progress,
+                         callback=report if callback is not None else None)
     x = x_T  # line 1: x_T ~ N(0, I), drawn by the caller
-    for i in _progress(reversed(ts), progress, "sampling"):  # line 2: for t = T, ..., 1
+    for i in _progress(reversed(timesteps), progress, "sampling"):  # line 2: for t = T, ..., 1
         x_prev, pred_x0 = _p_sample(diffusion, model, x, i, generator, clip_denoised)  # lines 3-4
         if callback is not None:
             callback(i, x, pred_x0)
@@ -149,46 +184,19 @@ def respace(diffusion: GaussianDiffusion, kept: list[int]) -> GaussianDiffusion:
 
 
 @torch.inference_mode()
-def respaced(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, *, steps: int | None = None,
-             generator: Generator = None, clip_denoised: bool = True, progress: bool = False,
-             callback: Callback | None = None, t_start: int | None = None, spacing: str = "uniform") -> torch.Tensor:
-    """Ancestral sampling on `steps` timesteps t_1 < ... < t_S (improved DDPM sec. 4), evenly spaced or
-    quadratically (`spacing`, see `timestep_subset`).
-
-    The kept timesteps define a shorter process with beta_i = 1 - abar_{t_i} / abar_{t_{i-1}} (`respace`); its
-    own tables give the posterior and the variances (fixedlarge, fixedsmall and the learned_range bounds), so
-    each step goes to the previous kept timestep, never to t - 1. The model is called with the original
-    timestep values t_i. steps = T is exactly `ancestral`."""
-    kept = timestep_subset(diffusion.num_timesteps, steps, t_start, spacing)
-    short = respace(diffusion, kept)
-    index = torch.tensor(kept, device=x_T.device)
-
-    def on_original_t(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-        return model(x, index[i])
-
-    def report(i: int, x: torch.Tensor, pred_x0: torch.Tensor) -> None:
-        callback(kept[i], x, pred_x0)
-
-    return ancestral(short, on_original_t, x_T, generator=generator, clip_denoised=clip_denoised, progress=progress,
-                     callback=report if callback is not None else None)
-
-
-@torch.inference_mode()
-def ddim(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, *, steps: int | None = None,
+def ddim(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, timesteps: list[int], *,
          generator: Generator = None, clip_denoised: bool = True, progress: bool = False,
-         callback: Callback | None = None, t_start: int | None = None, eta: float = 0.0,
-         spacing: str = "uniform") -> torch.Tensor:
-    """DDIM (Song et al. 2021) on `steps` timesteps, evenly or quadratically spaced (`spacing`, see
-    `timestep_subset`); from t to the previous kept s (eq. 12):
+         callback: Callback | None = None, eta: float = 0.0) -> torch.Tensor:
+    """DDIM (Song et al. 2021) over `timesteps`; from t to the previous grid point s (eq. 12):
 
         x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z,
         sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)          (eq. 16)
 
-    with abar = 1 after the last kept step. eta = 0 is deterministic (over all T steps, the probability-flow
+    with abar = 1 after the last grid point. eta = 0 is deterministic (over all T steps, the probability-flow
     ODE's discretisation); eta = 1 over every timestep is ancestral sampling with the posterior variance
     (fixedsmall). x0_hat and eps_hat come from any mean_type; with clip_denoised, x0_hat is clipped to [-1, 1]
     and eps_hat recomputed from it."""
-    kept = timestep_subset(diffusion.num_timesteps, steps, t_start, spacing)
+    kept = list(timesteps)
     x = x_T
     for j in _progress(range(len(kept) - 1, -1, -1), progress, "ddim"):  # eq. 12 from t = kept[j] to s
         t, s = kept[j], (kept[j - 1] if j > 0 else -1)
@@ -205,18 +213,18 @@ def ddim(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, *, steps
 
 
 @torch.inference_mode()
-def dpmpp2m(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, *, steps: int | None = None,
+def dpmpp2m(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, timesteps: list[int], *,
             generator: Generator = None, clip_denoised: bool = True, progress: bool = False,
-            callback: Callback | None = None, t_start: int | None = None) -> torch.Tensor:
+            callback: Callback | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): second-order multistep in the data prediction.
 
     With alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t) and
     h_i = lambda_{t_i} - lambda_{t_{i-1}}, r_i = h_{i-1} / h_i, D_i = x0_hat at t_{i-1}:
         x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D,
         D = (1 + 1 / (2 r_i)) D_i - (1 / (2 r_i)) D_{i-1}   (D = D_i on the first step, first order)
-    The last step lands on the clean data (sigma = 0) with first order: x_0 = D_i. Timesteps evenly spaced in
-    log-SNR (`logsnr_subset`), each a network evaluation. Deterministic: `generator` is unused."""
-    kept = logsnr_subset(diffusion, steps, t_start)
+    The last step lands on the clean data (sigma = 0) with first order: x_0 = D_i. Its grid is evenly spaced
+    in log-SNR (`logsnr_subset`), each point a network evaluation. Deterministic: `generator` is unused."""
+    kept = list(timesteps)
 
     def alpha_sigma_lambda(t: int) -> tuple[float, float, float]:
         a = _abar(diffusion, t)
@@ -246,12 +254,60 @@ def dpmpp2m(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, *, st
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "ancestral": ancestral,
-    "respaced": respaced,
-    "ddim": ddim,
-    "dpmpp2m": dpmpp2m,
+# ---------------------------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler's row in `SAMPLERS`: its function, the grid spacings it runs on (its default first; none:
+    every timestep only, so it takes no `steps`), and the names of its own keyword options."""
+
+    fn: Callable[..., torch.Tensor]
+    spacings: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "ancestral": Sampler(ancestral),  # the paper's Algorithm 2, every timestep
+    "respaced": Sampler(ancestral, ("uniform", "quad")),  # Algorithm 2 on a subset (improved DDPM)
+    "ddim": Sampler(ddim, ("uniform", "quad"), ("eta",)),  # DDIM; eta = 0 deterministic
+    "dpmpp2m": Sampler(dpmpp2m, ("logsnr",)),  # DPM-Solver++(2M)
 }
+
+
+def check_sampler(name: str, steps: int | None = None, spacing: str | None = None,
+                  options: dict | None = None) -> Sampler:
+    """The table row of `name`, refusing (ValueError, naming the sampler and the option) what it does not take."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    spec = SAMPLERS[name]
+    if spacing is not None and spacing not in spec.spacings:
+        takers = sorted(n for n, s in SAMPLERS.items() if spacing in s.spacings)
+        if not takers:
+            raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+        plural = "samplers" if len(takers) > 1 else "sampler"
+        raise ValueError(f"spacing {spacing!r} applies to the {' and '.join(takers)} {plural}, not {name!r}")
+    if steps is not None and not spec.spacings:
+        raise ValueError(f"{name} sampling runs all timesteps; use 'respaced' or 'ddim' for steps={steps}")
+    for key in options or {}:
+        if key not in spec.options:
+            takers = sorted(n for n, s in SAMPLERS.items() if key in s.options)
+            where = f" (only {', '.join(takers)} takes it)" if takers else ""
+            raise ValueError(f"sampler {name!r} takes no option {key!r}{where}")
+    return spec
+
+
+def run_sampler(name: str, diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, *,
+                steps: int | None = None, spacing: str | None = None, t_start: int | None = None,
+                generator: Generator = None, clip_denoised: bool = True, progress: bool = False,
+                callback: Callback | None = None, **options) -> torch.Tensor:
+    """Sampler `name` from x_T on its grid: `steps` network evaluations (None: every timestep) with
+    `spacing` (None: the sampler's default) over 0..t_start (default T - 1); `options` are its own
+    (`SAMPLERS[name].options`)."""
+    spec = check_sampler(name, steps, spacing, options)
+    grid = timestep_grid(diffusion, steps, spacing or (spec.spacings or ("uniform",))[0], t_start)
+    return spec.fn(diffusion, model, x_T, grid, generator=generator, clip_denoised=clip_denoised, progress=progress,
+                   callback=callback, **options)
 
 
 # ---------------------------------------------------------------------------------------------- conditioning
@@ -292,14 +348,15 @@ def inpaint(diffusion: GaussianDiffusion, model: Model, x_known: torch.Tensor, m
 
 
 @torch.inference_mode()
-def edit(diffusion: GaussianDiffusion, model: Model, x0: torch.Tensor, t_edit: int, *,
-         sampler: Callable[..., torch.Tensor] = ancestral, steps: int | None = None, generator: Generator = None,
-         clip_denoised: bool = True, progress: bool = False) -> torch.Tensor:
+def edit(diffusion: GaussianDiffusion, model: Model, x0: torch.Tensor, t_edit: int, *, sampler: str = "ancestral",
+         steps: int | None = None, generator: Generator = None, clip_denoised: bool = True,
+         progress: bool = False, **options) -> torch.Tensor:
     """Edit an image (SDEdit, Meng et al. 2022): x0 [B, ...] in [-1, 1] is noised to t_edit with q(x_t | x_0)
-    (DDPM eq. 4), then the chosen sampler runs the reverse process from there (`t_start = t_edit`;
+    (DDPM eq. 4), then the named sampler (`SAMPLERS`) runs the reverse process from there (`t_start = t_edit`;
     `steps` counts the timesteps in 0..t_edit). Small t_edit keeps the image; T - 1 forgets it."""
     if not 0 <= t_edit < diffusion.num_timesteps:
         raise ValueError(f"t_edit must lie in 0..{diffusion.num_timesteps - 1}; got {t_edit}")
+    check_sampler(sampler, steps, None, options)
     x_t = diffusion.q_sample(x0, _full(x0, t_edit), _noise(x0, generator))
-    return sampler(diffusion, model, x_t, steps=steps, generator=generator, clip_denoised=clip_denoised,
-                   progress=progress, t_start=t_edit)
+    return run_sampler(sampler, diffusion, model, x_t, steps=steps, t_start=t_edit, generator=generator,
+                       clip_denoised=clip_denoised, progress=progress, **options)

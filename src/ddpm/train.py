@@ -1,5 +1,6 @@
 """Trainer: the paper's training loop (Adam, warm-up, gradient clipping, EMA), checkpoints, exact resume,
-signals, non-finite steps, and DistributedDataParallel under torchrun; plus `load_run` for scripts.
+signals, non-finite steps, and DistributedDataParallel under torchrun. The run's format, its builders and its
+seeds live in `ddpm.run`.
 
 Determinism: every random choice of step k (data order, flips, class dropout, t, noise, dropout) comes from
 generators seeded by (seed, k) and drawn for the whole global batch, each rank taking its slice. So a resumed
@@ -9,15 +10,12 @@ same t and noise.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,12 +25,23 @@ from torch import nn
 from ddpm import checkpoint as ckpt
 from ddpm.config import Config, ConfigError, diff_configs
 from ddpm.data import build_dataset, check_enough, to_model_range
-from ddpm.diffusion import GaussianDiffusion
-from ddpm.nn import UNet
 from ddpm.nn.compiled import compile_network
-from ddpm.schedule import beta_schedule
+from ddpm.run import (
+    DistInfo,
+    amp_dtype,
+    build_diffusion,
+    build_model,
+    checkpoint_contents,
+    conditioned,
+    derived_seed,
+    generator,
+    init_distributed,
+    resolve_device,
+    save_run,
+    split_state,
+    with_labels,
+)
 
-FORMAT_VERSION = 1
 # Changing these makes old weights or optimizer state meaningless for the run: refuse such a resume.
 INCOMPATIBLE_ON_RESUME = (
     "model.in_channels", "model.ch", "model.ch_mult", "model.num_res_blocks", "model.attn_resolutions",
@@ -47,25 +56,6 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite steps in a row, an incompatible resume); the message says why."""
 
 
-# ---------------------------------------------------------------------------------------------- builders
-
-
-def build_diffusion(cfg: Config) -> GaussianDiffusion:
-    d = cfg.diffusion
-    betas = beta_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
-    return GaussianDiffusion(betas, mean_type=d.mean_type, var_type=d.var_type, loss_type=d.loss_type)
-
-
-def build_model(cfg: Config) -> UNet:
-    m = cfg.model
-    out = 2 * m.in_channels if cfg.diffusion.var_type == "learned_range" else m.in_channels
-    return UNet(
-        in_channels=m.in_channels, ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
-        attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, resolution=m.resolution,
-        out_channels=out, num_classes=m.num_classes,
-    )
-
-
 def build_optimizer(params, lr: float, eps: float, device: torch.device) -> torch.optim.Adam:
     """Adam with its fused kernel (the whole update in one pass per parameter) on CUDA and on the CPU, the
     foreach implementation elsewhere. On the CPU the fused step of the CIFAR-10 network takes 26.5 ms against
@@ -73,40 +63,6 @@ def build_optimizer(params, lr: float, eps: float, device: torch.device) -> torc
     if device.type in ("cuda", "cpu"):
         return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
     return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
-
-
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def amp_dtype(precision: str, device: torch.device, field: str) -> torch.dtype | None:
-    """The autocast dtype of a precision name (None: float32, no autocast), refusing what `device` cannot run;
-    `field` names the setting in the error."""
-    if precision not in AMP_DTYPES:
-        raise ConfigError(f"{field} must be one of {', '.join(AMP_DTYPES)}; got {precision!r}")
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError(f"{field} fp16 needs a CUDA device (use bf16 on the CPU)")
-    return AMP_DTYPES[precision]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {name!r} but no CUDA device is available")
-    return dev
-
-
-def derived_seed(seed: int, purpose: str, step: int) -> int:
-    """A 63-bit seed for one purpose at one step: independent streams without any saved RNG state."""
-    digest = hashlib.blake2b(f"{seed}/{purpose}/{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def generator(seed: int, purpose: str, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(derived_seed(seed, purpose, step))
 
 
 @torch.no_grad()
@@ -123,34 +79,6 @@ def lr_at(cfg: Config, step: int) -> float:
     """Linear warm-up to train.lr over train.warmup steps (step 0 gets lr / warmup, not 0), then constant."""
     t = cfg.train
     return t.lr * min(1.0, (step + 1) / t.warmup) if t.warmup > 0 else t.lr
-
-
-# ---------------------------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_name: str) -> DistInfo:
-    """Join the torchrun process group when WORLD_SIZE > 1: NCCL on GPUs, gloo on CPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
-    if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and device_name != "cpu"
-        if use_cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistInfo(rank=rank, world=world, local_rank=local)
 
 
 # ---------------------------------------------------------------------------------------------- data order
@@ -212,7 +140,7 @@ class Trainer:
                  weights_only: bool = False, dist_info: DistInfo | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.dist = dist_info or init_distributed(cfg.train.device)
-        self.device = resolve_device(cfg.train.device)
+        self.device = resolve_device(cfg.train.device, "train.device")
         t = cfg.train
         per_rank, rem = divmod(t.batch_size, self.dist.world * t.grad_accum)
         if rem or per_rank < 1:
@@ -285,29 +213,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
-        tensors.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
-        opt_tensors, opt_skeleton = ckpt.flatten_state(self.opt.state_dict(), "optim")
-        tensors.update(opt_tensors)
-        state = {
-            "format": FORMAT_VERSION,
-            "step": self.step,
-            "config": self.cfg.to_dict(),
-            "optimizer": opt_skeleton,
+    def _contents(self) -> dict:
+        """The whole training state, as `ddpm.run.checkpoint_contents` takes it."""
+        extra = {
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "ema_updates": self.step,
             "bad_steps_total": self.bad_total,
             "rng": "every random stream is derived from (train.seed, step); nothing else to restore",
             "world_size": self.dist.world,
         }
-        return tensors, state
+        return dict(cfg=self.cfg, step=self.step, model=self.model.state_dict(), ema=self.ema.state_dict(),
+                    optimizer=ckpt.flatten_state(self.opt.state_dict(), "optim"), extra=extra)
+
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, state) that `save` writes."""
+        return checkpoint_contents(**self._contents())
 
     def save(self) -> Path | None:
+        """A checkpoint of the whole training state (rank 0 writes it; every rank waits for it)."""
         path = None
         if self.dist.main:
-            tensors, state = self.state_tensors()
-            path = ckpt.save_checkpoint(self.ckpt_dir, self.step, tensors, state, keep=self.cfg.train.keep_checkpoints)
+            path = save_run(self.run_dir, **self._contents(), keep=self.cfg.train.keep_checkpoints)
         if self.dist.world > 1:
             dist.barrier()
         return path
@@ -317,8 +243,7 @@ class Trainer:
         if path is None:
             raise TrainingError(f"--resume: no complete checkpoint in {self.ckpt_dir}")
         c = ckpt.load_checkpoint(path)
-        model_sd = {k[6:]: v for k, v in c.tensors.items() if k.startswith("model/")}
-        ema_sd = {k[4:]: v for k, v in c.tensors.items() if k.startswith("ema/")}
+        model_sd, ema_sd = split_state(c.tensors, "model"), split_state(c.tensors, "ema")
         missing = [name for name, sd in (("model", model_sd), ("ema", ema_sd)) if not sd]
         has_opt = any(k.startswith("optim/") for k in c.tensors) and c.state.get("optimizer") is not None
         if not has_opt and not weights_only:
@@ -366,7 +291,8 @@ class Trainer:
         lr = lr_at(self.cfg, self.step)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        torch.manual_seed(derived_seed(cfg.seed, f"dropout/{self.dist.rank}", self.step))
+        dropout_seed = derived_seed(cfg.seed, f"dropout/{self.dist.rank}", self.step)
+        torch.manual_seed(dropout_seed)  # the dropout masks of this step on this rank
         self.opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
@@ -374,7 +300,7 @@ class Trainer:
             sync = micro == cfg.grad_accum - 1 or self.dist.world == 1
             ctx = self.ddp.no_sync() if not sync and self.ddp is not None else _null()
             with ctx, torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                fn = self.net if y is None else (lambda x, tt, y=y: self.net(x, tt, y))
+                fn = self.net if y is None else with_labels(self.net, y)
                 loss = self.diffusion.training_losses(fn, x0, t=t, noise=noise).float().mean() / cfg.grad_accum
             self.scaler.scale(loss).backward()
             total += loss.detach()
@@ -483,7 +409,7 @@ class Trainer:
 
         n = n if self.cfg.model.resolution <= 32 else 16
         m = self.cfg.model
-        fn = self.ema if m.num_classes is None else _with_label(self.ema, torch.full((n,), m.num_classes, device=self.device))
+        fn = conditioned(self.ema, m.num_classes, batch=n, device=self.device)  # the null label: unconditional
         g = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
         rng_state = torch.get_rng_state()
         x = self.diffusion.sample(fn, (n, m.in_channels, m.resolution, m.resolution), generator=g, device=self.device)
@@ -499,43 +425,3 @@ class _null:
 
     def __exit__(self, *exc):
         return False
-
-
-def _with_label(model: nn.Module, y: torch.Tensor):
-    return lambda x, t: model(x, t, y[: x.shape[0]])
-
-
-# ---------------------------------------------------------------------------------------------- load_run
-
-
-@dataclass
-class Run:
-    """A trained run: `model` (EMA weights unless ema=False, eval mode), its `diffusion`, `config`, `step`."""
-
-    model: nn.Module
-    diffusion: GaussianDiffusion
-    config: Config
-    step: int
-    path: Path
-
-
-def load_run(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> Run:
-    """Load the newest complete checkpoint of a run directory. The sampler settings (schedule, variance type)
-    always come from the run's own configuration."""
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: {cfg_path} is missing")
-    cfg = Config.load(cfg_path)
-    path = ckpt.latest_checkpoint(run_dir / "checkpoints")
-    if path is None:
-        raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}")
-    c = ckpt.load_checkpoint(path)
-    prefix = "ema/" if ema else "model/"
-    sd = {k[len(prefix):]: v for k, v in c.tensors.items() if k.startswith(prefix)}
-    if not sd:
-        raise ckpt.CheckpointError(f"checkpoint {path} holds no {'EMA' if ema else 'raw'} weights")
-    model = build_model(cfg)
-    model.load_state_dict(sd)
-    model.to(device).eval().requires_grad_(False)
-    return Run(model=model, diffusion=build_diffusion(cfg), config=cfg, step=int(c.state["step"]), path=run_dir)
