@@ -1,5 +1,6 @@
 """The diffusion math against closed forms, the Gaussian oracle and diffusers' DDPMScheduler."""
 
+import dataclasses
 import math
 
 import pytest
@@ -412,3 +413,130 @@ def test_hybrid_loss_is_simple_plus_the_bound_and_trains_only_the_variance():
     assert v.grad.abs().min() > 0
     with pytest.raises(ValueError, match="learned_range"):
         GaussianDiffusion(BETAS, var_type="fixedlarge", loss_type="hybrid")
+
+
+# ------------------------------------------------------------------ the tables on a device
+
+SMALL_T = 3  # bpd runs all T steps: a short schedule keeps a hundred calls of every method cheap
+TABLE_CONFIGS = [(m, v, loss) for v in ("fixedlarge", "fixedsmall", "learned_range") for loss in ("simple", "kl", "hybrid")
+                 for m in PARAMS if loss != "hybrid" or v == "learned_range"]
+
+
+def _toy_model(learned: bool):
+    """Any function of x_t serves here ([B, C, ...] -> [B, C or 2C, ...]): these tests are about the tables."""
+
+    def model(x_t, t):
+        out = 0.3 * x_t
+        return torch.cat([out, torch.tanh(x_t)], 1) if learned else out
+
+    return model
+
+
+def _toy_inputs(device, dtype=torch.float32):
+    """x0 (8-bit levels in [-1, 1]), x_t, noise [4, 3, 2, 2] and t [4] (both ends included), made on the CPU."""
+    g = torch.Generator().manual_seed(7)
+    x0 = torch.randint(0, 256, (4, 3, 2, 2), generator=g).to(dtype) * 2 / 255 - 1
+    x_t, noise = (torch.randn(4, 3, 2, 2, generator=g, dtype=dtype) for _ in range(2))
+    t = torch.tensor([0, 1, SMALL_T // 2, SMALL_T - 1])
+    return tuple(v.to(device) for v in (x0, x_t, noise, t))
+
+
+def _every_method(d: GaussianDiffusion, x0, x_t, noise, t) -> dict[str, torch.Tensor]:
+    """One call of every method that reads the tables, their outputs by name."""
+    model = _toy_model(d.var_type.value == "learned_range")
+    out = dict(zip(("qmv_mean", "qmv_var", "qmv_log_var"), d.q_mean_variance(x0, t), strict=True))
+    out["q_sample"] = d.q_sample(x0, t, noise)
+    out.update(zip(("post_mean", "post_var", "post_log_var"), d.q_posterior(x0, x_t, t), strict=True))
+    out["x0_from_eps"] = d.predict_x0_from_eps(x_t, t, noise)
+    out["eps_from_x0"] = d.predict_eps_from_x0(x_t, t, x0)
+    p = d.p_mean_variance(model, x_t, t)
+    out.update(p_mean=p.mean, p_var=p.variance, p_log_var=p.log_variance, p_x0=p.pred_x0)
+    out["loss"] = d.training_losses(model, x0, t=t, noise=noise)
+    out["prior_bpd"] = d.prior_bpd(x0)
+    res = d.bpd(model, x0, generator=torch.Generator().manual_seed(1))  # a CPU generator: the same noise anywhere
+    out.update(bpd_total=res.total, bpd_terms=res.terms, bpd_x0_mse=res.x0_mse)
+    return out
+
+
+def test_the_named_tables_are_the_public_float64_attributes():
+    d = GaussianDiffusion(BETAS)
+    abar = abar_of(BETAS)
+    cpu = d._tables(torch.device("cpu"))
+    for f in dataclasses.fields(cpu):
+        table = getattr(cpu, f.name)
+        assert table is getattr(d, f.name), f.name
+        assert table.dtype == torch.float64 and table.shape == (1000,) and table.device.type == "cpu", f.name
+    torch.testing.assert_close(d.one_minus_alphas_cumprod, 1 - abar, rtol=1e-14, atol=0)
+    torch.testing.assert_close(d.log_one_minus_alphas_cumprod, torch.log(1 - abar), rtol=1e-14, atol=0)
+    torch.testing.assert_close(d.fixedlarge_variance, torch.cat([d.posterior_variance[1:2], BETAS[1:]]), rtol=0, atol=0)
+    torch.testing.assert_close(d.fixedlarge_log_variance, torch.log(d.fixedlarge_variance), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mean_type,var_type,loss_type", TABLE_CONFIGS)
+def test_every_method_runs_on_the_meta_device(mean_type, var_type, loss_type):
+    """A second device without values: every output has its shape, the inputs' dtype (bits/dim in float64) and
+    lies on that device, on the device's first use and after."""
+    d = GaussianDiffusion(beta_schedule("linear", SMALL_T), mean_type=mean_type, var_type=var_type, loss_type=loss_type)
+    x0, x_t, noise, t = _toy_inputs("meta")
+    per_example, per_pixel = (4, 1, 1, 1), (4, 3, 2, 2)
+    want = dict(qmv_mean=per_pixel, qmv_var=per_example, qmv_log_var=per_example, q_sample=per_pixel,
+                post_mean=per_pixel, post_var=per_example, post_log_var=per_example, x0_from_eps=per_pixel,
+                eps_from_x0=per_pixel, p_mean=per_pixel, p_x0=per_pixel, loss=(4,), prior_bpd=(4,), bpd_total=(4,),
+                bpd_terms=(4, SMALL_T), bpd_x0_mse=(4, SMALL_T))
+    want["p_var"] = want["p_log_var"] = per_pixel if var_type == "learned_range" else per_example
+    for _ in range(2):
+        out = _every_method(d, x0, x_t, noise, t)
+        assert {k: tuple(v.shape) for k, v in out.items()} == want
+        for k, v in out.items():
+            assert v.device.type == "meta", k
+            assert v.dtype == (torch.float64 if k.startswith("bpd") else torch.float32), k
+
+
+@pytest.mark.parametrize("mean_type,var_type,loss_type,devices", [
+    ("x0", "fixedlarge", "kl", ("cpu",)),
+    ("eps", "fixedsmall", "simple", ("cpu",)),
+    ("xprev", "learned_range", "hybrid", ("cpu", "meta")),  # meta's kernels are slow (50 ms a round): one config
+])
+def test_the_tables_are_moved_once_per_device_not_once_per_call(mean_type, var_type, loss_type, devices):
+    """After 100 calls of every method, interleaved over the devices, the same one copy of the tables per device
+    as after the first call (a cache keyed by id(table) gained two CPU entries per q_mean_variance call)."""
+    d = GaussianDiffusion(beta_schedule("linear", SMALL_T), mean_type=mean_type, var_type=var_type, loss_type=loss_type)
+    inputs = [_toy_inputs(device) for device in devices]
+    for x in inputs:
+        _every_method(d, *x)
+    after_one = dict(d._device_tables)
+    for _ in range(99):
+        for x in inputs:
+            _every_method(d, *x)
+    assert len(d._device_tables) == len(after_one)
+    assert set(d._device_tables) == {torch.device(device) for device in ("cpu", *devices)}  # one entry each
+    assert all(d._device_tables[k] is v for k, v in after_one.items())  # and not remade either
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_tables_on_cuda_give_the_cpu_values_over_many_interleaved_calls():
+    """Every method on the GPU, 20 rounds interleaved over the configurations (freed temporaries and their ids
+    come and go between calls), equals the CPU in float64; q_mean_variance also equals its closed form."""
+    from ddpm.sampling import inpaint
+
+    betas = beta_schedule("linear", SMALL_T)
+    ds = [GaussianDiffusion(betas, mean_type=m, var_type=v, loss_type=loss) for m, v, loss in TABLE_CONFIGS]
+    cpu_inputs = _toy_inputs("cpu", torch.float64)
+    gpu_inputs = tuple(v.cuda() for v in cpu_inputs)
+    mask = (torch.arange(48).reshape(4, 3, 2, 2) % 2).double()
+
+    def painted(d, x0):
+        model = _toy_model(d.var_type.value == "learned_range")
+        return inpaint(d, model, x0, mask.to(x0.device), resample=2, generator=torch.Generator().manual_seed(2))
+
+    want = [_every_method(d, *cpu_inputs) | {"inpaint": painted(d, cpu_inputs[0])} for d in ds]
+    abar_t = abar_of(betas)[cpu_inputs[3]].reshape(4, 1, 1, 1)
+    for _ in range(20):
+        for d, ref in zip(ds, want, strict=True):
+            got = _every_method(d, *gpu_inputs) | {"inpaint": painted(d, gpu_inputs[0])}
+            for k, v in got.items():
+                assert v.device.type == "cuda", k
+                torch.testing.assert_close(v.cpu(), ref[k], rtol=1e-9, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
+            torch.testing.assert_close(got["qmv_var"].cpu(), 1 - abar_t, rtol=1e-15, atol=0)
+            torch.testing.assert_close(got["qmv_log_var"].cpu(), torch.log(1 - abar_t), rtol=1e-15, atol=0)
+    assert all(len(d._device_tables) == 2 for d in ds)

@@ -2,14 +2,16 @@
 
 Timesteps are 0-based: t = 0..T-1 in code is t = 1..T in the paper, so `q_sample(x0, 0)` is the paper's x_1
 and the decoder term L_0 belongs to t = 0. Every method takes a callable `model(x_t, t)` (x_t [B, ...] in
-[-1, 1], t int64 [B]); nothing here knows about networks. Tables are float64 and cast to the input's dtype at
-use.
+[-1, 1], t int64 [B]); nothing here knows about networks. The schedule's tables are float64 [T], each one
+computed once in `__init__` (the public attributes `betas`, `alphas_cumprod`, `posterior_variance`, ...) and
+moved to a device all together on that device's first use; a method reads table[t] there, cast to the input's
+dtype.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 
 import torch
@@ -24,6 +26,7 @@ from ddpm.likelihood import (
 from ddpm.schedule import parse_enum
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_CPU = torch.device("cpu")
 
 
 class MeanType(str, Enum):
@@ -42,6 +45,40 @@ class LossType(str, Enum):
     SIMPLE = "simple"  # L_simple (eq. 14): MSE on the mean_type target, t uniform
     KL = "kl"  # the true variational bound term L_t (eq. 5, L_0 from eq. 13), bits/dim
     HYBRID = "hybrid"  # improved DDPM: L_simple + hybrid_lambda * L_vlb, the VLB term trains only the variance
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: == on tensors is elementwise, identity is what matters
+class Tables:
+    """Every table [T] the methods read, all float64 and on one device; a field's name is the attribute of
+    `GaussianDiffusion` that holds its CPU original. Timesteps 0-based; abar_t = prod_{s <= t} (1 - beta_s)."""
+
+    betas: torch.Tensor  # beta_t
+    log_betas: torch.Tensor  # log beta_t: learned_range's upper end
+    alphas_cumprod: torch.Tensor  # abar_t
+    alphas_cumprod_prev: torch.Tensor  # abar_{t-1}, 1 at t = 0
+    sqrt_alphas_cumprod: torch.Tensor  # the mean coefficient of q(x_t | x_0) (eq. 4)
+    one_minus_alphas_cumprod: torch.Tensor  # 1 - abar_t: the variance of q(x_t | x_0)
+    log_one_minus_alphas_cumprod: torch.Tensor  # its log
+    sqrt_one_minus_alphas_cumprod: torch.Tensor  # the noise coefficient of q(x_t | x_0)
+    sqrt_recip_alphas_cumprod: torch.Tensor  # 1 / sqrt(abar_t): x_0 from x_t and eps
+    sqrt_recipm1_alphas_cumprod: torch.Tensor  # sqrt(1 / abar_t - 1)
+    posterior_variance: torch.Tensor  # beta~_t of q(x_{t-1} | x_t, x_0) (eq. 7), 0 at t = 0
+    posterior_log_variance_clipped: torch.Tensor  # log beta~_t, at t = 0 that of t = 1
+    posterior_mean_coef1: torch.Tensor  # the x_0 coefficient of mu~_t (eq. 7)
+    posterior_mean_coef2: torch.Tensor  # the x_t coefficient of mu~_t
+    fixedlarge_variance: torch.Tensor  # fixedlarge's sigma_t^2: beta_t, at t = 0 beta~ of t = 1
+    fixedlarge_log_variance: torch.Tensor  # its log
+
+    def to(self, device: torch.device) -> Tables:
+        """All the tables moved to `device` at once (the same tensors where they already lie there)."""
+        return Tables(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+# the (variance, log variance) tables of the fixed reverse variances, by name in `Tables`
+_FIXED_VARIANCES = {
+    VarType.FIXED_LARGE: ("fixedlarge_variance", "fixedlarge_log_variance"),
+    VarType.FIXED_SMALL: ("posterior_variance", "posterior_log_variance_clipped"),
+}
 
 
 @dataclass
@@ -128,7 +165,9 @@ class GaussianDiffusion:
         self.alphas_cumprod = abar
         self.alphas_cumprod_prev = abar_prev
         self.sqrt_alphas_cumprod = abar.sqrt()
-        self.sqrt_one_minus_alphas_cumprod = (1 - abar).sqrt()
+        self.one_minus_alphas_cumprod = 1.0 - abar
+        self.log_one_minus_alphas_cumprod = torch.log(self.one_minus_alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = self.one_minus_alphas_cumprod.sqrt()
         self.sqrt_recip_alphas_cumprod = abar.rsqrt()
         self.sqrt_recipm1_alphas_cumprod = (1 / abar - 1).sqrt()
         # q(x_{t-1} | x_t, x_0) (eqs. 6-7)
@@ -140,26 +179,33 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * abar_prev.sqrt() / (1 - abar)
         self.posterior_mean_coef2 = (1 - abar_prev) * alphas.sqrt() / (1 - abar)
         # fixedlarge: beta_t, but at t = 0 the posterior variance of t = 1 (a better decoder likelihood)
-        large = torch.cat([self.posterior_variance[1:2], betas[1:]]) if T > 1 else betas
+        self.fixedlarge_variance = torch.cat([self.posterior_variance[1:2], betas[1:]]) if T > 1 else betas
+        self.fixedlarge_log_variance = torch.log(self.fixedlarge_variance)
         self.log_betas = torch.log(betas)
-        self._fixed = {
-            VarType.FIXED_LARGE: (large, torch.log(large)),
-            VarType.FIXED_SMALL: (self.posterior_variance, self.posterior_log_variance_clipped),
-        }
-        self._device_tables: dict[tuple[int, torch.device], torch.Tensor] = {}
+        # one Tables per device, the CPU's holding the attributes above, the others made on first use. Keyed by
+        # the device alone, it cannot grow with the number of calls, and a name always reads its own table
+        # (a cache keyed by id(table) did both wrong once temporaries were passed: ids of freed ones come back)
+        cpu = Tables(**{f.name: getattr(self, f.name) for f in fields(Tables)})
+        self._device_tables: dict[torch.device, Tables] = {_CPU: cpu}
 
     # ---------------------------------------------------------------- helpers
 
-    def _extract(self, table: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """table[t] as x's dtype, shaped [B, 1, ..., 1] to broadcast against x [B, ...]."""
+    def _tables(self, device: torch.device) -> Tables:
+        """All the tables on `device` (a tensor's device, so cuda:0 rather than cuda), moved there together on
+        its first use: they are a few vectors [T], and copying them per call would cost a transfer each."""
+        on_device = self._device_tables.get(device)
+        if on_device is None:
+            on_device = self._device_tables[device] = self._device_tables[_CPU].to(device)
+        return on_device
+
+    def _extract(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The table `name` of `Tables` at t [B], as x's dtype, shaped [B, 1, ..., 1] to broadcast against x
+        [B, ...]; read on t's device."""
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"t must be [B] with B = {x.shape[0]}; got shape {tuple(t.shape)}")
-        key = (id(table), t.device)
-        on_device = self._device_tables.get(key)
-        if on_device is None:  # tables are small; keep one copy per device rather than copying per call
-            on_device = self._device_tables[key] = table.to(t.device)
+        table = getattr(self._tables(t.device), name)
         dtype = x.dtype if x.is_floating_point() else torch.float32
-        return on_device[t].to(dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        return table[t].to(dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
     def _check_t(self, t: torch.Tensor, batch: int, device) -> torch.Tensor:
         t = torch.as_tensor(t, device=device)
@@ -172,9 +218,9 @@ class GaussianDiffusion:
     def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
         """q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (eq. 4): (mean, variance, log_variance)."""
         t = self._check_t(t, x0.shape[0], x0.device)
-        mean = self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
-        var = self._extract(1.0 - self.alphas_cumprod, t, x0)
-        log_var = self._extract(torch.log(1.0 - self.alphas_cumprod), t, x0)
+        mean = self._extract("sqrt_alphas_cumprod", t, x0) * x0
+        var = self._extract("one_minus_alphas_cumprod", t, x0)
+        log_var = self._extract("log_one_minus_alphas_cumprod", t, x0)
         return mean, var, log_var
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,38 +230,38 @@ class GaussianDiffusion:
             noise = torch.randn_like(x0)
         if noise.shape != x0.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}")
-        return self._extract(self.sqrt_alphas_cumprod, t, x0) * x0 + self._extract(
-            self.sqrt_one_minus_alphas_cumprod, t, x0
+        return self._extract("sqrt_alphas_cumprod", t, x0) * x0 + self._extract(
+            "sqrt_one_minus_alphas_cumprod", t, x0
         ) * noise
 
     def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """q(x_{t-1} | x_t, x_0) (eqs. 6-7): (mean [B, ...], variance, log_variance clipped) [B, 1, ...]."""
         t = self._check_t(t, x_t.shape[0], x_t.device)
-        mean = self._extract(self.posterior_mean_coef1, t, x_t) * x0 + self._extract(
-            self.posterior_mean_coef2, t, x_t
+        mean = self._extract("posterior_mean_coef1", t, x_t) * x0 + self._extract(
+            "posterior_mean_coef2", t, x_t
         ) * x_t
-        var = self._extract(self.posterior_variance, t, x_t)
-        log_var = self._extract(self.posterior_log_variance_clipped, t, x_t)
+        var = self._extract("posterior_variance", t, x_t)
+        log_var = self._extract("posterior_log_variance_clipped", t, x_t)
         return mean, var, log_var
 
     # ---------------------------------------------------------------- reverse process
 
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (eq. 4 solved for x_0)."""
-        return self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - self._extract(
-            self.sqrt_recipm1_alphas_cumprod, t, x_t
+        return self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._extract(
+            "sqrt_recipm1_alphas_cumprod", t, x_t
         ) * eps
 
     def predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1 / abar_t - 1): the inverse of `predict_x0_from_eps`."""
-        return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / self._extract(
-            self.sqrt_recipm1_alphas_cumprod, t, x_t
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / self._extract(
+            "sqrt_recipm1_alphas_cumprod", t, x_t
         )
 
     def _predict_x0_from_xprev(self, x_t: torch.Tensor, t: torch.Tensor, xprev: torch.Tensor) -> torch.Tensor:
         # the posterior mean (eq. 7) solved for x_0
-        return (xprev - self._extract(self.posterior_mean_coef2, t, x_t) * x_t) / self._extract(
-            self.posterior_mean_coef1, t, x_t
+        return (xprev - self._extract("posterior_mean_coef2", t, x_t) * x_t) / self._extract(
+            "posterior_mean_coef1", t, x_t
         )
 
     def split_output(self, output: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -240,12 +286,12 @@ class GaussianDiffusion:
         if self.var_type is VarType.LEARNED_RANGE:
             if v is None:
                 raise ValueError("var_type 'learned_range' needs the model's variance channels v")
-            min_log = self._extract(self.posterior_log_variance_clipped, t, x_t)
-            max_log = self._extract(self.log_betas, t, x_t)
+            min_log = self._extract("posterior_log_variance_clipped", t, x_t)
+            max_log = self._extract("log_betas", t, x_t)
             frac = (v + 1) / 2
             log_var = frac * max_log + (1 - frac) * min_log
             return torch.exp(log_var), log_var
-        var, log_var = self._fixed[self.var_type]
+        var, log_var = _FIXED_VARIANCES[self.var_type]
         return self._extract(var, t, x_t), self._extract(log_var, t, x_t)
 
     def p_mean_variance_from_output(

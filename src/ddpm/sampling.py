@@ -341,7 +341,7 @@ def inpaint(diffusion: GaussianDiffusion, model: Model, x_known: torch.Tensor, m
             known = diffusion.q_sample(x_known, _full(x, i - 1), _noise(x, generator)) if i > 0 else x_known
             x_prev = torch.where(known_b, known, unknown)
             if r < rounds - 1:  # jump back one step: x_t ~ q(x_t | x_{t-1})
-                beta = diffusion._extract(diffusion.betas, _full(x, i), x)
+                beta = diffusion._extract("betas", _full(x, i), x)
                 x = torch.sqrt(1 - beta) * x_prev + torch.sqrt(beta) * _noise(x, generator)
         x = x_prev
     return x
