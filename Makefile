@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/ddpm train --out $(RUN) --force
+	$(VENV)/bin/ddpm train --run $(RUN) --force
 	$(VENV)/bin/ddpm sample --run $(RUN) --n 64 --out $(RUN)/samples.png --seed 0
 	@echo "demo: run directory $(RUN) (config.json, checkpoints/, tb/, grids/), sample grid $(RUN)/samples.png"
 

@@ -84,16 +84,16 @@ def test_fast_sampler_spacing_on_the_command_line(run, tmp_path, capsys):
     assert arrays["quad"].shape == (3, 8, 8, 1) and not np.array_equal(arrays["quad"], arrays["uniform"])
     capsys.readouterr()
     assert main(["sample", "--run", str(run), "--n", "3", "--out", str(tmp_path / "a.npz"), "--spacing", "quad",
-                 "--quiet"]) == 1
+                 "--quiet"]) == 2
     assert "spacing 'quad' applies to the ddim and respaced samplers, not 'ancestral'" in capsys.readouterr().err
     # an option the sampler does not take is an error naming both, before any sample is drawn
     for sampler, extra in (("ancestral", []), ("dpmpp2m", ["--steps", "4"])):
         assert main(["sample", "--run", str(run), "--n", "3", "--out", str(tmp_path / "e.npz"), "--sampler", sampler,
-                     *extra, "--eta", "1", "--quiet"]) == 1
+                     *extra, "--eta", "1", "--quiet"]) == 2
         assert f"sampler '{sampler}' takes no option 'eta' (only ddim takes it)" in capsys.readouterr().err
     assert not (tmp_path / "e.npz.parts").exists()
     assert main(["sample", "--run", str(run), "--n", "3", "--out", str(tmp_path / "g.npz"), "--guidance", "2.0",
-                 "--quiet"]) == 1
+                 "--quiet"]) == 2
     assert "--guidance needs a class-conditional run" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["sample", "--run", str(run), "--out", str(tmp_path / "b.npz"), "--spacing", "cubic"])
@@ -109,11 +109,11 @@ def test_class_conditional_training_and_guided_sampling(tmp_path, capsys):
     out = tmp_path / "g.npz"
     assert main(["sample", "--run", str(run), "--n", "3", "--out", str(out), "--class", "3", "--guidance", "2.0", "--quiet"]) == 0
     assert np.load(out)["arr_0"].shape == (3, 8, 8, 1)
-    assert main(["sample", "--run", str(run), "--n", "3", "--out", str(out), "--class", "12", "--quiet"]) == 1
+    assert main(["sample", "--run", str(run), "--n", "3", "--out", str(out), "--class", "12", "--quiet"]) == 2
     capsys.readouterr()
     # guidance steers towards a class: without --class it is refused, not silently dropped
     assert main(["sample", "--run", str(run), "--n", "3", "--out", str(tmp_path / "u.npz"), "--guidance", "2.0",
-                 "--quiet"]) == 1
+                 "--quiet"]) == 2
     assert "--guidance needs --class" in capsys.readouterr().err and not (tmp_path / "u.npz.parts").exists()
 
 

@@ -137,7 +137,7 @@ def test_weights_only_resume_is_explicit(tmp_path, capsys):
     args = ["train", "--out", str(run), "--steps", "2", "--quiet"] + [
         x for k, v in (("model.ch", 32), ("model.ch_mult", "1,2"), ("model.attn_resolutions", 4)) for x in ("--set", f"{k}={v}")]
     assert cfg["model"]["ch"] == 32
-    assert main([*args, "--resume"]) == 1
+    assert main([*args, "--resume"]) == 2
     assert "--weights-only" in capsys.readouterr().err
     assert main([*args, "--resume", "--weights-only"]) == 0
     assert load_run(run).step == 2

@@ -62,7 +62,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
     missing = tmp_path / "nowhere" / "cifar-10-python.tar.gz"
     code = main(["train", "--preset", "cifar10", "--out", str(tmp_path / "r"), "--data", str(missing),
                  "--set", "model.ch=32", "--steps", "1", "--quiet"])
-    assert code == 1
+    assert code == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "cifar-10-python.tar.gz" in err
 
@@ -72,13 +72,13 @@ def test_resume_with_a_different_setup_is_refused(tmp_path, capsys):
     assert main(["train", "--out", str(run), "--steps", "2", "--batch-size", "16", *TINY]) == 0
     code = main(["train", "--out", str(run), "--steps", "4", "--batch-size", "32", "--resume", *TINY,
                  "--set", "diffusion.schedule=cosine"])
-    assert code == 1
+    assert code == 2
     err = capsys.readouterr().err
     assert "train.batch_size: 16 -> 32" in err and "diffusion.schedule: 'linear' -> 'cosine'" in err
 
 
 def test_resume_without_checkpoint_never_starts_fresh(tmp_path, capsys):
-    assert main(["train", "--out", str(tmp_path / "empty"), "--steps", "2", "--resume", *TINY]) == 1
+    assert main(["train", "--out", str(tmp_path / "empty"), "--steps", "2", "--resume", *TINY]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
 
 

@@ -1,24 +1,88 @@
-"""The `ddpm` command: arguments -> configuration dataclasses -> library calls. No math here."""
+"""The `ddpm` command: arguments -> configuration dataclasses -> library calls. No math here.
+
+Option names keep one meaning across commands:
+    --run     an existing run directory that the command reads (train and convert: the one they write)
+    --out     the file or folder that the command creates (never a run directory)
+    --steps   train: optimizer steps; sample, eval fid and edit: network evaluations of the sampler
+    --n       how many images (samples, results, test images)
+Old spellings still accepted: `train --out RUN` and `convert --out RUN` (now --run), `export RUN OUT_DIR`'s
+positional folder (now --out), `interpolate --steps` (now --points).
+
+Exit codes: 0 done; 2 a usage or input error (a bad value, a missing or unreadable file, a run that cannot be
+resumed as asked), with one line naming the option or the file; 1 a run that failed while working (training
+stopped by non-finite steps); 130 / 143 after Ctrl-C / SIGTERM. Inputs are checked before any work starts.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-EXIT_USAGE = 2
-SPACINGS = ("uniform", "quad", "logsnr")  # ddpm.sampling.SPACINGS, spelled here so that parsing imports no torch
+EXIT_USAGE, EXIT_FAILED = 2, 1
+# Spelled here so that parsing imports no torch; tests hold them equal to the library's own lists.
+SAMPLER_NAMES = ("ancestral", "respaced", "ddim", "dpmpp2m")  # ddpm.sampling.SAMPLERS
+SPACINGS = ("uniform", "quad", "logsnr")  # ddpm.sampling.SPACINGS
 PRECISIONS = ("fp32", "bf16", "fp16")  # ddpm.run.AMP_DTYPES
 PRECISION_HELP = "the network's precision: autocast to bf16 (CPU or GPU) or fp16 (GPU); the sampler stays float32"
 COMPILE_HELP = "torch.compile the network, on a GPU as CUDA graphs (minutes of compilation first; no gain on a CPU)"
 
 
+class UsageError(ValueError):
+    """A command line that cannot work (a missing file, a bad combination); the message names the option."""
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _need_file(path: str | None, option: str, what: str) -> Path:
+    if not path:
+        raise UsageError(f"{option} is required: {what}")
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{option} {path}: no such file or folder ({what})")
+    return p
+
+
+def _writable_out(path: str | Path, option: str = "--out") -> Path:
+    """`path` can be created: its nearest existing parent is a writable folder (nothing is created here)."""
+    p = Path(path)
+    parent = p.parent if not p.exists() else p
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"{option} {path}: cannot write there ({parent} is not a writable folder)")
+    return p
+
+
+def _run_dir(path: str, option: str = "--run") -> Path:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise UsageError(f"{option} {path} is not a run directory (no config.json there)")
+    return p
+
+
+def _sample_options(args: argparse.Namespace):
+    from ddpm.generate import SampleOptions
+
+    return SampleOptions(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
+                         class_label=getattr(args, "class_label", None), guidance=getattr(args, "guidance", 1.0),
+                         compile=args.compile, precision=args.precision)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
 def _train(args: argparse.Namespace) -> int:
-    from ddpm.config import apply_overrides, preset, set_field
+    from ddpm.config import PRESETS, apply_overrides, preset, set_field
 
     cfg = preset(args.preset)
     if args.data is not None:
+        if PRESETS[args.preset].data.dataset == "digits":
+            raise UsageError(f"--data: the {args.preset} preset trains on scikit-learn's bundled digits and reads no "
+                             "files; to train on your own images use --preset folder --data DIR (see the README)")
         cfg.data.path = args.data
     for flag, field in (("steps", "train.steps"), ("batch_size", "train.batch_size"), ("seed", "train.seed"),
                         ("ckpt_every", "train.ckpt_every")):
@@ -29,40 +93,45 @@ def _train(args: argparse.Namespace) -> int:
     apply_overrides(cfg, args.set or [])
     from ddpm.train import Trainer  # after validation: a bad value fails fast, before torch.nn is touched
 
-    trainer = Trainer(cfg, args.out, resume=args.resume, force=args.force, weights_only=args.weights_only)
+    trainer = Trainer(cfg, args.run, resume=args.resume, force=args.force, weights_only=args.weights_only)
     code = trainer.train(progress=not args.quiet)
     if trainer.dist.main and code == 0:
-        print(f"trained {cfg.preset} to step {trainer.step}: run directory {args.out}")
+        print(f"trained {cfg.preset} to step {trainer.step}: run directory {args.run}")
     return code
 
 
 def _sample(args: argparse.Namespace) -> int:
+    _run_dir(args.run)
+    out = _writable_out(args.out)
+    figures = args.progressive or args.share_from
+    if not figures and out.suffix not in (".png", ".npz"):
+        raise UsageError(f"--out must end in .png or .npz; got {out} (with --progressive or --share-from it is a folder)")
+    share = []
+    if args.share_from:
+        try:
+            share = [int(v) for v in args.share_from.split(",") if v.strip()]
+        except ValueError:
+            raise UsageError(f"--share-from takes comma-separated timesteps; got {args.share_from!r}") from None
     import torch
 
-    from ddpm.generate import SampleOptions, assemble, generate_to_parts
+    from ddpm.generate import assemble, check_options, generate_to_parts
     from ddpm.run import init_distributed, load_run, resolve_device
 
     d = init_distributed(args.device)
     device = resolve_device(args.device)
     run = load_run(args.run, ema=not args.raw_weights, device=device)
-    if args.progressive or args.share_from:
+    if figures:
         from ddpm import evaluate
 
-        out_dir = Path(args.out)
         if args.progressive:
-            evaluate.progressive(run, out_dir, n=args.n, seed=args.seed, frames=args.frames, device=device)
-            print(f"wrote {out_dir / 'progressive.png'}, {out_dir / 'progressive.gif'} and progressive.json")
-        if args.share_from:
-            ts = [int(v) for v in args.share_from.split(",") if v.strip()]
-            evaluate.share_from(run, out_dir, ts, k=args.n, seed=args.seed, device=device)
-            print(f"wrote {out_dir / 'share_from.png'} and share_from.json")
+            evaluate.progressive(run, out, n=args.n, seed=args.seed, frames=args.frames, device=device)
+            print(f"wrote {out / 'progressive.png'}, {out / 'progressive.gif'} and progressive.json")
+        if share:
+            evaluate.share_from(run, out, share, k=args.n, seed=args.seed, device=device)
+            print(f"wrote {out / 'share_from.png'} and share_from.json")
         return 0
-    opts = SampleOptions(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
-                         class_label=args.class_label, guidance=args.guidance, compile=args.compile,
-                         precision=args.precision)
-    out = Path(args.out)
-    if out.suffix not in (".png", ".npz"):
-        raise ValueError(f"--out must end in .png or .npz; got {out}")
+    opts = _sample_options(args)
+    check_options(run, opts, device)
     parts = generate_to_parts(run, args.n, out, seed=args.seed, batch_size=args.batch_size, opts=opts, device=device,
                               rank=d.rank, world=d.world, progress=not args.quiet)
     if d.world > 1:
@@ -73,14 +142,14 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _eval_bound(args: argparse.Namespace) -> int:
+    """bpd and rate-distortion: the bound over the run's data set split."""
+    _run_dir(args.run)
+    out_dir = _writable_out(args.out or Path(args.run) / "eval")
     from ddpm import evaluate
     from ddpm.run import load_run, resolve_device
 
     device = resolve_device(args.device)
-    out_dir = Path(args.out) if args.out else Path(args.run) / "eval"
-    if args.metric == "fid":
-        return _eval_fid(args, out_dir, device)
     run = load_run(args.run, device=device)
     fn = evaluate.eval_bpd if args.metric == "bpd" else evaluate.eval_rate_distortion
     report = fn(run, out_dir / args.metric, split=args.split, n=args.n, batch_size=args.batch_size, seed=args.seed,
@@ -89,29 +158,41 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_fid(args: argparse.Namespace, out_dir: Path, device) -> int:
+def _eval_fid(args: argparse.Namespace) -> int:
+    # every input is checked before a sample is drawn or a folder made
+    if bool(args.run) == bool(args.samples):
+        raise UsageError("ddpm eval fid needs exactly one of --run RUN (sample from it) or --samples FILE.npz")
+    if args.samples:
+        samples_path = _need_file(args.samples, "--samples", "an .npz of uint8 images [N, H, W, C] under arr_0")
+    else:
+        _run_dir(args.run)
+    if args.features == "inception":
+        _need_file(args.ref, "--ref", "reference images: a folder, an .npz of uint8 [N, H, W, C] or a CIFAR-10 archive")
+        _need_file(args.inception_weights, "--inception-weights",
+                   "the FID Inception weights file (README: FID without downloads)")
+    default_out = Path(args.run) / "eval" if args.run else samples_path.parent / "eval"
+    out_dir = _writable_out(args.out or default_out)
     import numpy as np
 
-    from ddpm.generate import SampleOptions, assemble, generate_to_parts
+    from ddpm.generate import assemble, check_options, generate_to_parts
+    from ddpm.run import load_run, resolve_device
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if args.samples:
-        samples_path = Path(args.samples)
-    else:
-        from ddpm.run import load_run
-
-        if not args.run:
-            raise ValueError("ddpm eval fid needs --run RUN_DIR or --samples FILE.npz")
+    device = resolve_device(args.device)
+    if args.run:
         run = load_run(args.run, device=device)
-        n = args.n or 50_000
-        samples_path = out_dir / f"samples_{n}_seed{args.seed}.npz"
+        opts = _sample_options(args)
+        check_options(run, opts, device)
+        samples_path = out_dir / f"samples_{args.n}_seed{args.seed}.npz"
         if not samples_path.exists():
-            opts = SampleOptions(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
-                                 compile=args.compile, precision=args.precision)
-            parts = generate_to_parts(run, n, samples_path, seed=args.seed, batch_size=args.batch_size, opts=opts,
-                                      device=device, progress=not args.quiet)
-            assemble(parts, n, samples_path)
-    samples = np.load(samples_path)["arr_0"]
+            out_dir.mkdir(parents=True, exist_ok=True)
+            parts = generate_to_parts(run, args.n, samples_path, seed=args.seed, batch_size=args.batch_size,
+                                      opts=opts, device=device, progress=not args.quiet)
+            assemble(parts, args.n, samples_path)
+    try:
+        samples = np.load(samples_path)["arr_0"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--samples {samples_path}: not an .npz of images under arr_0 ({e})") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
     if args.features == "digits":
         from ddpm.metrics.digits import evaluate_digits
 
@@ -121,10 +202,6 @@ def _eval_fid(args: argparse.Namespace, out_dir: Path, device) -> int:
     else:
         from ddpm.metrics.inception import fidelity_metrics
 
-        if not args.ref:
-            raise ValueError("ddpm eval fid needs --ref (a folder of reference images or an .npz of uint8 [N, H, W, C])")
-        if not args.inception_weights:
-            raise ValueError("ddpm eval fid needs --inception-weights PATH (see the README: FID without downloads)")
         rep = fidelity_metrics(samples, args.ref, inception_weights=args.inception_weights,
                                cache_dir=out_dir / "ref_stats", batch_size=args.batch_size, device=str(device))
         report = {"samples": str(samples_path), "ref": args.ref, **_asdict(rep)}
@@ -141,6 +218,9 @@ def _asdict(obj) -> dict:
 
 
 def _interpolate(args: argparse.Namespace) -> int:
+    _run_dir(args.run)
+    a, b = _need_file(args.a, "--a", "the first image"), _need_file(args.b, "--b", "the second image")
+    out = _writable_out(args.out)
     from ddpm import evaluate
     from ddpm.data import read_image
     from ddpm.run import load_run, resolve_device
@@ -148,35 +228,45 @@ def _interpolate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     run = load_run(args.run, device=device)
     m = run.config.model
-    a = read_image(args.a, m.resolution, m.in_channels)
-    b = read_image(args.b, m.resolution, m.in_channels)
-    info = evaluate.interpolate(run, args.out, a, b, t=args.t, steps=args.steps, seed=args.seed, device=device)
+    a_u8, b_u8 = read_image(a, m.resolution, m.in_channels), read_image(b, m.resolution, m.in_channels)
+    info = evaluate.interpolate(run, out, a_u8, b_u8, t=args.t, steps=args.points, seed=args.seed, device=device)
     print(json.dumps(info, indent=2))
     return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
+    _need_file(args.from_path, "--from", "a diffusers model folder or a port .ckpt/.pth file")
+    _writable_out(args.run, "--run")
     from ddpm.convert import write_run
 
-    path = write_run(args.from_path, args.out, preset_name=args.preset, step=args.step, resolution=args.resolution,
+    path = write_run(args.from_path, args.run, preset_name=args.preset, step=args.step, resolution=args.resolution,
                      force=args.force)
-    print(f"converted {args.from_path} into run directory {args.out} ({path.name})")
+    print(f"converted {args.from_path} into run directory {args.run} ({path.name})")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
+    _run_dir(args.run)
+    out = args.out or args.out_dir
+    if not out:
+        raise UsageError("--out is required: the diffusers pipeline folder to write")
+    _writable_out(out)
     from ddpm.convert import export_diffusers, scheduler_config_for
     from ddpm.run import load_run
 
-    if args.to != "diffusers":
-        raise ValueError(f"--to must be diffusers; got {args.to}")
     run = load_run(args.run, ema=not args.raw_weights)
-    out = export_diffusers(run.model, args.out_dir, scheduler_config_for(run.config.diffusion))
-    print(f"wrote a diffusers DDPMPipeline folder to {out}")
+    path = export_diffusers(run.model, out, scheduler_config_for(run.config.diffusion))
+    print(f"wrote a diffusers DDPMPipeline folder to {path}")
     return 0
 
 
 def _inpaint_or_edit(args: argparse.Namespace) -> int:
+    _run_dir(args.run)
+    image_path = _need_file(args.image, "--image", "the image file")
+    mask_path = _need_file(args.mask, "--mask", "white where the pixel is known") if args.command == "inpaint" else None
+    out = _writable_out(args.out)
+    if out.suffix != ".png":
+        raise UsageError(f"--out must end in .png; got {out}")
     import torch
 
     from ddpm.data import read_image, to_model_range
@@ -184,144 +274,198 @@ def _inpaint_or_edit(args: argparse.Namespace) -> int:
     from ddpm.run import load_run, resolve_device, sample_generator
     from ddpm.sampling import check_sampler, edit, inpaint
 
-    device = resolve_device(args.device)
     if args.command == "edit":
         check_sampler(args.sampler, args.steps)
+    device = resolve_device(args.device)
     run = load_run(args.run, device=device)
     m = run.config.model
-    image = to_model_range(read_image(args.image, m.resolution, m.in_channels))[None].to(device)
+    image = to_model_range(read_image(image_path, m.resolution, m.in_channels))[None].to(device)
     x = image.expand(args.n, -1, -1, -1)
     gens = sample_generator(args.seed, args.command, range(args.n), device)
     model = run.conditioned(batch=args.n)  # class-conditional runs: the null label
     if args.command == "inpaint":
-        mask = read_image(args.mask, m.resolution, 1).to(device).float()[None] / 255.0  # white = known
+        mask = read_image(mask_path, m.resolution, 1).to(device).float()[None] / 255.0  # white = known
         mask = (mask > 0.5).to(x.dtype).expand(args.n, m.in_channels, -1, -1)
-        out = inpaint(run.diffusion, model, x, mask, generator=gens, resample=args.resample)
+        result = inpaint(run.diffusion, model, x, mask, generator=gens, resample=args.resample)
     else:
-        out = edit(run.diffusion, model, x, args.t, sampler=args.sampler, steps=args.steps, generator=gens)
-    path = save_grid(torch.cat([image, out]), args.out, nrow=args.n + 1)
+        result = edit(run.diffusion, model, x, args.t, sampler=args.sampler, steps=args.steps, generator=gens)
+    path = save_grid(torch.cat([image, result]), out, nrow=args.n + 1)
     print(f"wrote {path}: the input, then {args.n} results")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- the parser
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows every default, without "(default: None)" for options that have none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _add_run(p: argparse.ArgumentParser, what: str, *extra: str, required: bool = True) -> None:
+    p.add_argument("--run", "--run-dir", *extra, dest="run", required=required, metavar="RUN",
+                   help=f"{what} (under torchrun spell it --run-dir: torchrun takes --run for its own --run-path)")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+
+
+def _add_sampler(p: argparse.ArgumentParser, what: str = "") -> None:
+    p.add_argument("--sampler", default="ancestral", choices=SAMPLER_NAMES,
+                   help=f"{what}ancestral (the paper's 1000 steps), respaced (improved DDPM), ddim, dpmpp2m "
+                        "(DPM-Solver++(2M))")
+    p.add_argument("--steps", type=int, help=f"{what}network evaluations of the fast samplers (default: every timestep)")
+    p.add_argument("--eta", type=float, help=f"{what}DDIM's eta (default 0: deterministic; 1: stochastic)")
+    p.add_argument("--spacing", choices=SPACINGS,
+                   help=f"{what}the timestep grid: ddim and respaced take uniform (their default) or quad (denser "
+                        "near t = 0); dpmpp2m runs on logsnr")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from ddpm.config import PRESETS
 
-    p = argparse.ArgumentParser(prog="ddpm", description="Denoising Diffusion Probabilistic Models (Ho et al. 2020).")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="ddpm", description="Denoising Diffusion Probabilistic Models (Ho et al. 2020).",
+                                epilog="`ddpm COMMAND --help` for each command's options and defaults.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train a model (default: the digits preset on the CPU)")
-    t.add_argument("--preset", default="digits", choices=list(PRESETS), help="recipe (default: digits)")
-    t.add_argument("--out", required=True, help="run directory")
-    t.add_argument("--data", help="dataset path: CIFAR-10 archive or folder, image folder, LSUN LMDB")
-    t.add_argument("--steps", type=int)
-    t.add_argument("--batch-size", type=int, help="global batch size")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--ckpt-every", type=int)
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    def command(name: str, what: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=what, description=what, formatter_class=_Formatter, **kwargs)
+
+    t = command("train", "train a model (default: the digits preset on the CPU, a few minutes)")
+    t.add_argument("--preset", default="digits", choices=list(PRESETS), help="the recipe")
+    _add_run(t, "the run directory to write (config.json, checkpoints/, tb/, grids/, log.jsonl)", "--out")
+    t.add_argument("--data", help="dataset path: CIFAR-10 archive or folder, a folder of images, an LSUN LMDB "
+                                  "(the digits preset takes none)")
+    t.add_argument("--steps", type=int, help="optimizer steps (default: the preset's, train.steps)")
+    t.add_argument("--batch-size", type=int, help="global batch size, split across ranks (default: the preset's)")
+    t.add_argument("--seed", type=int, help="seeds weights, data order, t and noise (default: train.seed, 0)")
+    t.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default: the preset's)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
     t.add_argument("--weights-only", action="store_true", help="with --resume: accept a checkpoint without optimizer state")
-    t.add_argument("--force", action="store_true", help="start afresh in a directory that holds another run")
+    t.add_argument("--force", action="store_true", help="start afresh in a directory that holds another run "
+                                                         "(its files are moved to RUN/replaced/)")
     t.add_argument("--compile", action="store_true",
                    help="torch.compile the network (train.compile; minutes of compilation first, no gain on a CPU)")
-    t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override any configuration field")
+    t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override any configuration field, e.g. --set train.lr=1e-4 (repeatable)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
-    s = sub.add_parser("sample", help="draw samples from a run's EMA weights")
-    s.add_argument("--run", "--run-dir", dest="run", required=True,
-                   help="run directory (under torchrun spell it --run-dir: torchrun reads --run as its --run-path)")
+    s = command("sample", "draw samples from a run's EMA weights")
+    _add_run(s, "the run directory (the sampler settings come from it)")
     s.add_argument("--n", "--num-samples", dest="n", type=int, default=64,
-                   help="how many (under torchrun spell it --num-samples: torchrun reads --n as one of its options)")
-    s.add_argument("--out", required=True, help=".png (a grid) or .npz (uint8 [N, H, W, C] under arr_0)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--sampler", default="ancestral")
-    s.add_argument("--steps", type=int, help="network evaluations for the fast samplers")
-    s.add_argument("--eta", type=float, help="DDIM's eta (default 0: deterministic)")
-    s.add_argument("--spacing", choices=SPACINGS,
-                   help="the timestep grid: ddim and respaced take uniform (their default) or quad (denser near "
-                        "t = 0); dpmpp2m runs on logsnr")
+                   help="how many (under torchrun spell it --num-samples: torchrun takes --n for one of its options)")
+    s.add_argument("--out", required=True, help=".png (a grid) or .npz (uint8 [N, H, W, C] under arr_0); with "
+                                                "--progressive or --share-from a folder")
+    s.add_argument("--seed", type=int, default=0, help="sample i's noise depends on (seed, i) alone")
+    s.add_argument("--batch-size", type=int, default=64, help="samples per network call")
+    _add_sampler(s)
     s.add_argument("--class", dest="class_label", type=int, help="class to draw (class-conditional runs)")
-    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale, with --class "
+                                                               "(1: the plain conditional model)")
     s.add_argument("--raw-weights", action="store_true", help="use the raw trained weights instead of the EMA")
     s.add_argument("--progressive", action="store_true",
                    help="Figure 6: predicted x_0 along one reverse run (--out is a folder; --n samples)")
     s.add_argument("--frames", type=int, default=10, help="with --progressive: how many steps to show")
     s.add_argument("--share-from", metavar="T1,T2,...",
-                   help="Figure 7: --n samples sharing x_t for each listed t (--out is a folder)")
+                   help="Figure 7: --n samples sharing x_t for each listed 0-based timestep, e.g. 999,750,500,250 "
+                        "(--out is a folder)")
     s.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     s.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--quiet", action="store_true")
+    _add_device(s)
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_sample)
 
-    e = sub.add_parser("eval", help="the paper's evaluations: fid, bpd, rate-distortion")
-    e.add_argument("metric", choices=["fid", "bpd", "rate-distortion"])
-    e.add_argument("--run", "--run-dir", dest="run", help="run directory (the sampler settings come from it)")
-    e.add_argument("--out", help="output folder (default RUN_DIR/eval)")
-    e.add_argument("--n", "--num-samples", dest="n", type=int, help="fid: samples to generate (default 50,000); bpd: test images (default all)")
-    e.add_argument("--split", default="test", choices=["train", "test"])
-    e.add_argument("--data", help="dataset path when it differs from the run's")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--samples", help="fid: an .npz of uint8 images [N, H, W, C] made elsewhere")
-    e.add_argument("--ref", help="fid: reference images (folder or .npz); statistics are cached")
-    e.add_argument("--inception-weights", help="fid: local file of the FID Inception weights")
-    e.add_argument("--features", choices=["inception", "digits"], default="inception")
-    e.add_argument("--sampler", default="ancestral")
-    e.add_argument("--steps", type=int)
-    e.add_argument("--eta", type=float)
-    e.add_argument("--spacing", choices=SPACINGS)
-    e.add_argument("--compile", action="store_true", help="fid: " + COMPILE_HELP)
-    e.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fid: " + PRECISION_HELP)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--quiet", action="store_true")
-    e.set_defaults(func=_eval)
+    e = command("eval", "the paper's evaluations: fid, bpd, rate-distortion (`ddpm eval METRIC --help`)")
+    metrics = e.add_subparsers(dest="metric", required=True, metavar="METRIC")
 
-    i = sub.add_parser("interpolate", help="Figure 8: interpolate two images through x_t")
-    i.add_argument("--run", "--run-dir", dest="run", required=True)
+    f = metrics.add_parser("fid", formatter_class=_Formatter, help="FID, IS and KID of samples (torch-fidelity)",
+                           description="FID, IS and KID of a run's samples, or of an .npz made elsewhere")
+    _add_run(f, "the run to sample from (its sampler settings are used)", required=False)
+    f.add_argument("--samples", help="instead of --run: an .npz of uint8 images [N, H, W, C] under arr_0")
+    f.add_argument("--n", "--num-samples", dest="n", type=int, default=50_000, help="with --run: samples to generate")
+    f.add_argument("--ref", help="inception features: reference images (a folder, an .npz of uint8 [N, H, W, C] or "
+                                 "the CIFAR-10 archive); statistics are cached")
+    f.add_argument("--inception-weights", help="inception features: the local FID Inception weights file")
+    f.add_argument("--features", choices=["inception", "digits"], default="inception",
+                   help="inception (FID/IS/KID) or digits (the digits classifier's Frechet distance; needs no --ref)")
+    f.add_argument("--out", help="output folder (default: RUN/eval, or eval/ beside --samples)")
+    f.add_argument("--batch-size", type=int, default=64, help="images per network call")
+    f.add_argument("--seed", type=int, default=0, help="with --run: the sampling seed")
+    _add_sampler(f, "with --run: ")
+    f.add_argument("--compile", action="store_true", help="with --run: " + COMPILE_HELP)
+    f.add_argument("--precision", choices=PRECISIONS, default="fp32", help="with --run: " + PRECISION_HELP)
+    _add_device(f)
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=_eval_fid)
+
+    for name, what in (("bpd", "Table 2: the test-set NLL bound in bits/dim, with its terms per t"),
+                       ("rate-distortion", "Figure 5: rate and distortion of progressive lossy compression")):
+        b = metrics.add_parser(name, formatter_class=_Formatter, help=what, description=what)
+        _add_run(b, "the run directory")
+        b.add_argument("--split", default="test", choices=["train", "test"], help="the data set split")
+        b.add_argument("--n", "--num-samples", dest="n", type=int, help="the first N images (default: all)")
+        b.add_argument("--data", help="dataset path when it differs from the run's data.path")
+        b.add_argument("--out", help="output folder (default: RUN/eval)")
+        b.add_argument("--batch-size", type=int, default=64, help="images per network call")
+        b.add_argument("--seed", type=int, default=0, help="image i's noise depends on (seed, i) alone")
+        _add_device(b)
+        b.add_argument("--quiet", action="store_true", help="no progress bar")
+        b.set_defaults(func=_eval_bound)
+
+    i = command("interpolate", "Figure 8: interpolate two images through x_t")
+    _add_run(i, "the run directory")
     i.add_argument("--a", required=True, help="first image file")
     i.add_argument("--b", required=True, help="second image file")
     i.add_argument("--t", type=int, default=500, help="encoding timestep (0-based)")
-    i.add_argument("--steps", type=int, default=8, help="interpolation points")
+    i.add_argument("--points", "--steps", dest="points", type=int, default=8,
+                   help="interpolation points (--steps is the old spelling)")
     i.add_argument("--out", required=True, help="output folder")
-    i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--device", default="auto")
+    i.add_argument("--seed", type=int, default=0, help="the encoding and decoding noise")
+    _add_device(i)
     i.set_defaults(func=_interpolate)
 
     for name, what in (("inpaint", "fill the unknown pixels of an image (RePaint)"),
                        ("edit", "noise an image to t and denoise it (SDEdit)")):
-        q = sub.add_parser(name, help=what)
-        q.add_argument("--run", "--run-dir", dest="run", required=True)
+        q = command(name, what)
+        _add_run(q, "the run directory")
         q.add_argument("--image", required=True, help="the image file")
         if name == "inpaint":
             q.add_argument("--mask", required=True, help="mask image: white where the pixel is known, black to fill")
             q.add_argument("--resample", type=int, default=10, help="RePaint resampling rounds per step")
         else:
             q.add_argument("--t", type=int, default=500, help="noise level to edit from (0-based timestep)")
-            q.add_argument("--sampler", default="ancestral")
-            q.add_argument("--steps", type=int)
+            q.add_argument("--sampler", default="ancestral", choices=SAMPLER_NAMES, help="the reverse process")
+            q.add_argument("--steps", type=int, help="network evaluations of the fast samplers (default: every "
+                                                     "timestep up to --t)")
         q.add_argument("--n", type=int, default=4, help="how many results")
         q.add_argument("--out", required=True, help="PNG grid: the input, then the results")
-        q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--device", default="auto")
+        q.add_argument("--seed", type=int, default=0, help="result i's noise depends on (seed, i) alone")
+        _add_device(q)
         q.set_defaults(func=_inpaint_or_edit)
 
-    c = sub.add_parser("convert", help="released weights (diffusers folder or the PyTorch port) -> a run directory")
+    c = command("convert", "released weights (diffusers folder or the PyTorch port) -> a run directory")
     c.add_argument("--from", dest="from_path", required=True, help="diffusers model/pipeline folder, or a port .ckpt/.pth")
-    c.add_argument("--out", required=True, help="run directory to create")
+    _add_run(c, "the run directory to create", "--out")
     c.add_argument("--preset", help="recipe whose diffusion settings apply (default: cifar10 for 32x32, "
                    "lsun-church for 256x256)")
-    c.add_argument("--resolution", type=int, help="port files: the image size (default: inferred, the first attention level taken as 16x16)")
+    c.add_argument("--resolution", type=int, help="port files: the image size (default: inferred, the first "
+                                                  "attention level taken as 16x16)")
     c.add_argument("--step", type=int, default=0, help="training step to record (e.g. 790000)")
-    c.add_argument("--force", action="store_true")
+    c.add_argument("--force", action="store_true", help="replace a run already in the directory")
     c.set_defaults(func=_convert)
 
-    x = sub.add_parser("export", help="a run -> a diffusers DDPMPipeline folder")
-    x.add_argument("--run", "--run-dir", dest="run", required=True)
-    x.add_argument("--to", default="diffusers", choices=["diffusers"])
-    x.add_argument("out_dir")
-    x.add_argument("--raw-weights", action="store_true")
+    x = command("export", "a run -> a diffusers DDPMPipeline folder")
+    _add_run(x, "the run directory")
+    x.add_argument("--to", default="diffusers", choices=["diffusers"], help="the format")
+    x.add_argument("--out", help="the pipeline folder to write")
+    x.add_argument("out_dir", nargs="?", help=argparse.SUPPRESS)  # the old positional spelling of --out
+    x.add_argument("--raw-weights", action="store_true", help="export the raw trained weights instead of the EMA")
     x.set_defaults(func=_export)
     return p
 
@@ -333,19 +477,20 @@ def main(argv: list[str] | None = None) -> int:
     from ddpm.runtime import keep_freed_memory
 
     keep_freed_memory()  # large tensors reused without page faults (see there); DDPM_KEEP_FREED_MEMORY=0: off
+    name = args.command + (f" {args.metric}" if args.command == "eval" else "")
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
-        print(f"ddpm {args.command}: configuration error: {e}", file=sys.stderr)
+        print(f"ddpm {name}: configuration error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (OSError, ValueError) as e:  # missing or unreadable files, bad values (ConversionError too)
-        print(f"ddpm {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        print(f"ddpm {name}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except RuntimeError as e:
         from ddpm.checkpoint import CheckpointError
-        from ddpm.train import TrainingError
+        from ddpm.train import TrainingDiverged, TrainingError
 
         if not isinstance(e, (CheckpointError, TrainingError)):
             raise
-        print(f"ddpm {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        print(f"ddpm {name}: error: {e}", file=sys.stderr)
+        return EXIT_FAILED if isinstance(e, TrainingDiverged) else EXIT_USAGE

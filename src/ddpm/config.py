@@ -130,11 +130,22 @@ def _large(name: str, dataset: str, hflip: bool, steps: int) -> Config:
     )
 
 
+# Your own folder of images (README, "Train on your own images"): centre-cropped and resized to
+# model.resolution; a CIFAR-10-like network at half the width, for 32x32 by default.
+FOLDER = Config(
+    preset="folder",
+    model=ModelConfig(ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, resolution=32),
+    data=DataConfig(dataset="folder", hflip=True),
+    train=TrainConfig(steps=200_000, batch_size=64, lr=2e-4, warmup=1000, ema_decay=0.9995, sample_every=10_000,
+                      ckpt_every=5000),
+)
+
 # Flips: the paper flips every data set but LSUN bedroom; its code also turns them off for LSUN cat. We follow
 # the code that produced the released models: flips on for CelebA-HQ and church, off for bedroom and cat.
 PRESETS: dict[str, Config] = {
     "digits": DIGITS,
     "cifar10": CIFAR10,
+    "folder": FOLDER,
     "celebahq256": _large("celebahq256", "folder", True, 500_000),
     "lsun-bedroom": _large("lsun-bedroom", "lmdb", False, 2_400_000),
     "lsun-church": _large("lsun-church", "lmdb", True, 1_200_000),

@@ -53,7 +53,12 @@ EXIT_SIGTERM, EXIT_SIGINT = 143, 130
 
 
 class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite steps in a row, an incompatible resume); the message says why."""
+    """A run that cannot start or go on as asked (an incompatible resume, a missing checkpoint); the message
+    says why."""
+
+
+class TrainingDiverged(TrainingError):
+    """Training stopped by train.max_bad_steps non-finite steps in a row; the last good checkpoint is intact."""
 
 
 def build_optimizer(params, lr: float, eps: float, device: torch.device) -> torch.optim.Adam:
@@ -358,7 +363,7 @@ class Trainer:
                     if self.dist.main:
                         print(msg, file=sys.stderr)
                     if self.bad_in_a_row >= cfg.max_bad_steps:
-                        raise TrainingError(f"{self.bad_in_a_row} non-finite steps in a row; stopping. The last good "
+                        raise TrainingDiverged(f"{self.bad_in_a_row} non-finite steps in a row; stopping. The last good "
                                             f"checkpoint in {self.ckpt_dir} is intact")
                 if self.dist.main:
                     log.write(json.dumps({"step": s, **info}) + "\n")
