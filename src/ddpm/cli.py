@@ -7,9 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from ddpm.modes import Precision, Spacing, values
+
 EXIT_USAGE = 2
-SPACINGS = ("uniform", "quad")  # ddpm.sampling.SPACINGS, spelled here so that parsing imports no torch
-PRECISIONS = ("fp32", "bf16", "fp16")  # ddpm.train.AMP_DTYPES
+SPACINGS = values(Spacing)  # --spacing's choices (ddpm.modes imports no torch; the package's __init__ does)
+PRECISIONS = values(Precision)  # --precision's choices
 PRECISION_HELP = "the network's precision: autocast to bf16 (CPU or GPU) or fp16 (GPU); the sampler stays float32"
 COMPILE_HELP = "torch.compile the network, on a GPU as CUDA graphs (minutes of compilation first; no gain on a CPU)"
 

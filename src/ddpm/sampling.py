@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from ddpm.diffusion import GaussianDiffusion, Generator, Model, randn
+from ddpm.modes import Spacing, values
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -25,7 +26,7 @@ Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 # ---------------------------------------------------------------------------------------------- shared pieces
 
 
-SPACINGS = ("uniform", "quad")
+SPACINGS = values(Spacing)
 
 
 def timestep_subset(num_timesteps: int, steps: int | None, t_start: int | None = None,
