@@ -1,20 +1,26 @@
 """The released models' layouts: diffusers folders and the PyTorch port load into our network with the same
 outputs; export goes back to diffusers; damaged files and networks of another design are refused by name."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from ddpm import load_run
+from ddpm.config import ModelConfig, apply_overrides, preset
 from ddpm.convert import (
     ConversionError,
     diffusers_unet_config,
     export_diffusers,
     load_diffusers_unet,
     load_port_state_dict,
+    scheduler_config_for,
     unet_kwargs_from_diffusers,
+    write_run,
 )
+from ddpm.modes import Mode, VarType
 from ddpm.nn import UNet
 
 diffusers = pytest.importorskip("diffusers")
@@ -79,7 +85,8 @@ def test_cifar10_diffusers_folder_gives_the_same_outputs(tmp_path):
     ref.save_pretrained(tmp_path / "cifar")
     ours, cfg = load_diffusers_unet(tmp_path / "cifar")
     assert cfg["block_out_channels"] == [128, 256, 256, 256]
-    assert {k: ours.config[k] for k in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "resolution")} \
+    keys = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "resolution")
+    assert {k: getattr(ours.config, k) for k in keys} \
         == dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, resolution=32)
     assert not ours.training
     x, t = _inputs(32, b=1)
@@ -114,7 +121,7 @@ def test_church_layout_old_names_and_bin_file_give_the_same_outputs(tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
 
     ours, _ = load_diffusers_unet(folder)
-    assert ours.config["attn_resolutions"] == (4,) and ours.config["resolution"] == 64
+    assert ours.config.attn_resolutions == (4,) and ours.config.resolution == 64
     x, t = _inputs(64, b=2)
     with torch.no_grad():
         want = ref.double()(x, t).sample
@@ -131,13 +138,15 @@ def test_port_state_dict_infers_the_network_and_loads_exactly(tmp_path):
     ours = _randomise(UNet(3, 32, (1, 2, 2, 2), 2, (16,), 0.0, 32, out_channels=6), seed=3).eval()
     torch.save(ours.state_dict(), tmp_path / "ema_diffusion_cifar10_model.ckpt")  # the port's names are ours
     port = load_port_state_dict(tmp_path / "ema_diffusion_cifar10_model.ckpt")
-    assert port.config == ours.config | {"dropout": 0.0}  # all inferred; the image size from attention at 16x16
+    # all inferred; the image size from attention at 16x16
+    assert port.config == dataclasses.replace(ours.config, dropout=0.0)
+    assert port.out_channels == ours.out_channels == 6
     assert not port.training
     x, t = _inputs(32)
     with torch.no_grad():
         assert torch.equal(port(x.float(), t), ours(x.float(), t))
     again = load_port_state_dict(tmp_path / "ema_diffusion_cifar10_model.ckpt", resolution=64, dropout=0.1)
-    assert again.config["resolution"] == 64 and again.config["attn_resolutions"] == (32,) and again.config["dropout"] == 0.1
+    assert again.config.resolution == 64 and again.config.attn_resolutions == (32,) and again.config.dropout == 0.1
 
 
 def test_export_loads_in_diffusers_with_the_same_outputs(tmp_path):
@@ -236,3 +245,42 @@ def test_missing_config_keys_take_diffusers_defaults():
     with pytest.raises(ConversionError, match="freq_shift = 0"):
         unet_kwargs_from_diffusers(paper)
     assert unet_kwargs_from_diffusers({k: v for k, v in CIFAR10_CONFIG.items() if k != "dropout"})["dropout"] == 0.0
+
+
+@pytest.mark.parametrize("preset_name,out_channels", [("cifar10", None), ("cifar10", 6), ("lsun-church", None)])
+def test_the_network_config_round_trips_through_diffusers_config(preset_name, out_channels):
+    m = preset(preset_name).model
+    with torch.device("meta"):  # the full-size networks, without memory or initialisation
+        net = UNet.from_config(m, out_channels=out_channels)
+        back = UNet(**unet_kwargs_from_diffusers(diffusers_unet_config(net)))
+    assert type(back.config) is ModelConfig and back.config == net.config == m
+    assert back.out_channels == net.out_channels == (out_channels or m.in_channels)
+
+
+def test_a_converted_port_file_is_a_run_of_the_same_network(tmp_path):
+    ours = _randomise(UNet(1, 32, (1, 2), 2, (4,), 0.0, 8, out_channels=2), seed=5).eval()
+    torch.save(ours.state_dict(), tmp_path / "model.ckpt")
+    write_run(tmp_path / "model.ckpt", tmp_path / "run", preset_name="digits", resolution=8)
+    on_disk = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert on_disk["diffusion"]["var_type"] == "learned_range" and on_disk["diffusion"]["loss_type"] == "hybrid"
+    assert on_disk["model"] == dict(in_channels=1, ch=32, ch_mult=[1, 2], num_res_blocks=2, attn_resolutions=[4],
+                                    dropout=0.0, resolution=8, num_classes=None)
+    run = load_run(tmp_path / "run")
+    assert run.config.model == ours.config and run.model.out_channels == 2
+    assert run.diffusion.var_type is VarType.LEARNED_RANGE
+    for k, v in ours.state_dict().items():
+        assert torch.equal(run.model.state_dict()[k], v), k
+
+
+def test_scheduler_config_reads_the_typed_modes():
+    d = preset("lsun-church").diffusion  # enum members, as a validated configuration holds them
+    want = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
+            "variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0, "prediction_type": "epsilon",
+            "trained_betas": None}
+    assert scheduler_config_for(d) == want
+    assert scheduler_config_for(dataclasses.replace(d, var_type="fixedsmall", schedule="linear")) == want  # or strings
+    assert not any(isinstance(v, Mode) for v in scheduler_config_for(d).values())  # plain values for the JSON
+    with pytest.raises(ConversionError, match="^diffusers' DDPMScheduler has no 'jsd' beta schedule$"):
+        scheduler_config_for(dataclasses.replace(d, schedule="jsd"))
+    with pytest.raises(ConversionError, match="^diffusers' DDPMScheduler cannot use mean_type 'xprev'$"):
+        scheduler_config_for(apply_overrides(preset("digits"), ["diffusion.mean_type=xprev"]).diffusion)

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from ddpm.config import ConfigError, ModelConfig, preset, validate
 from ddpm.nn import UNet, timestep_embedding
 from ddpm.nn.unet import AttnBlock
 
@@ -151,7 +152,7 @@ def test_channels_last_changes_the_layout_not_the_function():
             p.add_(0.05 * torch.randn_like(p))
     plain = UNet(3, 32, (1, 2), 1, (8,), 0.0, 16, channels_last=False)
     plain.load_state_dict(fast.state_dict())
-    assert fast.channels_last and not plain.channels_last and "channels_last" not in fast.config
+    assert fast.channels_last and not plain.channels_last and not hasattr(fast.config, "channels_last")
     seen = []
     for net in (fast, plain):
         net.conv_in.register_forward_pre_hook(lambda m, args: seen.append(
@@ -193,3 +194,38 @@ def test_inference_updates_its_own_intermediates_in_place_with_the_same_result()
     # in place while still needed (a skip connection) would differ at the scale of the output
     torch.testing.assert_close(without, with_grad.detach(), rtol=1e-4, atol=1e-5)
     assert torch.equal(x, x_before)  # the caller's input is never written
+
+
+def test_from_config_is_the_keyword_network_and_keeps_its_config_typed():
+    m = ModelConfig(in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,), dropout=0.1,
+                    resolution=8, num_classes=10)
+    torch.manual_seed(3)
+    a = UNet.from_config(m, out_channels=2)
+    torch.manual_seed(3)
+    b = UNet(in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,), dropout=0.1,
+             resolution=8, out_channels=2, num_classes=10)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and len(sa) > 50
+    for k in sa:
+        assert sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]), k
+    assert any(torch.count_nonzero(v) for v in sa.values())  # the same random values, not only the zeros
+    assert type(a.config) is ModelConfig and a.config == b.config == m and a.out_channels == b.out_channels == 2
+    assert a.config is not m  # its own copy: the caller's later edits do not rewrite the network's description
+    m.ch = 64
+    assert a.config.ch == 32
+    assert UNet.from_config(preset("digits").model).out_channels == 1  # defaults to in_channels
+
+
+@pytest.mark.parametrize("field,value", [
+    ("ch", 48), ("ch", 0), ("resolution", 9), ("ch_mult", ()), ("ch_mult", (1, 0)), ("num_res_blocks", 0),
+    ("dropout", 1.0), ("attn_resolutions", (12,)), ("in_channels", 0), ("num_classes", 0),
+])
+def test_the_network_and_the_configuration_refuse_by_the_same_rule(field, value):
+    cfg = preset("digits")
+    setattr(cfg.model, field, value)
+    with pytest.raises(ConfigError) as by_config:
+        validate(cfg)
+    with pytest.raises(ConfigError) as by_network:
+        UNet.from_config(cfg.model)
+    assert str(by_config.value).startswith(f"model.{field} ")
+    assert str(by_config.value) == "model." + str(by_network.value)  # one rule (ddpm.config.check_model), two names

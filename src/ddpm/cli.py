@@ -21,11 +21,12 @@ import os
 import sys
 from pathlib import Path
 
+from ddpm.modes import Precision, Spacing, values
+
 EXIT_USAGE, EXIT_FAILED = 2, 1
-# Spelled here so that parsing imports no torch; tests hold them equal to the library's own lists.
-SAMPLER_NAMES = ("ancestral", "respaced", "ddim", "dpmpp2m")  # ddpm.sampling.SAMPLERS
-SPACINGS = ("uniform", "quad", "logsnr")  # ddpm.sampling.SPACINGS
-PRECISIONS = ("fp32", "bf16", "fp16")  # ddpm.run.AMP_DTYPES
+SAMPLER_NAMES = ("ancestral", "respaced", "ddim", "dpmpp2m")  # ddpm.sampling.SAMPLERS (a test holds them equal)
+SPACINGS = values(Spacing)  # --spacing's choices (ddpm.modes imports no torch)
+PRECISIONS = values(Precision)  # --precision's choices
 PRECISION_HELP = "the network's precision: autocast to bf16 (CPU or GPU) or fp16 (GPU); the sampler stays float32"
 COMPILE_HELP = "torch.compile the network, on a GPU as CUDA graphs (minutes of compilation first; no gain on a CPU)"
 

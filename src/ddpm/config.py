@@ -9,8 +9,20 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
+
+from ddpm.modes import (
+    BetaSchedule,
+    DatasetKind,
+    LossType,
+    MeanType,
+    Precision,
+    VarType,
+    check_diffusion_modes,
+    parse_enum,
+)
 
 
 class ConfigError(ValueError):
@@ -31,18 +43,18 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    schedule: str = "linear"  # beta schedule: linear | quad | const | jsd | cosine
+    schedule: BetaSchedule = BetaSchedule.LINEAR  # beta schedule
     num_timesteps: int = 1000  # T
     beta_start: float = 1e-4  # beta_1 of the linear / quad schedules
     beta_end: float = 0.02  # beta_T of the linear / quad schedules
-    mean_type: str = "eps"  # what the network predicts: eps | x0 | xprev
-    var_type: str = "fixedlarge"  # reverse variance: fixedlarge | fixedsmall | learned_range
-    loss_type: str = "simple"  # simple (L_simple) | kl (the bound) | hybrid (learned variances)
+    mean_type: MeanType = MeanType.EPS  # what the network predicts
+    var_type: VarType = VarType.FIXED_LARGE  # the reverse process's variances
+    loss_type: LossType = LossType.SIMPLE  # the training loss
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"  # digits | cifar10 | folder | lmdb
+    dataset: DatasetKind = DatasetKind.DIGITS  # which kind of data (ddpm.data.build_dataset)
     path: str | None = None  # where the data lies (not used for digits)
     hflip: bool = True  # random horizontal flips while training
     num_workers: int = 0  # DataLoader worker processes for decoded datasets
@@ -59,7 +71,7 @@ class TrainConfig:
     ema_decay: float = 0.9999  # EMA of the weights, updated every step
     seed: int = 0  # seeds weights, data order, flips, t and noise
     grad_accum: int = 1  # micro-batches per optimizer step (per rank)
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + gradient scaling, GPU)
+    precision: Precision = Precision.FP32  # the network's arithmetic (autocast)
     compile: bool = False  # torch.compile the network (ddpm.nn.compiled; for GPUs: no gain on a CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     class_dropout: float = 0.1  # class-conditional models: label dropped to "null" this often (CFG)
@@ -79,7 +91,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON values: the modes as their strings, as config.json and checkpoints hold them."""
+        return dataclasses.asdict(self, dict_factory=lambda items: {k: _plain(v) for k, v in items})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
@@ -112,19 +125,19 @@ class Config:
 DIGITS = Config(
     preset="digits",
     model=ModelConfig(in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,), dropout=0.0, resolution=8),
-    data=DataConfig(dataset="digits", hflip=False),  # digits are not mirror-symmetric
+    data=DataConfig(dataset=DatasetKind.DIGITS, hflip=False),  # digits are not mirror-symmetric
     train=TrainConfig(steps=2500, batch_size=64, lr=1e-3, warmup=100, ema_decay=0.999, log_every=25,
                       sample_every=1250, ckpt_every=500),
 )
 
-CIFAR10 = Config(preset="cifar10", data=DataConfig(dataset="cifar10", hflip=True))
+CIFAR10 = Config(preset="cifar10", data=DataConfig(dataset=DatasetKind.CIFAR10, hflip=True))
 
 
-def _large(name: str, dataset: str, hflip: bool, steps: int) -> Config:
+def _large(name: str, dataset: DatasetKind, hflip: bool, steps: int) -> Config:
     return Config(
         preset=name,
         model=ModelConfig(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0, resolution=256),
-        diffusion=DiffusionConfig(var_type="fixedsmall"),
+        diffusion=DiffusionConfig(var_type=VarType.FIXED_SMALL),
         data=DataConfig(dataset=dataset, hflip=hflip),
         train=TrainConfig(steps=steps, batch_size=64, lr=2e-5, warmup=5000),
     )
@@ -135,7 +148,7 @@ def _large(name: str, dataset: str, hflip: bool, steps: int) -> Config:
 FOLDER = Config(
     preset="folder",
     model=ModelConfig(ch=64, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, resolution=32),
-    data=DataConfig(dataset="folder", hflip=True),
+    data=DataConfig(dataset=DatasetKind.FOLDER, hflip=True),
     train=TrainConfig(steps=200_000, batch_size=64, lr=2e-4, warmup=1000, ema_decay=0.9995, sample_every=10_000,
                       ckpt_every=5000),
 )
@@ -146,10 +159,10 @@ PRESETS: dict[str, Config] = {
     "digits": DIGITS,
     "cifar10": CIFAR10,
     "folder": FOLDER,
-    "celebahq256": _large("celebahq256", "folder", True, 500_000),
-    "lsun-bedroom": _large("lsun-bedroom", "lmdb", False, 2_400_000),
-    "lsun-church": _large("lsun-church", "lmdb", True, 1_200_000),
-    "lsun-cat": _large("lsun-cat", "lmdb", False, 1_800_000),
+    "celebahq256": _large("celebahq256", DatasetKind.FOLDER, True, 500_000),
+    "lsun-bedroom": _large("lsun-bedroom", DatasetKind.LMDB, False, 2_400_000),
+    "lsun-church": _large("lsun-church", DatasetKind.LMDB, True, 1_200_000),
+    "lsun-cat": _large("lsun-cat", DatasetKind.LMDB, False, 1_800_000),
 }
 
 
@@ -166,6 +179,8 @@ def preset(name: str) -> Config:
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
     """Parse a `--set` string (or a JSON value) into the field's declared type, or raise naming the field."""
     origin, args = get_origin(annotation), get_args(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return parse_enum(annotation, value, name, error=ConfigError)
     if type(None) in args:  # Optional[X]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
@@ -236,36 +251,76 @@ def apply_overrides(cfg: Config, items: list[str]) -> Config:
 
 # ---------------------------------------------------------------------------------------------- validation
 
-CHOICES = {
-    "diffusion.schedule": ("linear", "quad", "const", "jsd", "cosine"),
-    "diffusion.mean_type": ("eps", "x0", "xprev"),
-    "diffusion.var_type": ("fixedlarge", "fixedsmall", "learned_range"),
-    "diffusion.loss_type": ("simple", "kl", "hybrid"),
-    "data.dataset": ("digits", "cifar10", "folder", "lmdb"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-}
+def _mode_fields() -> dict[str, type[Enum]]:
+    """Dotted field -> its enum, read from the sections' annotations (nothing listed by hand)."""
+    sections = {name: hint for name, hint in get_type_hints(Config).items() if dataclasses.is_dataclass(hint)}
+    return {f"{name}.{key}": hint for name, cls in sections.items() for key, hint in get_type_hints(cls).items()
+            if isinstance(hint, type) and issubclass(hint, Enum)}
+
+
+CHOICES: dict[str, type[Enum]] = _mode_fields()  # every mode field and its enum, e.g. "diffusion.var_type": VarType
+
+
+def _need(ok: bool, name: str, why: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{name} {why}, got {_plain(value)!r}")
+
+
+def check_model(m: ModelConfig, prefix: str = "model.") -> None:
+    """The network's rules, for `Config.validate` and for `UNet` (which passes prefix ""): raises ConfigError
+    naming the field as `prefix + name`."""
+
+    def need(ok: bool, key: str, why: str) -> None:
+        _need(ok, prefix + key, why, getattr(m, key))
+
+    for key in ("in_channels", "num_res_blocks"):
+        need(getattr(m, key) >= 1, key, "must be a positive integer")
+    need(m.ch >= 32 and m.ch % 32 == 0, "ch", "must be a positive multiple of 32 (group norm with 32 groups)")
+    need(len(m.ch_mult) >= 1 and all(c >= 1 for c in m.ch_mult), "ch_mult", "must be one or more positive integers")
+    levels = len(m.ch_mult) - 1
+    need(m.resolution >= 1 and m.resolution % (2**levels) == 0, "resolution",
+         f"must be divisible by 2^{levels} (ch_mult has {len(m.ch_mult)} levels, each but the last halves it)")
+    sizes = tuple(m.resolution // 2**i for i in range(len(m.ch_mult)))
+    # a size no level has would silently give a network without attention
+    need(all(r in sizes for r in m.attn_resolutions), "attn_resolutions",
+         f"must be feature-map sizes of the levels, {sizes} for resolution {m.resolution}")
+    need(0.0 <= m.dropout < 1.0, "dropout", "must lie in [0, 1)")
+    need(m.num_classes is None or m.num_classes >= 1, "num_classes", "must be a positive integer or none")
+
+
+def check_diffusion(d: DiffusionConfig) -> None:
+    """A training recipe's diffusion settings (modes already parsed): what GaussianDiffusion refuses
+    (`ddpm.modes.check_diffusion_modes`), and what a run asks more. Learned variances are trained by the hybrid
+    loss and predict eps (improved DDPM); GaussianDiffusion itself evaluates and samples them under any loss."""
+
+    def need(ok: bool, key: str, why: str) -> None:
+        _need(ok, f"diffusion.{key}", why, getattr(d, key))
+
+    need(d.num_timesteps >= 1, "num_timesteps", "must be a positive integer")
+    need(0 < d.beta_start <= d.beta_end < 1 or d.schedule in (BetaSchedule.JSD, BetaSchedule.COSINE), "beta_start",
+         "must satisfy 0 < beta_start <= beta_end < 1")
+    check_diffusion_modes(d.var_type, d.loss_type, prefix="diffusion.", error=ConfigError)
+    need(d.var_type is not VarType.LEARNED_RANGE or d.loss_type is LossType.HYBRID, "loss_type",
+         "must be 'hybrid' when diffusion.var_type is 'learned_range' (its VLB term trains the variances)")
+    need(d.mean_type is MeanType.EPS or d.var_type is not VarType.LEARNED_RANGE, "mean_type",
+         "must be eps with learned variances")
 
 
 def validate(cfg: Config) -> None:
-    """Range checks that need no model; raises ConfigError naming the field."""
+    """Range checks that need no model; raises ConfigError naming the field. Mode strings set directly
+    (`cfg.diffusion.var_type = "fixedsmall"`) are turned into their enum members here."""
+    for name, enum_cls in CHOICES.items():
+        section, key = name.split(".")
+        setattr(getattr(cfg, section), key, parse_enum(enum_cls, _get(cfg, name), name, error=ConfigError))
+    check_model(cfg.model)
+    check_diffusion(cfg.diffusion)
+    t = cfg.train
 
     def need(ok: bool, name: str, why: str) -> None:
-        if not ok:
-            raise ConfigError(f"{name} {why}, got {_get(cfg, name)!r}")
+        _need(ok, name, why, _get(cfg, name))
 
-    for name, choices in CHOICES.items():
-        need(_get(cfg, name) in choices, name, f"must be one of {', '.join(choices)}")
-    m, d, t = cfg.model, cfg.diffusion, cfg.train
-    for name in ("model.in_channels", "model.ch", "model.num_res_blocks", "model.resolution", "diffusion.num_timesteps",
-                 "train.steps", "train.batch_size", "train.grad_accum", "train.max_bad_steps"):
+    for name in ("train.steps", "train.batch_size", "train.grad_accum", "train.max_bad_steps"):
         need(_get(cfg, name) >= 1, name, "must be a positive integer")
-    need(len(m.ch_mult) >= 1 and all(c >= 1 for c in m.ch_mult), "model.ch_mult", "must be positive integers")
-    need(m.ch % 32 == 0, "model.ch", "must be a multiple of 32 (GroupNorm with 32 groups)")
-    levels = len(m.ch_mult) - 1
-    need(m.resolution % (2**levels) == 0, "model.resolution",
-         f"must be divisible by 2^{levels} (ch_mult has {len(m.ch_mult)} levels, each but the last halves it)")
-    need(0.0 <= m.dropout < 1.0, "model.dropout", "must lie in [0, 1)")
-    need(m.num_classes is None or m.num_classes >= 1, "model.num_classes", "must be a positive integer or none")
     need(t.lr > 0, "train.lr", "must be positive")
     need(t.warmup >= 0, "train.warmup", "must be >= 0")
     need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must lie in [0, 1)")
@@ -273,11 +328,11 @@ def validate(cfg: Config) -> None:
     need(0.0 <= t.class_dropout < 1.0, "train.class_dropout", "must lie in [0, 1)")
     for name in ("train.log_every", "train.sample_every", "train.ckpt_every"):
         need(_get(cfg, name) >= 0, name, "must be >= 0")
-    need(0 < d.beta_start <= d.beta_end < 1 or d.schedule in ("jsd", "cosine"), "diffusion.beta_start",
-         "must satisfy 0 < beta_start <= beta_end < 1")
-    need((d.loss_type == "hybrid") == (d.var_type == "learned_range"), "diffusion.loss_type",
-         "must be 'hybrid' exactly when diffusion.var_type is 'learned_range'")
-    need(d.mean_type == "eps" or d.var_type != "learned_range", "diffusion.mean_type", "must be eps with learned variances")
+
+
+def _plain(value: Any) -> Any:
+    """A mode as its string (config.json, messages); other values as they are."""
+    return value.value if isinstance(value, Enum) else value
 
 
 def _get(cfg: Config, dotted: str) -> Any:
@@ -287,4 +342,4 @@ def _get(cfg: Config, dotted: str) -> Any:
 
 def diff_configs(a: Config, b: Config, keys: tuple[str, ...]) -> list[str]:
     """Lines 'field: old -> new' for the listed dotted fields that differ."""
-    return [f"{k}: {_get(a, k)!r} -> {_get(b, k)!r}" for k in keys if _get(a, k) != _get(b, k)]
+    return [f"{k}: {_plain(_get(a, k))!r} -> {_plain(_get(b, k))!r}" for k in keys if _get(a, k) != _get(b, k)]

@@ -5,6 +5,7 @@ mis-shaped tensor is refused by name. Nothing here executes code from a file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ddpm.checkpoint import CheckpointError, safe_torch_load
+from ddpm.modes import BetaSchedule, LossType, MeanType, VarType, parse_enum
 from ddpm.nn import UNet
 from ddpm.run import save_run
 
@@ -300,21 +302,20 @@ def load_port_state_dict(path: str | Path, resolution: int | None = None, **unet
 def diffusers_unet_config(model: UNet) -> dict:
     """The UNet2DModel config.json of our network (one attention head: attention_head_dim None)."""
     c = model.config
-    if c["num_classes"] is not None:
+    if c.num_classes is not None:
         raise ConversionError("class-conditional models cannot be exported: diffusers' UNet2DModel has no null "
                               "class for classifier-free guidance")
-    res = c["resolution"]
-    down = ["AttnDownBlock2D" if res // 2**i in c["attn_resolutions"] else "DownBlock2D"
-            for i in range(len(c["ch_mult"]))]
+    res = c.resolution
+    down = ["AttnDownBlock2D" if res // 2**i in c.attn_resolutions else "DownBlock2D" for i in range(len(c.ch_mult))]
     return {
         "_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION, "act_fn": "silu",
         "add_attention": True, "attention_head_dim": None, "attn_norm_num_groups": None,
-        "block_out_channels": [c["ch"] * m for m in c["ch_mult"]], "center_input_sample": False,
+        "block_out_channels": [c.ch * m for m in c.ch_mult], "center_input_sample": False,
         "class_embed_type": None, "down_block_types": down, "downsample_padding": 0, "downsample_type": "conv",
-        "dropout": c["dropout"], "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": c["in_channels"],
-        "layers_per_block": c["num_res_blocks"], "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2D",
+        "dropout": c.dropout, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": c.in_channels,
+        "layers_per_block": c.num_res_blocks, "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2D",
         "norm_eps": 1e-6, "norm_num_groups": 32, "num_class_embeds": None, "num_train_timesteps": None,
-        "out_channels": c["out_channels"], "resnet_time_scale_shift": "default", "sample_size": res,
+        "out_channels": model.out_channels, "resnet_time_scale_shift": "default", "sample_size": res,
         "time_embedding_dim": None, "time_embedding_type": "positional",
         "up_block_types": [t.replace("Down", "Up") for t in reversed(down)], "upsample_type": "conv",
     }
@@ -358,15 +359,19 @@ def export_diffusers(unet: UNet, out_dir: str | Path, scheduler_config: dict) ->
 def scheduler_config_for(diffusion_cfg) -> dict:
     """diffusers' DDPMScheduler settings equal to a run's DiffusionConfig (refusing what it cannot express)."""
     d = diffusion_cfg
-    schedules = {"linear": "linear", "quad": "scaled_linear", "cosine": "squaredcos_cap_v2"}
-    if d.schedule not in schedules:
-        raise ConversionError(f"diffusers' DDPMScheduler has no {d.schedule!r} beta schedule")
-    variance = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small", "learned_range": "learned_range"}[d.var_type]
-    prediction = {"eps": "epsilon", "x0": "sample"}.get(d.mean_type)
+    schedule = parse_enum(BetaSchedule, d.schedule, "diffusion.schedule")
+    mean_type = parse_enum(MeanType, d.mean_type, "diffusion.mean_type")
+    schedules = {BetaSchedule.LINEAR: "linear", BetaSchedule.QUAD: "scaled_linear",
+                 BetaSchedule.COSINE: "squaredcos_cap_v2"}
+    if schedule not in schedules:
+        raise ConversionError(f"diffusers' DDPMScheduler has no {schedule.value!r} beta schedule")
+    variance = {VarType.FIXED_LARGE: "fixed_large", VarType.FIXED_SMALL: "fixed_small",
+                VarType.LEARNED_RANGE: "learned_range"}[parse_enum(VarType, d.var_type, "diffusion.var_type")]
+    prediction = {MeanType.EPS: "epsilon", MeanType.X0: "sample"}.get(mean_type)
     if prediction is None:
-        raise ConversionError(f"diffusers' DDPMScheduler cannot use mean_type {d.mean_type!r}")
+        raise ConversionError(f"diffusers' DDPMScheduler cannot use mean_type {mean_type.value!r}")
     return {"num_train_timesteps": d.num_timesteps, "beta_start": d.beta_start, "beta_end": d.beta_end,
-            "beta_schedule": schedules[d.schedule], "variance_type": variance, "clip_sample": True,
+            "beta_schedule": schedules[schedule], "variance_type": variance, "clip_sample": True,
             "clip_sample_range": 1.0, "prediction_type": prediction, "trained_betas": None}
 
 
@@ -387,13 +392,11 @@ def write_run(source: str | Path, run_dir: str | Path, preset_name: str | None =
         model, _ = load_diffusers_unet(source)
     else:
         model = load_port_state_dict(source, resolution=resolution)
-    c = model.config
-    name = preset_name or ("cifar10" if c["resolution"] == 32 else "lsun-church")
+    name = preset_name or ("cifar10" if model.config.resolution == 32 else "lsun-church")
     cfg = preset(name)
-    cfg.model.in_channels, cfg.model.ch, cfg.model.ch_mult = c["in_channels"], c["ch"], c["ch_mult"]
-    cfg.model.num_res_blocks, cfg.model.attn_resolutions = c["num_res_blocks"], c["attn_resolutions"]
-    cfg.model.resolution = c["resolution"]
-    if c["out_channels"] == 2 * c["in_channels"]:
-        cfg.diffusion.var_type, cfg.diffusion.loss_type = "learned_range", "hybrid"
+    # the network's fields; dropout (not in the weights) and num_classes (none converts) stay the preset's
+    cfg.model = dataclasses.replace(model.config, dropout=cfg.model.dropout, num_classes=cfg.model.num_classes)
+    if model.out_channels == 2 * model.config.in_channels:
+        cfg.diffusion.var_type, cfg.diffusion.loss_type = VarType.LEARNED_RANGE, LossType.HYBRID
     sd = model.state_dict()  # both the raw and the EMA weights are the file's
     return save_run(run_dir, cfg, step, sd, sd, extra={"converted_from": str(source)}, keep=1, write_config=True)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddpm.modes import DatasetKind, parse_enum
+
 DIGITS_TEST_FRACTION = 0.5  # the digits split: two halves, so "real train vs real test" is the quality floor
 DIGITS_SPLIT_SEED = 0
 
@@ -392,11 +394,8 @@ class LmdbImageDataset(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------------------------------------- choosing one
 
-DATASETS = ("digits", "cifar10", "folder", "lmdb")
-
-
 def build_dataset(
-    name: str, path: str | None, resolution: int, split: str = "train", channels: int = 3
+    name: DatasetKind | str, path: str | None, resolution: int, split: str = "train", channels: int = 3
 ) -> torch.utils.data.Dataset:
     """The dataset a run trains on; each item is (uint8 image [C, H, W], int label, -1 when none).
 
@@ -404,24 +403,24 @@ def build_dataset(
     ([3, 32, 32], `split` "train" or "test"); "folder": `ImageFolderDataset`; "lmdb": `LmdbImageDataset`, or
     `ImageFolderDataset` when `path` is a folder of images rather than an LMDB.
     """
-    if name == "digits":
+    kind = parse_enum(DatasetKind, name, "data.dataset")
+    if kind is DatasetKind.DIGITS:
         images, labels = load_digits(split)
         return TensorImageDataset(images, labels)
-    if name not in DATASETS:
-        raise ValueError(f"data.dataset must be one of {', '.join(DATASETS)}; got {name!r}")
     if not path:
-        raise FileNotFoundError(f"data.dataset {name!r} needs --data PATH" + (f": {_CIFAR_HELP}" if name == "cifar10" else ""))
-    if name == "cifar10":
+        raise FileNotFoundError(f"data.dataset {kind.value!r} needs --data PATH"
+                                + (f": {_CIFAR_HELP}" if kind is DatasetKind.CIFAR10 else ""))
+    if kind is DatasetKind.CIFAR10:
         images, labels = load_cifar10(path, split)
         return TensorImageDataset(images, labels)
     p = Path(path)
-    if name == "lmdb" and not (p / "data.mdb").is_file() and p.is_dir():
+    if kind is DatasetKind.LMDB and not (p / "data.mdb").is_file() and p.is_dir():
         try:
             return ImageFolderDataset(p, resolution, channels)
         except NoImagesError:
             raise NoImagesError(f"{p} is neither an LMDB (no data.mdb) nor a folder of images: pass --data with the "
                              "LSUN <category>_train_lmdb folder or a folder of images") from None
-    if name == "lmdb":
+    if kind is DatasetKind.LMDB:
         return LmdbImageDataset(p, resolution, channels)
     return ImageFolderDataset(p, resolution, channels)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from enum import Enum
 
 import torch
 
@@ -23,28 +22,10 @@ from ddpm.likelihood import (
     mean_flat,
     normal_kl,
 )
-from ddpm.schedule import parse_enum
+from ddpm.modes import LossType, MeanType, VarType, check_diffusion_modes, parse_enum
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _CPU = torch.device("cpu")
-
-
-class MeanType(str, Enum):
-    EPS = "eps"  # the model predicts the noise epsilon (the paper's choice, eq. 11)
-    X0 = "x0"  # the model predicts x_0
-    XPREV = "xprev"  # the model predicts the posterior mean of x_{t-1} directly
-
-
-class VarType(str, Enum):
-    FIXED_LARGE = "fixedlarge"  # sigma_t^2 = beta_t (t = 0 uses the posterior variance of t = 1)
-    FIXED_SMALL = "fixedsmall"  # sigma_t^2 = beta~_t, the posterior variance (clipped at t = 0)
-    LEARNED_RANGE = "learned_range"  # the model's second half of channels v interpolates log beta~ .. log beta
-
-
-class LossType(str, Enum):
-    SIMPLE = "simple"  # L_simple (eq. 14): MSE on the mean_type target, t uniform
-    KL = "kl"  # the true variational bound term L_t (eq. 5, L_0 from eq. 13), bits/dim
-    HYBRID = "hybrid"  # improved DDPM: L_simple + hybrid_lambda * L_vlb, the VLB term trains only the variance
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: == on tensors is elementwise, identity is what matters
@@ -133,9 +114,9 @@ class GaussianDiffusion:
 
     Args:
         betas: float [T] (converted to float64), e.g. `beta_schedule("linear", 1000)`.
-        mean_type: what the model predicts ("eps", "x0", "xprev").
-        var_type: the reverse variances ("fixedlarge", "fixedsmall", "learned_range").
-        loss_type: the training loss ("simple", "kl", "hybrid").
+        mean_type: what the model predicts (a `ddpm.modes.MeanType` or its value, e.g. "eps").
+        var_type: the reverse variances (a `VarType` or its value, e.g. "fixedlarge").
+        loss_type: the training loss (a `LossType` or its value, e.g. "simple"; "hybrid" needs learned_range).
         hybrid_lambda: weight of L_vlb in the hybrid loss (improved DDPM uses 0.001).
     """
 
@@ -150,8 +131,7 @@ class GaussianDiffusion:
         self.mean_type = parse_enum(MeanType, mean_type, "mean_type")
         self.var_type = parse_enum(VarType, var_type, "var_type")
         self.loss_type = parse_enum(LossType, loss_type, "loss_type")
-        if self.loss_type is LossType.HYBRID and self.var_type is not VarType.LEARNED_RANGE:
-            raise ValueError("loss_type 'hybrid' trains learned variances: it needs var_type 'learned_range'")
+        check_diffusion_modes(self.var_type, self.loss_type)
         self.hybrid_lambda = float(hybrid_lambda)
 
         betas = torch.as_tensor(betas, dtype=torch.float64).cpu()

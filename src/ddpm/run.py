@@ -25,6 +25,7 @@ from torch import nn
 from ddpm import checkpoint as ckpt
 from ddpm.config import Config, ConfigError
 from ddpm.diffusion import GaussianDiffusion, Model, StackedGenerator
+from ddpm.modes import Precision, VarType, parse_enum
 from ddpm.nn import UNet
 from ddpm.schedule import beta_schedule
 
@@ -44,28 +45,23 @@ def build_diffusion(cfg: Config) -> GaussianDiffusion:
 def build_model(cfg: Config) -> UNet:
     """The run's network; learned variances give it 2 x C output channels (the network knows no diffusion)."""
     m = cfg.model
-    out = 2 * m.in_channels if cfg.diffusion.var_type == "learned_range" else m.in_channels
-    return UNet(
-        in_channels=m.in_channels, ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
-        attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, resolution=m.resolution,
-        out_channels=out, num_classes=m.num_classes,
-    )
+    out = 2 * m.in_channels if cfg.diffusion.var_type == VarType.LEARNED_RANGE else m.in_channels
+    return UNet.from_config(m, out_channels=out)
 
 
 # ---------------------------------------------------------------------------------------------- devices, precision
 
 
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {Precision.FP32: None, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 
 
-def amp_dtype(precision: str, device: torch.device, field: str) -> torch.dtype | None:
-    """The autocast dtype of a precision name (None: float32, no autocast), refusing what `device` cannot run;
+def amp_dtype(precision: Precision | str, device: torch.device, field: str) -> torch.dtype | None:
+    """The autocast dtype of a precision (None: float32, no autocast), refusing what `device` cannot run;
     `field` names the setting in the error."""
-    if precision not in AMP_DTYPES:
-        raise ConfigError(f"{field} must be one of {', '.join(AMP_DTYPES)}; got {precision!r}")
-    if precision == "fp16" and device.type != "cuda":
+    kind = parse_enum(Precision, precision, field, error=ConfigError)
+    if kind is Precision.FP16 and device.type != "cuda":
         raise ConfigError(f"{field} fp16 needs a CUDA device (use bf16 on the CPU)")
-    return AMP_DTYPES[precision]
+    return AMP_DTYPES[kind]
 
 
 def resolve_device(name: str, field: str = "--device") -> torch.device:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ddpm.diffusion import GaussianDiffusion, Generator, Model, randn
+from ddpm.modes import Spacing, values
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -31,7 +32,7 @@ Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 # ---------------------------------------------------------------------------------------------- shared pieces
 
 
-SPACINGS = ("uniform", "quad", "logsnr")  # timestep_grid's spacings
+SPACINGS = values(Spacing)  # timestep_grid's spacings
 
 
 def timestep_subset(num_timesteps: int, steps: int | None, t_start: int | None = None,

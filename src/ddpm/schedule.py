@@ -7,28 +7,10 @@ paper's code; `cosine` is improved DDPM's (Nichol & Dhariwal 2021, eq. 17).
 from __future__ import annotations
 
 import math
-from enum import Enum
 
 import torch
 
-
-class BetaSchedule(str, Enum):
-    LINEAR = "linear"  # beta_t evenly spaced from beta_start to beta_end (the paper)
-    QUAD = "quad"  # sqrt(beta_t) evenly spaced, then squared
-    CONST = "const"  # beta_t = beta_end for every t
-    JSD = "jsd"  # beta_t = 1 / (T - t): 1/T, 1/(T-1), ..., 1
-    COSINE = "cosine"  # abar_t = cos^2(((t/T + s) / (1 + s)) pi / 2), betas capped at max_beta
-
-
-def parse_enum(enum_cls: type[Enum], value: object, field: str) -> Enum:
-    """Accept an enum member or its string value; anything else is a ValueError naming the choices."""
-    if isinstance(value, enum_cls):
-        return value
-    try:
-        return enum_cls(value)
-    except ValueError:
-        choices = ", ".join(repr(m.value) for m in enum_cls)
-        raise ValueError(f"{field} must be one of {choices}; got {value!r}") from None
+from ddpm.modes import BetaSchedule, parse_enum
 
 
 def beta_schedule(
@@ -42,7 +24,7 @@ def beta_schedule(
     """The betas of the forward process as a float64 tensor [T].
 
     Args:
-        name: one of "linear", "quad", "const", "jsd", "cosine" (or a `BetaSchedule`).
+        name: a `ddpm.modes.BetaSchedule` or its value ("linear", ...).
         num_timesteps: T.
         beta_start, beta_end: end points for "linear" and "quad"; "const" uses beta_end.
         cosine_s, max_beta: the offset and the cap of the cosine schedule.

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm.config import ModelConfig, check_model
+
 from .fused import group_norm_act
 from .winograd import Conv3x3
 
@@ -143,6 +145,11 @@ class _Temb(nn.Module):
 class UNet(nn.Module):
     """The paper's noise-prediction network. `net(x [B, C, H, W], t [B]) -> [B, out_channels, H, W]`.
 
+    Built from a run's configuration with `UNet.from_config(cfg.model, out_channels)`, or from the same fields
+    as keywords. `net.config` is the network's ModelConfig (its own copy, checked by `ddpm.config.check_model`)
+    and `net.out_channels` the one setting outside it: the caller derives it from the diffusion (2 x
+    in_channels for learned variances), so the network stays ignorant of it.
+
     Args:
         in_channels: image channels.
         ch: base width (a multiple of 32: group norm uses 32 groups).
@@ -176,32 +183,14 @@ class UNet(nn.Module):
         super().__init__()
         ch_mult = tuple(int(c) for c in ch_mult)
         attn_resolutions = tuple(int(r) for r in attn_resolutions)
+        self.config = ModelConfig(in_channels=in_channels, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+                                  attn_resolutions=attn_resolutions, dropout=dropout, resolution=resolution,
+                                  num_classes=num_classes)
+        check_model(self.config, prefix="")  # the rules a run's configuration is validated by
         out_channels = in_channels if out_channels is None else out_channels
-        if in_channels < 1:
-            raise ValueError(f"in_channels must be a positive integer; got {in_channels}")
         if out_channels < 1:
             raise ValueError(f"out_channels must be a positive integer or None; got {out_channels}")
-        if ch < 32 or ch % 32:
-            raise ValueError(f"ch must be a positive multiple of 32 (group norm with 32 groups); got {ch}")
-        if not ch_mult or any(c < 1 for c in ch_mult):
-            raise ValueError(f"ch_mult must be one or more positive integers; got {ch_mult}")
-        if num_res_blocks < 1:
-            raise ValueError(f"num_res_blocks must be >= 1; got {num_res_blocks}")
-        if resolution < 1 or resolution % (2 ** (len(ch_mult) - 1)):
-            raise ValueError(f"resolution {resolution} must be divisible by 2^{len(ch_mult) - 1} "
-                             f"(ch_mult has {len(ch_mult)} levels, each but the last halves it)")
-        level_sizes = [resolution // 2**i for i in range(len(ch_mult))]
-        if any(r not in level_sizes for r in attn_resolutions):
-            # a size no level has would silently give a network without attention
-            raise ValueError(f"attn_resolutions {attn_resolutions} must be feature-map sizes of the levels, "
-                             f"{tuple(level_sizes)} for resolution {resolution}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1); got {dropout}")
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer or None; got {num_classes}")
-        self.config = dict(in_channels=in_channels, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-                           attn_resolutions=attn_resolutions, dropout=dropout, resolution=resolution,
-                           out_channels=out_channels, num_classes=num_classes)
+        self.out_channels = out_channels
         self.ch, self.num_classes = ch, num_classes
         self.channels_last = bool(channels_last)
         self.num_res_blocks = num_res_blocks
@@ -252,6 +241,14 @@ class UNet(nn.Module):
         self.reset_parameters()
         self.set_winograd(winograd)
         self.set_fused_norm(fused_norm)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, out_channels: int | None = None) -> UNet:
+        """The network a ModelConfig describes, with `out_channels` (default: cfg.in_channels) set by the caller.
+        `net.config` is a copy: changing `cfg` afterwards does not change it."""
+        return cls(in_channels=cfg.in_channels, ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks,
+                   attn_resolutions=cfg.attn_resolutions, dropout=cfg.dropout, resolution=cfg.resolution,
+                   out_channels=out_channels, num_classes=cfg.num_classes)
 
     def _takes_channels_last(self, x: torch.Tensor) -> bool:
         """Channels-last on the CPU in float32 and bf16 (autocast included), training and inference: it
