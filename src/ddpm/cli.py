@@ -48,9 +48,14 @@ def _need_file(path: str | None, option: str, what: str) -> Path:
 
 
 def _writable_out(path: str | Path, option: str = "--out") -> Path:
-    """`path` can be created: its nearest existing parent is a writable folder (nothing is created here)."""
+    """`path` can be written: an existing writable file or folder, or its nearest existing parent is a writable
+    folder (nothing is created here)."""
     p = Path(path)
-    parent = p.parent if not p.exists() else p
+    if p.exists():
+        if not os.access(p, os.W_OK):
+            raise UsageError(f"{option} {path}: cannot write there (not writable)")
+        return p
+    parent = p.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
