@@ -233,3 +233,148 @@ def test_unet_takes_the_kernel_by_default_for_every_group_norm(monkeypatch, chan
     net.set_fused_norm(False)
     net(torch.randn(2, channels, 16, 16), torch.tensor([3, 400]))
     assert not calls
+
+
+# ---------------------------------------------------------------- torch's operators draw the kernel's masks
+
+
+def _both_ways(x, norm, p, seed, silu=True):
+    """(kernel's output, fallback's output, fallback's on an NCHW-contiguous copy of x), each from
+    torch.manual_seed(seed), and the generator's next draw after each: the generator must advance alike."""
+    out, after = [], []
+    for inp, fuse in ((x, True), (x, False), (x.detach().contiguous().requires_grad_(), False)):
+        torch.manual_seed(seed)
+        out.append(fused.group_norm_act(inp, norm, silu=silu, dropout=p, fused=fuse))
+        after.append(torch.randint(0, 2**62, ()))
+    assert fused.fused_applies(x, norm) and not fused.fused_applies(out[2], norm)
+    assert after[0] == after[1] == after[2]
+    return out
+
+
+@pytest.mark.parametrize("shape, groups", [((2, 9, 5, 7), 3), ((3, 15, 4, 6), 5), ((4, 64, 8, 8), 32),
+                                           ((3, 96, 24, 24), 32)])  # the last: 165,888 elements, two chunks
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torchs_operators_draw_the_kernels_masks_forward_and_backward(shape, groups, p, dtype):
+    norm = _norm(shape[1], groups)
+    x = _x(shape, dtype)
+    y_kernel, y_torch, y_nchw = _both_ways(x, norm, p, seed=7)
+    drop = y_kernel == 0
+    assert abs(drop.double().mean().item() - p) < 5 * (p * (1 - p) / drop.numel()) ** 0.5
+    assert torch.equal(y_torch == 0, drop) and torch.equal(y_nchw == 0, drop)  # bitwise the same mask
+    torch.manual_seed(7)
+    assert torch.equal(fused.dropout_mask(shape, p, fused._dropout_seed()), drop)
+    assert y_torch.is_contiguous(memory_format=torch.channels_last) and y_nchw.is_contiguous()
+    # the values to rounding (the kernel's and torch's group norm and swish round differently), and the
+    # gradients through the same mask: both equal the float64 reference that applies the kernel's mask (measured
+    # at most 3e-7 and 1.1e-6 in float32, 4.6e-3 and 8.4e-3 in bf16); with another mask they miss it by 0.66 or more
+    tol_y, tol_g = (2e-6, 1e-5) if dtype == torch.float32 else (1e-2, 2e-2)
+    ref, inputs = _reference(x, norm, keep=~drop, p=p)
+    other, other_inputs = _reference(x, norm, keep=~drop.roll(1, dims=1), p=p)
+    for y in (y_torch, y_nchw):
+        assert (y.double() - ref).abs().max() <= tol_y * ref.abs().max()
+    assert (other - ref).abs().max() > 0.3 * ref.abs().max()
+    dy = torch.randn(shape, dtype=torch.float64)
+    want = torch.autograd.grad(ref, inputs, dy)
+    for y in (y_kernel, y_torch):
+        got = torch.autograd.grad(y, [x, norm.weight, norm.bias], dy.to(dtype))
+        for name, g, w in zip(("dx", "dweight", "dbias"), got, want, strict=True):
+            err = ((g.double() - w).abs().max() / w.abs().max()).item()
+            assert err < tol_g, (name, err)
+    wrong = torch.autograd.grad(other, other_inputs, dy)
+    assert max(((g - w).abs().max() / w.abs().max()).item() for g, w in zip(wrong, want, strict=True)) > 0.3
+
+
+def test_the_mask_does_not_depend_on_the_chunks_it_is_hashed_in(monkeypatch):
+    shape = (2, 24, 7, 9)  # 3,024 elements: chunks of 1,000 end off the channel rows and leave a short one
+    whole = fused.dropout_mask(shape, 0.4, 2**64 - 5)
+    monkeypatch.setattr(fused, "_CHUNK_CPU", 1000)
+    assert torch.equal(fused.dropout_mask(shape, 0.4, 2**64 - 5), whole)
+    assert 0.3 < whole.double().mean().item() < 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.7])
+def test_torchs_operators_scale_the_survivors_as_the_kernel_does_bit_for_bit(dtype, p):
+    """Group norm made exact (eps 0, x = +-1 in a checkerboard: every group has mean 0 and variance 1; weights
+    that bf16 holds exactly, bias 0; no swish), so that both paths feed dropout the same values +-weight; then the
+    kernel's float32 multiplication by its float32 scale and torch's must agree bitwise."""
+    N, C, H, W = 3, 12, 4, 6
+    norm = nn.GroupNorm(4, C, eps=0.0)
+    with torch.no_grad():
+        norm.weight.copy_((torch.randn(C) + 1.5).bfloat16().float())
+        norm.bias.zero_()
+    n, c, h, w = torch.meshgrid(*(torch.arange(k) for k in (N, C, H, W)), indexing="ij")
+    x = (1.0 - 2.0 * ((n + c + h + w) % 2)).to(dtype).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y_kernel, y_torch, y_nchw = _both_ways(x, norm, p, seed=11, silu=False)
+    scale = torch.tensor(1 / (1 - p), dtype=torch.float32)
+    want = torch.where(y_kernel == 0, 0.0, x.detach().float() * norm.weight.detach()[:, None, None] * scale)
+    assert torch.equal(y_kernel, want.to(dtype)) and torch.equal(y_torch, y_kernel) and torch.equal(y_nchw, y_kernel)
+    # the backward pass: the gradient into dropout is the incoming one, scaled where kept and zero where dropped,
+    # bit for bit as the kernel's dropout_row computes it
+    h = torch.randn(N, C, H, W).to(dtype).requires_grad_()
+    dy = torch.randn(N, C, H, W).to(dtype)
+    torch.manual_seed(11)  # the kernel's seed again
+    (g,) = torch.autograd.grad(fused._hashed_dropout(h, p, inplace=False), h, dy)
+    assert torch.equal(g, torch.where(y_kernel == 0, 0.0, dy.float() * scale).to(dtype))
+
+
+def _train_three_steps(fused_norm, torch_masks=False, monkeypatch=None):
+    """Three Adam steps of a small UNet with dropout 0.3 on fixed random data, from fixed seeds; returns the
+    parameters before and after, flat."""
+    if torch_masks:
+        monkeypatch.setattr(fused, "_hashed_dropout", lambda h, p, inplace: F.dropout(h, p, True, inplace))
+    torch.manual_seed(0)
+    net = UNet(3, 32, (1, 2), 1, (8,), 0.3, 16)
+    net.set_fused_norm(fused_norm)
+    start = torch.cat([p.detach().flatten() for p in net.parameters()])
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, t = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 1000, (4,), generator=g)
+        loss = (net(x, t) - x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if torch_masks:
+        monkeypatch.undo()
+    return start, torch.cat([p.detach().flatten() for p in net.parameters()])
+
+
+def test_a_seeded_run_trains_the_same_weights_with_or_without_the_kernel(one_thread, monkeypatch):
+    start, kernel = _train_three_steps(True)
+    _, torchs = _train_three_steps(False)
+    _, torch_masks = _train_three_steps(False, torch_masks=True, monkeypatch=monkeypatch)
+    step = (kernel - start).norm()
+    assert step > 0.1  # the three steps moved the weights
+    # measured 2.7e-4: Adam turns a near-zero gradient's rounding into a full step (the kernel's group norm and
+    # torch's differ in the last bits), so the whole is compared. torch's own dropout masks: 0.76
+    assert (torchs - kernel).norm() < 3e-3 * step
+    assert (torch_masks - kernel).norm() > 0.3 * step
+
+
+def test_inside_a_compiled_graph_torchs_dropout_runs_without_a_graph_break():
+    norm = _norm(64)
+    x = _x((2, 64, 8, 8)).detach()
+    explained = torch._dynamo.explain(lambda x: fused.group_norm_act(x, norm, dropout=0.5))(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_the_gpu_torchs_operators_draw_the_kernels_masks():
+    norm = _norm(96)
+    x = _x((3, 96, 24, 24))
+    y_kernel, _, _ = _both_ways(x, norm, 0.3, seed=3)
+    x_gpu = x.detach().cuda().requires_grad_()
+    norm_gpu = _norm(96).cuda()
+    torch.manual_seed(3)
+    y_gpu = fused.group_norm_act(x_gpu, norm_gpu, dropout=0.3)
+    after = torch.randint(0, 2**62, ())
+    torch.manual_seed(3)
+    fused.group_norm_act(x, norm, dropout=0.3)
+    assert after == torch.randint(0, 2**62, ())
+    assert torch.equal(y_gpu.cpu() == 0, y_kernel == 0)
+    (g,) = torch.autograd.grad(y_gpu, x_gpu, torch.ones_like(y_gpu))
+    assert torch.isfinite(g).all()

@@ -1,11 +1,11 @@
 """Group norm -> swish -> dropout as one CPU kernel on channels-last tensors (forward and backward).
 
-The same function as `dropout(silu(group_norm(x)))` (dropout's mask aside: see below), computed in one pass
-over memory instead of three, with every loop running across the whole channel row. It exists because torch's
-channels-last group norm vectorises over the channels of a single group (4 or 8 in the paper's network): its
-bfloat16 backward ran 3-4x slower than the contiguous one on the machine measured, and with swish and dropout
-(a 32-bit Bernoulli draw per element, then a pass to scale) this part took 30% of a bf16 training step. Fused:
-bf16 training 1.4x, float32 1.3x (benchmarks/RESULTS.md).
+The same function as `dropout(silu(group_norm(x)))`, computed in one pass over memory instead of three, with
+every loop running across the whole channel row. It exists because torch's channels-last group norm vectorises
+over the channels of a single group (4 or 8 in the paper's network): its bfloat16 backward ran 3-4x slower than
+the contiguous one on the machine measured, and with swish and dropout (a 32-bit Bernoulli draw per element,
+then a pass to scale) this part took 30% of a bf16 training step. Fused: bf16 training 1.4x, float32 1.3x
+(benchmarks/RESULTS.md).
 
 The kernel is C (`_fused_cpu.c`), compiled on first use with the machine's C compiler for the machine's own
 instruction set (`-O3 -march=native -fopenmp`, 512-bit vectors on x86-64; about a second), cached under
@@ -15,10 +15,19 @@ or `DDPM_FUSED_CPU=0`, or anything but a float32/bfloat16 channels-last tensor o
 runs torch's own operators instead: the same function, torch's speed. `status()` says which and why. Its
 results do not depend on the number of threads (the sums run in a fixed order within a work item).
 
-Dropout: element i (its flat index in the channels-last tensor) is dropped when 32 random bits, a hash of
-(i, seed), fall below p * 2^32; the seed is drawn from torch's default generator, so `torch.manual_seed`
-reproduces the masks, but they are not the masks torch's own dropout draws. The backward pass hashes again
-instead of storing a mask.
+Dropout: element (n, c, h, w) is dropped when 32 random bits, a hash of (its flat index in the channels-last
+layout, ((n H + h) W + w) C + c, and a 64-bit seed), fall below p * 2^32; the survivors are multiplied by
+1 / (1 - p) rounded to float32. The seed is drawn from torch's default generator, so `torch.manual_seed`
+reproduces the masks. The kernel's backward pass hashes again instead of storing a mask. Where the kernel does
+not run, `dropout_mask` computes the same hash with torch's integer operators, on any device and for any
+memory layout, and the seed is drawn the same way: the masks are bitwise the kernel's and the generator advances
+alike, so a seeded run trains the same network whether or not the kernel could be built (to the last bits of
+group norm's rounding). They are not the masks `F.dropout` draws, and they cost about as much: a training step
+of the CIFAR-10 network at batch 8 with fused_norm=False took 1.01x F.dropout's time on two threads, 1.03x on
+one. Inside a torch.compile graph the kernel steps aside and so does the hash: F.dropout runs there, and the
+compiler fuses it into its generated code with its own random numbers (Inductor replaces eager's generator with
+its own, so a compiled run's masks would not match eager ones even if the hash were traced, and drawing the seed
+as eager does would break the graph at every layer).
 """
 
 from __future__ import annotations
@@ -145,8 +154,78 @@ def status() -> tuple[bool, str]:
 
 
 def _dropout_threshold(p: float) -> tuple[int, float]:
-    """(32-bit threshold below which an element is dropped, the survivors' scale 1 / (1 - p))."""
-    return min(round(p * 2.0**32), 2**32 - 1), 1.0 / (1.0 - p)
+    """(32-bit threshold below which an element is dropped, the survivors' scale 1 / (1 - p) rounded to float32,
+    as the kernel receives it)."""
+    return min(round(p * 2.0**32), 2**32 - 1), ctypes.c_float(1.0 / (1.0 - p)).value
+
+
+def _dropout_seed() -> int:
+    """The 64-bit seed of one dropout mask, drawn from torch's default CPU generator (one draw: the kernel and
+    `dropout_mask`'s callers advance the generator alike, whatever the device of the tensor)."""
+    return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) % 2**64
+
+
+# splitmix64's constants (the kernel's drop_bits), as the int64 values with the same 64 bits
+_GOLDEN, _MIX1, _MIX2 = (u - 2**64 for u in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+# dropout_mask's elements per chunk. On the CPU, chunks that stay in cache: dropout of an [8, 128, 32, 32] tensor,
+# forward and backward, measured 10-12 ms with the mask in one piece (fresh 8 MB buffers, page faults, every pass
+# from memory) and 8.7 ms in chunks of 2^15 to 2^18 elements on one thread of the EPYC (F.dropout 5.2 ms); on two
+# 6.6-7.3 against 4.9 ms (F.dropout 5.0). The largest of those, for the fewest parallel regions. Elsewhere (a GPU)
+# large ones, for few launches, bounded for the temporaries' memory (64 MB).
+_CHUNK_CPU, _CHUNK_OTHER = 2**18, 2**22
+
+
+def _int64(u: int) -> int:
+    """The int64 with the bits of the 64-bit unsigned integer u (mod 2^64)."""
+    u %= 2**64
+    return u - 2**64 if u >= 2**63 else u
+
+
+def dropout_mask(shape: tuple[int, int, int, int], p: float, seed: int,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """The kernel's dropout mask for an [N, C, H, W] tensor: True where the element is dropped.
+
+    The kernel's drop_bits with torch's int64 operators: z = seed + i * golden, two xor-shift-multiply rounds,
+    and the element is dropped when the top 32 bits of z ^ (z >> 31) fall below the threshold round(p * 2^32);
+    i is the element's flat index in the channels-last layout. int64 multiplication wraps as uint64's does; the
+    arithmetic right shifts are masked to logical ones, and the last unsigned comparison is a signed one with
+    both sides' top bits flipped. Returns a bool [N, C, H, W] view with channels-last strides, on `device`."""
+    N, C, H, W = shape
+    threshold = _dropout_threshold(p)[0]
+    numel = N * C * H * W
+    drop = torch.empty(numel, dtype=torch.bool, device=device)
+    chunk = min(numel, _CHUNK_CPU if torch.device(device).type == "cpu" else _CHUNK_OTHER)
+    step = torch.arange(chunk, dtype=torch.int64, device=device).mul_(_GOLDEN)  # i * golden, i from the start
+    z, t = torch.empty_like(step), torch.empty_like(step)
+    below = _int64((threshold << 32) ^ 2**63)  # bits < threshold <=> (z ^ 2^63) < (threshold << 32) ^ 2^63, signed
+    for start in range(0, numel, chunk):
+        n = min(chunk, numel - start)
+        zc, tc = z[:n], t[:n]
+        torch.add(step[:n], _int64(seed + start * _GOLDEN), out=zc)
+        for shift, mult in ((30, _MIX1), (27, _MIX2), (31, None)):
+            torch.bitwise_right_shift(zc, shift, out=tc)
+            zc.bitwise_xor_(tc.bitwise_and_(2 ** (64 - shift) - 1))
+            if mult is not None:
+                zc.mul_(mult)
+        torch.lt(zc.bitwise_xor_(-(2**63)), below, out=drop[start:start + n])
+    return drop.view(N, H, W, C).permute(0, 3, 1, 2)
+
+
+def _hashed_dropout(h: torch.Tensor, p: float, inplace: bool) -> torch.Tensor:
+    """dropout(h, p) with the kernel's mask and scale (see dropout_mask), through autograd: the backward pass
+    zeroes the gradient where the forward dropped and scales the rest by the same float32 scale. Keeps h's
+    memory format. h [N, C, H, W]."""
+    if h.dim() != 4:
+        raise ValueError(f"dropout's mask is defined for [N, C, H, W] tensors; got shape {tuple(h.shape)}")
+    threshold, scale = _dropout_threshold(p)
+    if not threshold:
+        return h  # p below 2^-33: the kernel drops nothing, scales nothing and draws no seed
+    mask = dropout_mask(tuple(h.shape), p, _dropout_seed(), h.device)
+    # scale times the value in float32 for float32 and bf16 (torch's opmath, the kernel's arithmetic); the
+    # dropped elements +0.0, as the kernel writes them
+    return (h.mul_(scale) if inplace else h * scale).masked_fill_(mask, 0.0)
 
 
 class _GroupNormAct(torch.autograd.Function):
@@ -157,7 +236,7 @@ class _GroupNormAct(torch.autograd.Function):
         w32 = weight.detach().to(torch.float32).contiguous()
         b32 = bias.detach().to(torch.float32).contiguous()
         threshold, scale = _dropout_threshold(p) if p > 0 else (0, 1.0)
-        seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) % 2**64 if threshold else 0
+        seed = _dropout_seed() if threshold else 0
         y = torch.empty_like(x, memory_format=torch.channels_last)
         mean = torch.empty(N, groups, dtype=torch.float32)
         rstd = torch.empty(N, groups, dtype=torch.float32)
@@ -204,7 +283,8 @@ def group_norm_act(x: torch.Tensor, norm: nn.GroupNorm, silu: bool = True, dropo
                    fused: bool = True) -> torch.Tensor:
     """dropout(silu(norm(x)), p=dropout) (silu=False: no swish), x [N, C, H, W]. `dropout` is the probability
     applied (pass 0 in eval mode). With fused=True and a channels-last float32/bfloat16 CPU tensor, one compiled
-    kernel; otherwise torch's operators. The output keeps x's memory format."""
+    kernel; otherwise torch's operators, and dropout with the kernel's masks (`dropout_mask`; F.dropout inside a
+    torch.compile graph). The output keeps x's memory format."""
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1); got {dropout}")
     if fused and fused_applies(x, norm):
@@ -214,4 +294,8 @@ def group_norm_act(x: torch.Tensor, norm: nn.GroupNorm, silu: bool = True, dropo
     h = norm(x)
     if silu:
         h = F.silu(h, inplace=inplace)
-    return F.dropout(h, dropout, training=True, inplace=inplace) if dropout > 0 else h
+    if dropout == 0:
+        return h
+    if torch.compiler.is_compiling():
+        return F.dropout(h, dropout, training=True, inplace=inplace)
+    return _hashed_dropout(h, dropout, inplace)

@@ -171,9 +171,9 @@ class UNet(nn.Module):
             rounding error about 1e-5 relative instead of 1e-6. Not part of `config`; `set_winograd` changes it.
         fused_norm: the residual blocks' group norm -> swish (-> dropout), the output's group norm -> swish and
             the attention blocks' group norm run as one compiled kernel on channels-last CPU tensors
-            (`ddpm.nn.fused`; torch's operators where it does not apply or cannot be built). The same function;
-            dropout draws its masks from its own hash of torch's seed. Not part of `config`; `set_fused_norm`
-            changes it.
+            (`ddpm.nn.fused`; torch's operators where it does not apply or cannot be built). The same function,
+            dropout's masks included: both paths draw them from one hash of a seed drawn from torch's generator,
+            so a seeded run trains the same weights either way. Not part of `config`; `set_fused_norm` changes it.
     """
 
     def __init__(self, in_channels: int = 3, ch: int = 128, ch_mult: tuple[int, ...] = (1, 2, 2, 2),
