@@ -119,9 +119,9 @@ def test_a_bad_mode_is_refused_with_its_field_named_everywhere(tmp_path):
 
     from ddpm.data import build_dataset
     from ddpm.diffusion import GaussianDiffusion
+    from ddpm.run import amp_dtype
     from ddpm.sampling import timestep_subset
     from ddpm.schedule import beta_schedule
-    from ddpm.run import amp_dtype
 
     betas = beta_schedule("linear", 10)
     d = preset("digits").to_dict()

@@ -169,11 +169,9 @@ def _dropout_seed() -> int:
 _GOLDEN, _MIX1, _MIX2 = (u - 2**64 for u in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 
 
-# dropout_mask's elements per chunk. On the CPU, chunks that stay in cache: dropout of an [8, 128, 32, 32] tensor,
-# forward and backward, measured 10-12 ms with the mask in one piece (fresh 8 MB buffers, page faults, every pass
-# from memory) and 8.7 ms in chunks of 2^15 to 2^18 elements on one thread of the EPYC (F.dropout 5.2 ms); on two
-# 6.6-7.3 against 4.9 ms (F.dropout 5.0). The largest of those, for the fewest parallel regions. Elsewhere (a GPU)
-# large ones, for few launches, bounded for the temporaries' memory (64 MB).
+# dropout_mask's elements per chunk. On the CPU, chunks that stay in cache (hashing a large tensor in one piece
+# measured slower: benchmarks/RESULTS.md); elsewhere (a GPU) large ones, for few launches, bounded for the
+# temporaries' memory (64 MB).
 _CHUNK_CPU, _CHUNK_OTHER = 2**18, 2**22
 
 

@@ -163,9 +163,8 @@ class UNet(nn.Module):
             classifier-free guidance) is added to the time embedding; forward takes y [B] (None -> no class).
         channels_last: on the CPU in float32 or bfloat16 (autocast included), run the network on a
             channels-last copy of x (the output is returned contiguous). Only the memory layout changes, not
-            the arithmetic. Measured (benchmarks/RESULTS.md): inference 1.17x in both dtypes on an AMD EPYC
-            machine; on an Intel Xeon with AMX, float32 training with Winograd 1.10x and bf16-autocast training
-            1.10x (on the EPYC, before Winograd, training measured 0.99x / 0.97x). Not part of `config`.
+            the arithmetic, for speed on the CPU (its measurements per machine: benchmarks/RESULTS.md).
+            Not part of `config`.
         winograd: the residual blocks' and upsamplers' 3x3 convolutions run Winograd's F(4x4, 3x3) on the CPU
             in float32 where it measured faster (`ddpm.nn.winograd.Conv3x3`): the same function with a
             rounding error about 1e-5 relative instead of 1e-6. Not part of `config`; `set_winograd` changes it.
