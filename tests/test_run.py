@@ -12,7 +12,7 @@ from ddpm.config import ConfigError, apply_overrides, preset
 from ddpm.diffusion import StackedGenerator, randn
 from ddpm.guidance import guided_model
 from ddpm.run import (
-    FORMAT_VERSION,
+    RUN_FORMAT_VERSION,
     build_diffusion,
     build_model,
     conditioned,
@@ -86,7 +86,7 @@ def test_save_run_and_load_run_round_trip(tmp_path):
     path = save_run(tmp_path / "r", cfg, 12, model.state_dict(), ema.state_dict(), extra={"note": "x"},
                     write_config=True)
     state = ckpt.load_checkpoint(path).state
-    assert state["format"] == FORMAT_VERSION and state["step"] == 12 and state["note"] == "x"
+    assert state["format"] == RUN_FORMAT_VERSION and state["step"] == 12 and state["note"] == "x"
     for use_ema, want in ((True, ema), (False, model)):
         run = load_run(tmp_path / "r", ema=use_ema)
         assert run.step == 12 and run.config.to_dict() == cfg.to_dict() and not run.model.training

@@ -29,7 +29,7 @@ from ddpm.modes import Precision, VarType, parse_enum
 from ddpm.nn import UNet
 from ddpm.schedule import beta_schedule
 
-FORMAT_VERSION = 1  # the checkpoint state's layout (its `format` field), written by every run writer
+RUN_FORMAT_VERSION = 1  # the layout of a run checkpoint's state (its `format` field; the manifest has its own)
 
 
 # ---------------------------------------------------------------------------------------------- builders
@@ -196,7 +196,7 @@ def checkpoint_contents(cfg: Config, step: int, model: dict[str, torch.Tensor], 
     if optimizer is not None:
         opt_tensors, skeleton = optimizer
         tensors.update(opt_tensors)
-    state = {"format": FORMAT_VERSION, "step": step, "config": cfg.to_dict(), "optimizer": skeleton, **(extra or {})}
+    state = {"format": RUN_FORMAT_VERSION, "step": step, "config": cfg.to_dict(), "optimizer": skeleton, **(extra or {})}
     return tensors, state
 
 
