@@ -12,7 +12,7 @@ import torch
 
 from ddpm.checkpoint import latest_checkpoint, load_checkpoint
 from ddpm.cli import main
-from ddpm.config import apply_overrides, preset
+from ddpm.config import ConfigError, apply_overrides, preset
 from ddpm.run import load_run
 from ddpm.train import Trainer, TrainingError
 
@@ -141,3 +141,16 @@ def test_weights_only_resume_is_explicit(tmp_path, capsys):
     assert "--weights-only" in capsys.readouterr().err
     assert main([*args, "--resume", "--weights-only"]) == 0
     assert load_run(run).step == 2
+
+
+def test_preview_grids_are_fast_unless_asked(tmp_path, monkeypatch):
+    """The preview grid is DDIM with eta 1 on train.preview_steps steps (one network call each), the paper's
+    ancestral sampler over all T only when train.preview asks for it."""
+    for preview, steps, want in (("ddim", 5, 5), ("ddim", 500, 40), ("ancestral", 5, 40)):  # T = 40
+        tr = Trainer(_cfg(steps=1, preview=preview, preview_steps=steps), tmp_path / f"{preview}{steps}")
+        calls, forward = [], tr.ema.forward
+        monkeypatch.setattr(tr.ema, "forward", lambda *a, c=calls, f=forward, **k: (c.append(1), f(*a, **k))[1])
+        path = tr.sample_grid(n=4)
+        assert len(calls) == want and path.is_file(), (preview, steps, len(calls))
+    with pytest.raises(ConfigError, match="train.preview must be one of 'ddim', 'ancestral'"):
+        apply_overrides(preset("digits"), ["train.preview=heun"])

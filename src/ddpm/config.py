@@ -19,6 +19,7 @@ from ddpm.modes import (
     LossType,
     MeanType,
     Precision,
+    Preview,
     VarType,
     check_diffusion_modes,
     parse_enum,
@@ -77,6 +78,8 @@ class TrainConfig:
     class_dropout: float = 0.1  # class-conditional models: label dropped to "null" this often (CFG)
     log_every: int = 50  # TensorBoard scalars every N steps
     sample_every: int = 5000  # EMA sample grid every N steps (0: never)
+    preview: Preview = Preview.DDIM  # the grids' sampler: ddim (eta 1, preview_steps) | ancestral (all T steps)
+    preview_steps: int = 50  # network evaluations per preview sample with ddim
     ckpt_every: int = 5000  # checkpoint every N steps (and at the end)
     keep_checkpoints: int = 3  # keep the last K checkpoints
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
@@ -326,6 +329,7 @@ def validate(cfg: Config) -> None:
     need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must lie in [0, 1)")
     need(t.adam_eps > 0, "train.adam_eps", "must be positive")
     need(0.0 <= t.class_dropout < 1.0, "train.class_dropout", "must lie in [0, 1)")
+    need(t.preview_steps >= 1, "train.preview_steps", "must be a positive integer")
     for name in ("train.log_every", "train.sample_every", "train.ckpt_every"):
         need(_get(cfg, name) >= 0, name, "must be >= 0")
 

@@ -62,6 +62,11 @@ class Precision(Mode):
     FP16 = "fp16"  # the network under float16 autocast with gradient scaling (CUDA only)
 
 
+class Preview(Mode):
+    DDIM = "ddim"  # DDIM with eta 1 on train.preview_steps timesteps: seconds on a CPU (the default)
+    ANCESTRAL = "ancestral"  # the paper's sampler over all T timesteps: minutes on a CPU
+
+
 class Spacing(Mode):
     UNIFORM = "uniform"  # the fast samplers' timesteps evenly spaced
     QUAD = "quad"  # quadratically spaced, denser near t = 0 (the DDIM paper's CIFAR-10 choice)

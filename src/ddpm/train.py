@@ -25,6 +25,8 @@ from torch import nn
 from ddpm import checkpoint as ckpt
 from ddpm.config import Config, ConfigError, diff_configs
 from ddpm.data import build_dataset, check_enough, to_model_range
+from ddpm.diffusion import randn
+from ddpm.modes import Preview
 from ddpm.nn.compiled import compile_network
 from ddpm.run import (
     DistInfo,
@@ -41,6 +43,7 @@ from ddpm.run import (
     split_state,
     with_labels,
 )
+from ddpm.sampling import run_sampler
 
 # Changing these makes old weights or optimizer state meaningless for the run: refuse such a resume.
 INCOMPATIBLE_ON_RESUME = (
@@ -407,7 +410,9 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self, n: int = 64) -> Path | None:
-        """A grid of EMA samples (fixed seed) in grids/; never touches the training weights or RNG streams."""
+        """A preview grid of EMA samples (fixed seed) in grids/, drawn by train.preview (DDIM with eta 1 on
+        train.preview_steps steps by default, seconds; "ancestral": all T steps, minutes on a CPU); never
+        touches the training weights or RNG streams."""
         if not self.dist.main:
             return None
         from ddpm.images import save_grid
@@ -417,7 +422,13 @@ class Trainer:
         fn = conditioned(self.ema, m.num_classes, batch=n, device=self.device)  # the null label: unconditional
         g = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
         rng_state = torch.get_rng_state()
-        x = self.diffusion.sample(fn, (n, m.in_channels, m.resolution, m.resolution), generator=g, device=self.device)
+        x_T = randn((n, m.in_channels, m.resolution, m.resolution), g, self.device)
+        t = self.cfg.train
+        if t.preview == Preview.ANCESTRAL:
+            x = run_sampler("ancestral", self.diffusion, fn, x_T, generator=g)
+        else:  # eta 1: on digits the nearest of the fast samplers to the 1000-step quality (benchmarks/RESULTS.md)
+            steps = min(t.preview_steps, self.diffusion.num_timesteps)
+            x = run_sampler("ddim", self.diffusion, fn, x_T, steps=steps, eta=1.0, generator=g)
         torch.set_rng_state(rng_state)
         path = self.run_dir / "grids" / f"step_{self.step:09d}.png"
         save_grid(x, path)
