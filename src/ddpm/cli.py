@@ -37,9 +37,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import torch
-
-    from ddpm.generate import SampleOptions, assemble, generate_to_parts
+    from ddpm.generate import SampleOptions, sample_to_file
     from ddpm.run import init_distributed, load_run, resolve_device
 
     d = init_distributed(args.device)
@@ -63,12 +61,9 @@ def _sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         raise ValueError(f"--out must end in .png or .npz; got {out}")
-    parts = generate_to_parts(run, args.n, out, seed=args.seed, batch_size=args.batch_size, opts=opts, device=device,
-                              rank=d.rank, world=d.world, progress=not args.quiet)
-    if d.world > 1:
-        torch.distributed.barrier()
+    sample_to_file(run, args.n, out, seed=args.seed, batch_size=args.batch_size, opts=opts, device=device,
+                   rank=d.rank, world=d.world, progress=not args.quiet)  # under OUT.lock: one writer per output
     if d.main:
-        assemble(parts, args.n, out)
         print(f"wrote {args.n} samples from {args.run} (step {run.step}, {opts.sampler}) to {out}")
     return 0
 
@@ -92,7 +87,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _eval_fid(args: argparse.Namespace, out_dir: Path, device) -> int:
     import numpy as np
 
-    from ddpm.generate import SampleOptions, assemble, generate_to_parts
+    from ddpm.generate import SampleOptions, sample_to_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.samples:
@@ -108,9 +103,8 @@ def _eval_fid(args: argparse.Namespace, out_dir: Path, device) -> int:
         if not samples_path.exists():
             opts = SampleOptions(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
                                  compile=args.compile, precision=args.precision)
-            parts = generate_to_parts(run, n, samples_path, seed=args.seed, batch_size=args.batch_size, opts=opts,
-                                      device=device, progress=not args.quiet)
-            assemble(parts, n, samples_path)
+            sample_to_file(run, n, samples_path, seed=args.seed, batch_size=args.batch_size, opts=opts, device=device,
+                           progress=not args.quiet)
     samples = np.load(samples_path)["arr_0"]
     if args.features == "digits":
         from ddpm.metrics.digits import evaluate_digits
@@ -142,14 +136,14 @@ def _asdict(obj) -> dict:
 
 def _interpolate(args: argparse.Namespace) -> int:
     from ddpm import evaluate
-    from ddpm.data import read_image
+    from ddpm.images import read_input_image
     from ddpm.run import load_run, resolve_device
 
     device = resolve_device(args.device)
     run = load_run(args.run, device=device)
     m = run.config.model
-    a = read_image(args.a, m.resolution, m.in_channels)
-    b = read_image(args.b, m.resolution, m.in_channels)
+    a = read_input_image(args.a, m.resolution, m.in_channels, "--a")
+    b = read_input_image(args.b, m.resolution, m.in_channels, "--b")
     info = evaluate.interpolate(run, args.out, a, b, t=args.t, steps=args.steps, seed=args.seed, device=device)
     print(json.dumps(info, indent=2))
     return 0
@@ -179,8 +173,8 @@ def _export(args: argparse.Namespace) -> int:
 def _inpaint_or_edit(args: argparse.Namespace) -> int:
     import torch
 
-    from ddpm.data import read_image, to_model_range
-    from ddpm.images import save_grid
+    from ddpm.data import to_model_range
+    from ddpm.images import read_input_image, save_grid
     from ddpm.run import load_run, resolve_device, sample_generator
     from ddpm.sampling import check_sampler, edit, inpaint
 
@@ -189,12 +183,14 @@ def _inpaint_or_edit(args: argparse.Namespace) -> int:
         check_sampler(args.sampler, args.steps)
     run = load_run(args.run, device=device)
     m = run.config.model
-    image = to_model_range(read_image(args.image, m.resolution, m.in_channels))[None].to(device)
+    image = to_model_range(read_input_image(args.image, m.resolution, m.in_channels))[None].to(device)
+    known = read_input_image(args.mask, m.resolution, 1, "--mask", like=f"--image {args.image}") \
+        if args.command == "inpaint" else None  # white = known; checked with the image, before any work
     x = image.expand(args.n, -1, -1, -1)
     gens = sample_generator(args.seed, args.command, range(args.n), device)
     model = run.conditioned(batch=args.n)  # class-conditional runs: the null label
     if args.command == "inpaint":
-        mask = read_image(args.mask, m.resolution, 1).to(device).float()[None] / 255.0  # white = known
+        mask = known.to(device).float()[None] / 255.0
         mask = (mask > 0.5).to(x.dtype).expand(args.n, m.in_channels, -1, -1)
         out = inpaint(run.diffusion, model, x, mask, generator=gens, resample=args.resample)
     else:
@@ -333,10 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     from ddpm.runtime import keep_freed_memory
 
     keep_freed_memory()  # large tensors reused without page faults (see there); DDPM_KEEP_FREED_MEMORY=0: off
+    from ddpm.images import ImageMismatchError
+    from ddpm.lock import LockedError
+
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"ddpm {args.command}: configuration error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (LockedError, ImageMismatchError) as e:  # refused before any work: another writer, an unfit input
+        print(f"ddpm {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (OSError, ValueError) as e:  # missing or unreadable files, bad values (ConversionError too)
         print(f"ddpm {args.command}: error: {e}", file=sys.stderr)
