@@ -27,6 +27,7 @@ from ddpm.data import (
     to_rgb8,
     to_uint8,
 )
+from ddpm.images import ImageMismatchError, read_input_image
 
 
 def test_digits_split_and_levels():
@@ -250,6 +251,22 @@ def test_center_crop_and_resize(tmp_path):
     assert x.shape == (3, 16, 16) and x[0].max() == 0
     same = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     np.testing.assert_array_equal(read_image(_save(Image.fromarray(same), tmp_path / "s.png"), 16).permute(1, 2, 0).numpy(), same)
+
+
+def test_input_images_are_checked_not_resized(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    path = _save(Image.fromarray(rgb), tmp_path / "rgb.png")
+    np.testing.assert_array_equal(read_input_image(path, 6, 3).permute(1, 2, 0).numpy(), rgb)
+    with pytest.raises(ImageMismatchError, match=r"--a .*rgb.png is 6x6 \(H x W, 3 channels RGB\), but the run takes "
+                                                 r"8x8 images: resize or crop it to 8x8 first"):
+        read_input_image(path, 8, 3, "--a")
+    with pytest.raises(ImageMismatchError, match="in colour, but a 1-channel"):  # no silent luma
+        read_input_image(path, 6, 1)
+    gray = np.repeat(rgb[..., :1], 3, axis=2)  # an RGB file with R = G = B is a gray image
+    assert read_input_image(_save(Image.fromarray(gray), tmp_path / "g.png"), 6, 1).tolist() == [gray[..., 0].tolist()]
+    assert read_input_image(_save(Image.new("L", (6, 6), 9), tmp_path / "l.png"), 6, 3).unique().tolist() == [9]
+    with pytest.raises(FileNotFoundError, match="--mask .*nope.png"):
+        read_input_image(tmp_path / "nope.png", 6, 1, "--mask")
 
 
 def test_empty_folder_and_too_few_images(tmp_path):

@@ -13,6 +13,7 @@ import torch
 from ddpm import load_run
 from ddpm.checkpoint import latest_checkpoint, load_checkpoint
 from ddpm.cli import main
+from ddpm.lock import LOCK_FILE, RunLock
 
 TINY = ["--set", "model.ch=32", "--set", "model.ch_mult=1,2", "--set", "model.attn_resolutions=4",
         "--set", "diffusion.num_timesteps=40", "--set", "train.sample_every=0", "--set", "train.warmup=2",
@@ -25,12 +26,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(nproc: int, *args: str, **env: str) -> None:
+def _torchrun(nproc: int, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "ddpm", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0 or not check, res.stderr[-3000:]
+    return res
 
 
 @pytest.mark.slow
@@ -71,6 +73,20 @@ def test_two_ranks_train_like_one_process_and_resume_with_one(tmp_path):
     assert main(["sample", "--run", str(one), "--n", "10", "--batch-size", "3", "--out", str(s1), "--seed", "4", "--quiet"]) == 0
     _torchrun(2, "sample", "--run-dir", str(one), "--num-samples", "10", "--batch-size", "3", "--out", str(s2), "--seed", "4", "--quiet")
     np.testing.assert_array_equal(np.load(s1)["arr_0"], np.load(s2)["arr_0"])
+
+
+@pytest.mark.slow
+def test_two_ranks_are_refused_together_while_another_process_writes_the_run(tmp_path):
+    """Rank 0 takes the run's lock and tells the others: both exit 2 at once (no rank waits at a barrier for a
+    rank 0 that has gone), and nothing is written."""
+    run = tmp_path / "run"
+    with RunLock(run / LOCK_FILE, f"run directory {run}"):
+        res = _torchrun(2, "train", "--out", str(run), "--steps", "1", "--batch-size", "16", *TINY, check=False)
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]
+    assert res.returncode != 0
+    assert f"ddpm train: error: run directory {run} is in use by process {os.getpid()} on host " in res.stderr
+    assert f"ddpm train: error: rank 0 could not take the lock: run directory {run} is in use by process " in res.stderr
+    assert res.stderr.count("exitcode  : 2") == 2  # both ranks exited with the usage code, neither hung
 
 
 @pytest.mark.slow

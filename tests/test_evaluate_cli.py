@@ -74,6 +74,33 @@ def test_inpaint_and_edit_commands(run, tmp_path):
                  "--steps", "3", "--out", str(tmp_path / "ed.png")]) == 0
 
 
+def test_images_that_do_not_fit_the_run_are_refused_before_any_work(run, tmp_path, capsys):
+    def png(name, size, mode="L", color=0):
+        Image.new(mode, size, color).save(tmp_path / name)  # size is (W, H), Pillow's order
+        return str(tmp_path / name)
+
+    img, out = png("img.png", (8, 8)), tmp_path / "out.png"
+    cases = [  # (command, file named in the error, what the error says)
+        (["inpaint", "--image", img, "--mask", png("mask.png", (7, 5))], "--mask", "is 5x7 (H x W, 1 channel L), but "
+         f"it must be 8x8 like --image {img}: resize or crop it to 8x8 first"),
+        (["edit", "--image", png("big.png", (16, 16), "RGB")], "--image", "is 16x16 (H x W, 3 channels RGB), but the "
+         "run takes 8x8 images"),
+        (["edit", "--image", png("red.png", (8, 8), "RGB", (255, 0, 0))], "--image", "is 8x8 (H x W, 3 channels RGB) "
+         "in colour, but a 1-channel (grayscale) 8x8 image is needed"),
+        (["inpaint", "--image", img, "--mask", png("cmask.png", (8, 8), "RGB", (0, 255, 0))], "--mask", "in colour"),
+    ]
+    for args, option, says in cases:
+        capsys.readouterr()
+        assert main([args[0], "--run", str(run), *args[1:], "--out", str(out)]) == 2, args
+        err = capsys.readouterr().err
+        named = args[args.index(option) + 1]
+        assert err.startswith(f"ddpm {args[0]}: error: {option} {named} ") and says in err and err.count("\n") == 1
+        assert not out.exists()
+    capsys.readouterr()
+    assert main(["interpolate", "--run", str(run), "--a", img, "--b", png("b.png", (8, 9)), "--out", str(tmp_path / "i")]) == 2
+    assert f"--b {tmp_path / 'b.png'} is 9x8 (H x W" in capsys.readouterr().err and not (tmp_path / "i").exists()
+
+
 def test_fast_sampler_spacing_on_the_command_line(run, tmp_path, capsys):
     arrays = {}
     for spacing in ("uniform", "quad"):  # eta 1: with a barely trained net (eps ~ 0) eta 0 only rescales x_T

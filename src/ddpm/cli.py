@@ -118,9 +118,7 @@ def _sample(args: argparse.Namespace) -> int:
             share = [int(v) for v in args.share_from.split(",") if v.strip()]
         except ValueError:
             raise UsageError(f"--share-from takes comma-separated timesteps; got {args.share_from!r}") from None
-    import torch
-
-    from ddpm.generate import assemble, check_options, generate_to_parts
+    from ddpm.generate import check_options, sample_to_file
     from ddpm.run import init_distributed, load_run, resolve_device
 
     d = init_distributed(args.device)
@@ -138,12 +136,9 @@ def _sample(args: argparse.Namespace) -> int:
         return 0
     opts = _sample_options(args)
     check_options(run, opts, device)
-    parts = generate_to_parts(run, args.n, out, seed=args.seed, batch_size=args.batch_size, opts=opts, device=device,
-                              rank=d.rank, world=d.world, progress=not args.quiet)
-    if d.world > 1:
-        torch.distributed.barrier()
+    sample_to_file(run, args.n, out, seed=args.seed, batch_size=args.batch_size, opts=opts, device=device,
+                   rank=d.rank, world=d.world, progress=not args.quiet)  # under OUT.lock: one writer per output
     if d.main:
-        assemble(parts, args.n, out)
         print(f"wrote {args.n} samples from {args.run} (step {run.step}, {opts.sampler}) to {out}")
     return 0
 
@@ -180,7 +175,7 @@ def _eval_fid(args: argparse.Namespace) -> int:
     out_dir = _writable_out(args.out or default_out)
     import numpy as np
 
-    from ddpm.generate import assemble, check_options, generate_to_parts
+    from ddpm.generate import check_options, sample_to_file
     from ddpm.run import load_run, resolve_device
 
     device = resolve_device(args.device)
@@ -191,9 +186,8 @@ def _eval_fid(args: argparse.Namespace) -> int:
         samples_path = out_dir / f"samples_{args.n}_seed{args.seed}.npz"
         if not samples_path.exists():
             out_dir.mkdir(parents=True, exist_ok=True)
-            parts = generate_to_parts(run, args.n, samples_path, seed=args.seed, batch_size=args.batch_size,
-                                      opts=opts, device=device, progress=not args.quiet)
-            assemble(parts, args.n, samples_path)
+            sample_to_file(run, args.n, samples_path, seed=args.seed, batch_size=args.batch_size, opts=opts,
+                           device=device, progress=not args.quiet)
     try:
         samples = np.load(samples_path)["arr_0"]
     except (OSError, ValueError, KeyError) as e:
@@ -228,13 +222,14 @@ def _interpolate(args: argparse.Namespace) -> int:
     a, b = _need_file(args.a, "--a", "the first image"), _need_file(args.b, "--b", "the second image")
     out = _writable_out(args.out)
     from ddpm import evaluate
-    from ddpm.data import read_image
+    from ddpm.images import read_input_image
     from ddpm.run import load_run, resolve_device
 
     device = resolve_device(args.device)
     run = load_run(args.run, device=device)
     m = run.config.model
-    a_u8, b_u8 = read_image(a, m.resolution, m.in_channels), read_image(b, m.resolution, m.in_channels)
+    a_u8 = read_input_image(a, m.resolution, m.in_channels, "--a")
+    b_u8 = read_input_image(b, m.resolution, m.in_channels, "--b")
     info = evaluate.interpolate(run, out, a_u8, b_u8, t=args.t, steps=args.points, seed=args.seed, device=device)
     print(json.dumps(info, indent=2))
     return 0
@@ -275,8 +270,8 @@ def _inpaint_or_edit(args: argparse.Namespace) -> int:
         raise UsageError(f"--out must end in .png; got {out}")
     import torch
 
-    from ddpm.data import read_image, to_model_range
-    from ddpm.images import save_grid
+    from ddpm.data import to_model_range
+    from ddpm.images import read_input_image, save_grid
     from ddpm.run import load_run, resolve_device, sample_generator
     from ddpm.sampling import check_sampler, edit, inpaint
 
@@ -285,12 +280,14 @@ def _inpaint_or_edit(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     run = load_run(args.run, device=device)
     m = run.config.model
-    image = to_model_range(read_image(image_path, m.resolution, m.in_channels))[None].to(device)
+    image = to_model_range(read_input_image(image_path, m.resolution, m.in_channels))[None].to(device)
+    known = read_input_image(mask_path, m.resolution, 1, "--mask", like=f"--image {image_path}") \
+        if args.command == "inpaint" else None  # white = known; checked with the image, before any work
     x = image.expand(args.n, -1, -1, -1)
     gens = sample_generator(args.seed, args.command, range(args.n), device)
     model = run.conditioned(batch=args.n)  # class-conditional runs: the null label
     if args.command == "inpaint":
-        mask = read_image(mask_path, m.resolution, 1).to(device).float()[None] / 255.0  # white = known
+        mask = known.to(device).float()[None] / 255.0
         mask = (mask > 0.5).to(x.dtype).expand(args.n, m.in_channels, -1, -1)
         result = inpaint(run.diffusion, model, x, mask, generator=gens, resample=args.resample)
     else:
@@ -484,10 +481,16 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_freed_memory()  # large tensors reused without page faults (see there); DDPM_KEEP_FREED_MEMORY=0: off
     name = args.command + (f" {args.metric}" if args.command == "eval" else "")
+    from ddpm.images import ImageMismatchError
+    from ddpm.lock import LockedError
+
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"ddpm {name}: configuration error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (LockedError, ImageMismatchError) as e:  # refused before any work: another writer, an unfit input
+        print(f"ddpm {name}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (OSError, ValueError) as e:  # missing or unreadable files, bad values (ConversionError too)
         print(f"ddpm {name}: error: {e}", file=sys.stderr)

@@ -223,15 +223,21 @@ def decode_image(data_or_path, resolution: int, channels: int = 3) -> torch.Tens
     with Image.open(src) as img:
         img.load()
         arr = center_crop_resize(to_rgb8(img), resolution)
-    t = torch.from_numpy(arr.copy()).permute(2, 0, 1)
-    if channels == 1:  # ITU-R 601 luma, as Pillow's "L"
+    return to_channels(arr, channels)
+
+
+def to_channels(rgb: np.ndarray, channels: int) -> torch.Tensor:
+    """uint8 [H, W, 3] -> uint8 [channels, H, W]: the image itself (3) or its ITU-R 601 luma, as Pillow's "L" (1)."""
+    t = torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+    if channels == 1:
         t = (t.double() * torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)[:, None, None]).sum(0, keepdim=True)
         t = t.round().clamp(0, 255).to(torch.uint8)
     return t
 
 
 def read_image(path: str | Path, resolution: int, channels: int = 3) -> torch.Tensor:
-    """A user's image file -> uint8 [channels, resolution, resolution]; errors name the file."""
+    """A user's image file -> uint8 [channels, resolution, resolution], centre-cropped and resized as training
+    data are; errors name the file. The commands take `ddpm.images.read_input_image`, which refuses instead."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} not found")

@@ -4,6 +4,10 @@ across torchrun ranks, so that the images are the same whatever the batch size o
 Each finished batch is written at once as `<out>.parts/part_<start>_<end>.npy` (atomically); an interrupted
 run skips the parts already on disk, and the final file is assembled from the parts without holding all of
 them in memory.
+
+One writer per output: rank 0 holds `<out>.lock` (`ddpm.lock.RunLock`) while the parts and the file are
+written, so a second run on the same `out` is refused instead of sharing `<out>.parts/`; `sample_to_file`
+holds it from the first sample to the assembled file.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import os
 import zipfile
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +24,7 @@ import torch
 
 from ddpm.images import save_grid, to_nhwc_uint8
 from ddpm.nn.compiled import compile_network
-from ddpm.run import Run, amp_dtype, sample_generator
+from ddpm.run import DistInfo, Run, amp_dtype, lock_for_writing, sample_generator
 from ddpm.sampling import check_sampler, run_sampler
 
 
@@ -92,15 +97,43 @@ def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _output_lock(out: Path, rank: int, world: int) -> AbstractContextManager:
+    """`<out>.lock`, held by rank 0 (the others wait for it: `ddpm.run.lock_for_writing`); a context manager."""
+    lock = lock_for_writing(out.with_name(out.name + ".lock"), f"sampling output {out}", DistInfo(rank, world))
+    return nullcontext() if lock is None else lock
+
+
+def sample_to_file(run: Run, n: int, out: str | Path, seed: int = 0, batch_size: int = 64,
+                   opts: SampleOptions | None = None, device: str | torch.device = "cpu", rank: int = 0,
+                   world: int = 1, progress: bool = True) -> Path:
+    """`generate_to_parts` on every rank, then `assemble` on rank 0, under one hold of the output's lock (a
+    LockedError on every rank if another run writes `out`). Returns `out` (complete on rank 0's return)."""
+    out = Path(out)
+    with _output_lock(out, rank, world):
+        parts = _generate_parts(run, n, out, seed, batch_size, opts or SampleOptions(), torch.device(device), rank,
+                                world, progress)
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's parts are on disk
+        if rank == 0:
+            _assemble(parts, n, out)
+    return out
+
+
 def generate_to_parts(run: Run, n: int, out: str | Path, seed: int = 0, batch_size: int = 64,
                       opts: SampleOptions | None = None, device: str | torch.device = "cpu", rank: int = 0,
                       world: int = 1, progress: bool = True) -> Path:
     """Make samples 0..n-1 (this rank's share: batches b with b % world == rank) into `<out>.parts/`,
-    skipping parts already there. Returns the parts folder."""
-    opts = opts or SampleOptions()
-    device = torch.device(device)
+    skipping parts already there, holding the output's lock meanwhile. Returns the parts folder."""
+    out = Path(out)
+    with _output_lock(out, rank, world):
+        return _generate_parts(run, n, out, seed, batch_size, opts or SampleOptions(), torch.device(device), rank,
+                               world, progress)
+
+
+def _generate_parts(run: Run, n: int, out: Path, seed: int, batch_size: int, opts: SampleOptions,
+                    device: torch.device, rank: int, world: int, progress: bool) -> Path:
     check_options(run, opts, device)
-    parts = _parts_dir(Path(out))
+    parts = _parts_dir(out)
     parts.mkdir(parents=True, exist_ok=True)
     batches = [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     mine = [b for i, b in enumerate(batches) if i % world == rank]
@@ -122,8 +155,14 @@ def generate_to_parts(run: Run, n: int, out: str | Path, seed: int = 0, batch_si
 
 
 def assemble(parts: Path, n: int, out: str | Path) -> Path:
-    """Join the parts into `out`: .npz (uint8 [N, H, W, C] under `arr_0`, streamed) or .png (a grid)."""
+    """Join the parts into `out`: .npz (uint8 [N, H, W, C] under `arr_0`, streamed) or .png (a grid), holding
+    the output's lock meanwhile."""
     out = Path(out)
+    with _output_lock(out, 0, 1):
+        return _assemble(parts, n, out)
+
+
+def _assemble(parts: Path, n: int, out: Path) -> Path:
     files = sorted(parts.glob("part_*.npy"))
     covered = sum(int(f.stem.split("_")[2]) - int(f.stem.split("_")[1]) for f in files)
     if covered != n:

@@ -1,4 +1,5 @@
-"""Image files: grids (PNG), animated GIFs and reading a user's image, all through Pillow/torchvision."""
+"""Image files: grids (PNG), animated GIFs and reading a user's input image (checked against the run, never
+resized), all through Pillow/torchvision."""
 
 from __future__ import annotations
 
@@ -8,7 +9,44 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddpm.data import to_uint8
+from ddpm.data import to_channels, to_rgb8, to_uint8
+
+
+class ImageMismatchError(ValueError):
+    """An input image that does not fit the command; the message names the file, its shape and the one needed."""
+
+
+def read_input_image(path: str | Path, resolution: int, channels: int, what: str = "--image",
+                     like: str | None = None) -> torch.Tensor:
+    """A user's image for a run whose images are [channels, resolution, resolution] -> uint8 [channels, R, R].
+
+    Nothing is resized or cropped: an image of another height or width is refused with an ImageMismatchError
+    (`like` names the input it must match, e.g. the image an inpainting mask belongs to). For a 3-channel run
+    any colour mode is taken (gray repeated, transparency onto white: `ddpm.data.to_rgb8`); for a 1-channel
+    run (and a mask) only a gray image, every pixel R = G = B: a colour one is refused rather than reduced to
+    its luma without a word. `what` names the input in the errors (the option that gave it)."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: no such image file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb, mode, bands = to_rgb8(img), img.mode, len(img.getbands())
+    except (OSError, ValueError, SyntaxError) as e:  # Pillow's errors for a damaged or non-image file
+        raise ValueError(f"cannot read {what} {path}: {e}") from None
+    h, w = rgb.shape[:2]
+    shape = f"{h}x{w} (H x W, {bands} channel{'s' if bands > 1 else ''} {mode})"
+    if (h, w) != (resolution, resolution):
+        needed = f"it must be {resolution}x{resolution} like {like}" if like else \
+            f"the run takes {resolution}x{resolution} images"
+        raise ImageMismatchError(f"{what} {path} is {shape}, but {needed}: resize or crop it to "
+                                 f"{resolution}x{resolution} first (this command does not resize)")
+    if channels == 1 and not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+        raise ImageMismatchError(f"{what} {path} is {shape} in colour, but a 1-channel (grayscale) {resolution}x"
+                                 f"{resolution} image is needed: convert it to grayscale first (Pillow: convert('L'))")
+    return to_channels(rgb, channels)
 
 
 def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:

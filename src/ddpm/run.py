@@ -25,6 +25,7 @@ from torch import nn
 from ddpm import checkpoint as ckpt
 from ddpm.config import Config, ConfigError
 from ddpm.diffusion import GaussianDiffusion, Model, StackedGenerator
+from ddpm.lock import LockedError, RunLock
 from ddpm.modes import Precision, VarType, parse_enum
 from ddpm.nn import UNet
 from ddpm.schedule import beta_schedule
@@ -103,6 +104,27 @@ def init_distributed(device_name: str) -> DistInfo:
             torch.cuda.set_device(local)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistInfo(rank=rank, world=world, local_rank=local)
+
+
+def lock_for_writing(path: str | Path, what: str, d: DistInfo) -> RunLock | None:
+    """Rank 0 takes the `RunLock` at `path` (returned, held; the caller releases it); the other ranks get None,
+    and only once rank 0 holds it, so that no rank writes before. If rank 0 is refused, every rank raises the
+    LockedError (under torchrun all exit, instead of waiting at the next barrier). Ranks without a process
+    group (world > 1 simulated in one process) do not wait."""
+    lock, refusal = None, None
+    if d.main:
+        try:
+            lock = RunLock(path, what).acquire()
+        except LockedError as e:
+            refusal = e
+    if d.world > 1 and dist.is_initialized():
+        box = [None if refusal is None else str(refusal)]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and refusal is None:
+            refusal = LockedError(f"rank 0 could not take the lock: {box[0]}")
+    if refusal is not None:
+        raise refusal
+    return lock
 
 
 # ---------------------------------------------------------------------------------------------- randomness

@@ -26,6 +26,7 @@ from ddpm import checkpoint as ckpt
 from ddpm.config import Config, ConfigError, diff_configs
 from ddpm.data import build_dataset, check_enough, to_model_range
 from ddpm.diffusion import randn
+from ddpm.lock import LOCK_FILE
 from ddpm.modes import Preview
 from ddpm.nn.compiled import compile_network
 from ddpm.run import (
@@ -38,6 +39,7 @@ from ddpm.run import (
     derived_seed,
     generator,
     init_distributed,
+    lock_for_writing,
     resolve_device,
     save_run,
     split_state,
@@ -138,6 +140,10 @@ class Batches:
 class Trainer:
     """Runs `cfg` into `run_dir` (config.json, checkpoints/, tb/, grids/, log.jsonl).
 
+    One writer per run: rank 0 holds RUN/.lock (`ddpm.lock`) from construction to the end of `train()` (or
+    `close()`); a second Trainer on the directory is refused with a LockedError before it reads or changes
+    anything there.
+
     Args:
         resume: continue from the newest complete checkpoint (an error if there is none).
         force: start afresh in a directory that already holds a run (its checkpoints are moved aside).
@@ -159,6 +165,17 @@ class Trainer:
         self.amp_dtype = amp_dtype(t.precision, self.device, "train.precision")
 
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # one writer per run: taken before anything in the directory is read or changed, released by train()
+        self._lock = lock_for_writing(self.run_dir / LOCK_FILE, f"run directory {self.run_dir}", self.dist)
+        try:
+            self._setup(resume, force, weights_only)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, resume: bool, force: bool, weights_only: bool) -> None:
+        """The run directory, data, networks, optimizer and resumed state (under the lock)."""
+        cfg, t = self.cfg, self.cfg.train
         self._prepare_run_dir(resume, force)
 
         data = cfg.data
@@ -189,6 +206,12 @@ class Trainer:
         if t.compile:
             self.net = compile_network(self.net)
         self._stop_signal: int | None = None
+
+    def close(self) -> None:
+        """Release the run directory for another writer (train() does at its end; nothing if already done)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # ------------------------------------------------------------------ run directory
 
@@ -407,6 +430,7 @@ class Trainer:
                 writer.close()
             if log is not None:
                 log.close()
+            self.close()
 
     @torch.no_grad()
     def sample_grid(self, n: int = 64) -> Path | None:
