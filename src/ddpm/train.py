@@ -5,7 +5,8 @@ seeds live in `ddpm.run`.
 Determinism: every random choice of step k (data order, flips, class dropout, t, noise, dropout) comes from
 generators seeded by (seed, k) and drawn for the whole global batch, each rank taking its slice. So a resumed
 run repeats an uninterrupted one bit for bit, and the same run on 1 or N ranks sees the same examples with the
-same t and noise.
+same t and noise. (With diffusion.timestep_sampler importance, t also depends on the loss history of the earlier
+steps, which every rank keeps alike and the checkpoints hold.)
 """
 
 from __future__ import annotations
