@@ -3,6 +3,9 @@
 With abar = abar_t, x_t = sqrt(abar) x0 + sqrt(1 - abar) eps is Gaussian, and
     E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) m) / (abar s^2 + 1 - abar)
     E[x0  | x_t] = m + sqrt(abar) s^2 (x_t - sqrt(abar) m) / (abar s^2 + 1 - abar)
+    E[v   | x_t] = sqrt(1 - abar) (sqrt(abar) (1 - s^2) x_t - m) / (abar s^2 + 1 - abar)
+(v = sqrt(abar) eps - sqrt(1 - abar) x0 is linear in both, so E[v | x_t] = sqrt(abar) E[eps | x_t] -
+sqrt(1 - abar) E[x0 | x_t], which simplifies to the last line; it is finite at abar = 0, where it is -m)
 and the best x_{t-1} prediction is the posterior mean applied to E[x0 | x_t]. Written here from the closed
 forms (float64, from the betas alone) so it shares no code with the library.
 """
@@ -30,6 +33,8 @@ class GaussianOracle:
         denom = a * self.s**2 + 1 - a
         if self.mean_type == "eps":
             out = torch.sqrt(1 - a) * (x - torch.sqrt(a) * self.m) / denom
+        elif self.mean_type == "v":
+            out = torch.sqrt(1 - a) * (torch.sqrt(a) * (1 - self.s**2) * x - self.m) / denom
         else:
             x0 = self.m + torch.sqrt(a) * self.s**2 * (x - torch.sqrt(a) * self.m) / denom
             if self.mean_type == "x0":

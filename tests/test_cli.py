@@ -33,7 +33,7 @@ def test_every_option_has_help_and_shows_its_default():
 
     sample_help = text("sample")
     assert "(default: 64)" in sample_help and "(default: ancestral)" in sample_help
-    assert "{ancestral,respaced,ddim,dpmpp2m}" in sample_help
+    assert "{ancestral,respaced,ddim,dpmpp2m,heun}" in sample_help
     assert "(default: 500)" in text("edit")
     fid, bpd = text("eval fid"), text("eval bpd")
     assert "--inception-weights" in fid and "--inception-weights" not in bpd  # each metric its own options

@@ -6,7 +6,18 @@ import pytest
 
 from ddpm.cli import main
 from ddpm.config import CHOICES, Config, ConfigError, apply_overrides, preset, validate
-from ddpm.modes import BetaSchedule, DatasetKind, LossType, MeanType, Precision, Spacing, VarType, values
+from ddpm.modes import (
+    BetaSchedule,
+    DatasetKind,
+    LossType,
+    LossWeight,
+    MeanType,
+    Precision,
+    Spacing,
+    TimestepSampler,
+    VarType,
+    values,
+)
 
 
 def test_cifar10_preset_is_the_papers_recipe():
@@ -61,10 +72,12 @@ def test_cli_bad_config_exits_2_before_building_anything(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- modes
 
-MODE_ENUMS = {BetaSchedule, MeanType, VarType, LossType, DatasetKind, Precision}
-# a value some modes need beside them to pass validation: learned variances are trained by the hybrid loss
+MODE_ENUMS = {BetaSchedule, MeanType, VarType, LossType, DatasetKind, Precision, LossWeight, TimestepSampler}
+# a value some modes need beside them to pass validation: learned variances are trained by the hybrid loss; jsd's
+# beta_T = 1 is a zero terminal SNR, where eps is undefined
 COMPANIONS = {("diffusion.var_type", "learned_range"): ["diffusion.loss_type=hybrid"],
-              ("diffusion.loss_type", "hybrid"): ["diffusion.var_type=learned_range"]}
+              ("diffusion.loss_type", "hybrid"): ["diffusion.var_type=learned_range"],
+              ("diffusion.schedule", "jsd"): ["diffusion.mean_type=v"]}
 
 
 def test_mode_fields_are_typed_by_their_enums_and_stay_strings_in_json(tmp_path):
@@ -109,7 +122,7 @@ def test_the_other_lists_of_modes_are_the_enums():
     from ddpm import cli, run, sampling
 
     assert cli.PRECISIONS == values(Precision) == ("fp32", "bf16", "fp16")
-    assert cli.SPACINGS == sampling.SPACINGS == values(Spacing) == ("uniform", "quad", "logsnr")
+    assert cli.SPACINGS == sampling.SPACINGS == values(Spacing) == ("uniform", "quad", "logsnr", "trailing", "karras")
     assert list(run.AMP_DTYPES) == list(Precision)
     assert cli.SAMPLER_NAMES == tuple(sampling.SAMPLERS)  # the parser's copy of the sampler names
 
@@ -132,8 +145,8 @@ def test_a_bad_mode_is_refused_with_its_field_named_everywhere(tmp_path):
     c.train.precision = "fp64"
     with pytest.raises(ConfigError, match=r"^train\.precision must be one of 'fp32', 'bf16', 'fp16'; got 'fp64'$"):
         validate(c)  # set directly
-    with pytest.raises(ValueError, match="^mean_type must be one of 'eps', 'x0', 'xprev'; got 'v'$"):
-        GaussianDiffusion(betas, mean_type="v")
+    with pytest.raises(ValueError, match="^mean_type must be one of 'eps', 'x0', 'xprev', 'v'; got 'epsilon'$"):
+        GaussianDiffusion(betas, mean_type="epsilon")
     with pytest.raises(ValueError, match="^loss_type must be one of 'simple', 'kl', 'hybrid'; got 'l1'$"):
         GaussianDiffusion(betas, loss_type="l1")
     with pytest.raises(ValueError, match="^beta schedule must be one of"):
@@ -168,3 +181,40 @@ def test_the_diffusion_and_the_configuration_refuse_hybrid_by_the_same_rule():
                          "diffusion.mean_type")):
         with pytest.raises(ConfigError, match="^" + field.replace(".", r"\.") + " must be"):
             apply_overrides(preset("digits"), sets)
+
+
+def test_the_settings_past_the_paper_are_fields_validated_like_the_others():
+    """v-prediction, Min-SNR weighting, loss-aware t and zero terminal SNR (issue 21): the paper's defaults, each
+    value reaching the diffusion, and the refusals named by field, the same rules as GaussianDiffusion's."""
+    from ddpm.diffusion import GaussianDiffusion
+    from ddpm.run import build_diffusion
+    from ddpm.schedule import beta_schedule
+
+    d = preset("cifar10").diffusion
+    assert (d.loss_weight, d.min_snr_gamma, d.timestep_sampler, d.zero_terminal_snr) == ("none", 5.0, "uniform", False)
+    c = apply_overrides(preset("digits"), ["diffusion.mean_type=v", "diffusion.loss_weight=min_snr",
+                                           "diffusion.min_snr_gamma=2", "diffusion.zero_terminal_snr=true",
+                                           "diffusion.timestep_sampler=importance"])
+    assert Config.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    built = build_diffusion(c)
+    assert built.mean_type is MeanType.V and built.loss_weight is LossWeight.MIN_SNR and built.min_snr_gamma == 2.0
+    assert built.alphas_cumprod[-1] == 0 and built.betas[-1] == 1.0
+    assert build_diffusion(preset("digits")).alphas_cumprod[-1] > 0
+    for sets, message in (
+        (["diffusion.zero_terminal_snr=true"], "diffusion.mean_type 'eps' is undefined with zero terminal SNR"),
+        (["diffusion.schedule=jsd"], "diffusion.mean_type 'eps' is undefined with zero terminal SNR"),
+        (["diffusion.loss_weight=min_snr", "diffusion.loss_type=kl"], "diffusion.loss_weight 'min_snr' weights L_simple"),
+        (["diffusion.loss_weight=min_snr", "diffusion.mean_type=xprev"], "diffusion.loss_weight 'min_snr' is defined"),
+        (["diffusion.min_snr_gamma=0"], "diffusion.min_snr_gamma must be positive"),
+        (["diffusion.timestep_sampler=lossaware"], "diffusion.timestep_sampler must be one of 'uniform', 'importance'"),
+    ):
+        with pytest.raises(ConfigError, match="^" + message.replace(".", r"\.")):
+            apply_overrides(preset("digits"), sets)
+    c = preset("digits")
+    c.diffusion.zero_terminal_snr = True
+    with pytest.raises(ConfigError) as by_config:
+        validate(c)
+    with pytest.raises(ValueError) as by_diffusion:
+        GaussianDiffusion(beta_schedule("jsd", 10))
+    assert str(by_config.value) == str(by_diffusion.value).replace("mean_type", "diffusion.mean_type").replace(
+        "as zero_terminal_snr", "as diffusion.zero_terminal_snr")

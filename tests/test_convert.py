@@ -284,3 +284,17 @@ def test_scheduler_config_reads_the_typed_modes():
         scheduler_config_for(dataclasses.replace(d, schedule="jsd"))
     with pytest.raises(ConversionError, match="^diffusers' DDPMScheduler cannot use mean_type 'xprev'$"):
         scheduler_config_for(apply_overrides(preset("digits"), ["diffusion.mean_type=xprev"]).diffusion)
+
+
+def test_scheduler_config_of_v_prediction_with_zero_terminal_snr():
+    """diffusers names v "v_prediction" and rescales its betas by the same Algorithm 1 (Lin et al. 2024)."""
+    d = apply_overrides(preset("digits"), ["diffusion.mean_type=v", "diffusion.zero_terminal_snr=true"]).diffusion
+    got = scheduler_config_for(d)
+    assert got["prediction_type"] == "v_prediction" and got["rescale_betas_zero_snr"] is True
+    diffusers = pytest.importorskip("diffusers")
+    from ddpm.run import build_diffusion
+
+    sched = diffusers.DDPMScheduler(**got)
+    ours = build_diffusion(apply_overrides(preset("digits"), ["diffusion.mean_type=v", "diffusion.zero_terminal_snr=true"]))
+    torch.testing.assert_close(sched.alphas_cumprod.double(), ours.alphas_cumprod, rtol=1e-5, atol=1e-7)  # theirs: float32
+    assert sched.alphas_cumprod[-1] == 0 == ours.alphas_cumprod[-1]

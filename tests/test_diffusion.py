@@ -10,9 +10,10 @@ from oracle import GaussianOracle, abar_of, sampler_moments
 from ddpm import GaussianDiffusion, beta_schedule
 from ddpm.likelihood import discretized_gaussian_log_likelihood, normal_kl
 from ddpm.sampling import run_sampler
+from ddpm.schedule import rescale_zero_terminal_snr
 
 BETAS = beta_schedule("linear", 1000)
-PARAMS = ["eps", "x0", "xprev"]
+PARAMS = ["eps", "x0", "xprev", "v"]
 VARS = ["fixedlarge", "fixedsmall"]
 
 
@@ -149,6 +150,8 @@ def test_training_loss_matches_closed_form(mean_type):
         want = abar * S**2 / (abar * S**2 + 1 - abar)  # Var(eps | x_t)
     elif mean_type == "x0":
         want = var_x0
+    elif mean_type == "v":  # given x_t, eps = (x_t - sqrt(a) x0) / sqrt(1 - a), so v = -x0 / sqrt(1 - a) + const
+        want = var_x0 / (1 - abar)
     else:
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
         want = (BETAS * abar_prev.sqrt() / (1 - abar)) ** 2 * var_x0
@@ -540,3 +543,88 @@ def test_the_tables_on_cuda_give_the_cpu_values_over_many_interleaved_calls():
             torch.testing.assert_close(got["qmv_var"].cpu(), 1 - abar_t, rtol=1e-15, atol=0)
             torch.testing.assert_close(got["qmv_log_var"].cpu(), torch.log(1 - abar_t), rtol=1e-15, atol=0)
     assert all(len(d._device_tables) == 2 for d in ds)
+
+
+# ------------------------------------------------------------------ past the paper: v, Min-SNR, zero terminal SNR
+
+
+def test_zero_terminal_snr_rescaling_is_lin_et_al_algorithm_1():
+    zt = rescale_zero_terminal_snr(BETAS)
+    abar, old = abar_of(zt), abar_of(BETAS)
+    assert zt.dtype == torch.float64 and zt.shape == (1000,)
+    assert abar[-1] == 0 and zt[-1] == 1.0 and ((zt > 0) & (zt <= 1)).all()  # abar_T = 0 exactly, beta_T = 1
+    assert zt[0] == BETAS[0] and abar[0].sqrt() == old[0].sqrt()  # sqrt(abar_1) unchanged, bit for bit
+    # sqrt(abar_t) shifted by sqrt(abar_T) and scaled to keep sqrt(abar_1) (Algorithm 1), to float64 rounding
+    first, last = old[0].sqrt(), old[-1].sqrt()
+    torch.testing.assert_close(abar.sqrt(), (old.sqrt() - last) * first / (first - last), rtol=1e-12, atol=1e-15)
+    assert (zt[1:] > BETAS[1:]).all()  # every later step noisier: the schedule moves the whole curve down
+    d = GaussianDiffusion(zt, mean_type="v")
+    assert d.snr[-1] == 0 and d.sqrt_alphas_cumprod[0] == GaussianDiffusion(BETAS).sqrt_alphas_cumprod[0]
+    with pytest.raises(ValueError, match="T >= 2"):
+        rescale_zero_terminal_snr(torch.tensor([0.5]))
+
+
+def test_min_snr_weights_by_hand():
+    """Hang et al. 2023 with gamma = 5: the x0 error weighted min(SNR, 5); for eps and v the same weight on
+    the x0 error, divided by what the target's MSE multiplies it by (SNR, SNR + 1)."""
+    abar = abar_of(BETAS)
+    for t in (0, 100, 200, 500, 999):
+        snr = (abar[t] / (1 - abar[t])).item()
+        want = {"eps": min(snr, 5.0) / snr, "v": min(snr, 5.0) / (snr + 1), "x0": min(snr, 5.0)}
+        for mean_type, w in want.items():
+            d = GaussianDiffusion(BETAS, mean_type=mean_type, loss_weight="min_snr")
+            assert d.snr[t].item() == pytest.approx(snr, rel=1e-14)
+            assert d.loss_weights[t].item() == pytest.approx(w, rel=1e-14), (mean_type, t)
+    d = GaussianDiffusion(BETAS, mean_type="eps", loss_weight="min_snr", min_snr_gamma=1.0)
+    assert d.loss_weights[0].item() == pytest.approx(1 / (abar[0] / (1 - abar[0])).item(), rel=1e-14)
+    assert d.loss_weights[-1] == 1.0  # SNR 4e-5 < gamma: eps keeps its full weight at high noise
+    assert torch.equal(GaussianDiffusion(BETAS, mean_type="v").loss_weights, torch.ones(1000, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mean_type", ["eps", "v", "x0"])
+def test_min_snr_weights_the_simple_loss_and_leaves_the_bound_alone(mean_type):
+    x0, _ = _quantised_gaussian(0.0, 0.3, 16, 4)
+    t = torch.tensor([0, 1, 2, 5, 10, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    oracle = GaussianOracle(BETAS, 0.0, 0.3, mean_type)
+    plain = GaussianDiffusion(BETAS, mean_type=mean_type).training_losses(oracle, x0, t=t, noise=noise)
+    d = GaussianDiffusion(BETAS, mean_type=mean_type, loss_weight="min_snr")
+    weighted = d.training_losses(oracle, x0, t=t, noise=noise)
+    torch.testing.assert_close(weighted, plain * d.loss_weights[t].float(), rtol=1e-6, atol=0)
+    # hybrid: the simple part weighted, the bound term (variance only) as it was
+    def learned(x, tt):
+        return torch.cat([oracle(x, tt), torch.full_like(x, 0.3)], 1)
+
+    hybrid = {w: GaussianDiffusion(BETAS, mean_type=mean_type, var_type="learned_range", loss_type="hybrid",
+                                   loss_weight=w).training_losses(learned, x0, t=t, noise=noise) for w in ("none", "min_snr")}
+    vb = hybrid["none"] - plain
+    torch.testing.assert_close(hybrid["min_snr"], weighted + vb, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="loss_type 'kl' is the variational bound and is not reweighted"):
+        GaussianDiffusion(BETAS, mean_type=mean_type, loss_type="kl", loss_weight="min_snr")
+    with pytest.raises(ValueError, match="min_snr' is defined for mean_type 'eps', 'v' and 'x0'; got 'xprev'"):
+        GaussianDiffusion(BETAS, mean_type="xprev", loss_weight="min_snr")
+
+
+def test_the_bound_and_the_kl_loss_read_v_as_eps():
+    """The bound goes through the predicted x0: the oracle's v gives the bits/dim and the kl losses of its eps."""
+    x0, _ = _quantised_gaussian(0.0, 0.1, 64, 4)
+    t = torch.tensor([0, 1, 5, 100, 500, 999]).repeat(4)[:24]
+    noise = torch.randn(24, 4, generator=torch.Generator().manual_seed(2))
+    out = {}
+    for m in ("eps", "v"):
+        d = GaussianDiffusion(BETAS, mean_type=m, var_type="fixedsmall", loss_type="kl")
+        oracle = GaussianOracle(BETAS, 0.0, 0.1, m)
+        out[m] = (d.bpd(oracle, x0.double(), generator=torch.Generator().manual_seed(1), clip_denoised=False).total,
+                  d.training_losses(oracle, x0[:24].double(), t=t, noise=noise.double()))
+    for a, b in zip(out["eps"], out["v"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+
+
+def test_the_bound_with_zero_terminal_snr_has_no_prior_term():
+    zt = rescale_zero_terminal_snr(beta_schedule("linear", 100, 1e-3, 0.2))
+    x0, _ = _quantised_gaussian(0.0, 0.3, 32, 4)
+    for var_type in VARS:
+        d = GaussianDiffusion(zt, mean_type="v", var_type=var_type)
+        res = d.bpd(GaussianOracle(zt, 0.0, 0.3, "v"), x0, generator=torch.Generator().manual_seed(0), clip_denoised=False)
+        assert torch.equal(res.prior, torch.zeros(32, dtype=torch.float64))  # KL(N(0, 1) || N(0, 1)) = 0
+        assert torch.isfinite(res.terms).all() and 0 < res.total.mean().item() < 10

@@ -24,7 +24,7 @@ from pathlib import Path
 from ddpm.modes import Precision, Spacing, values
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
-SAMPLER_NAMES = ("ancestral", "respaced", "ddim", "dpmpp2m")  # ddpm.sampling.SAMPLERS (a test holds them equal)
+SAMPLER_NAMES = ("ancestral", "respaced", "ddim", "dpmpp2m", "heun")  # ddpm.sampling.SAMPLERS (a test holds them equal)
 SPACINGS = values(Spacing)  # --spacing's choices (ddpm.modes imports no torch)
 PRECISIONS = values(Precision)  # --precision's choices
 PRECISION_HELP = "the network's precision: autocast to bf16 (CPU or GPU) or fp16 (GPU); the sampler stays float32"
@@ -321,12 +321,14 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 def _add_sampler(p: argparse.ArgumentParser, what: str = "") -> None:
     p.add_argument("--sampler", default="ancestral", choices=SAMPLER_NAMES,
                    help=f"{what}ancestral (the paper's 1000 steps), respaced (improved DDPM), ddim, dpmpp2m "
-                        "(DPM-Solver++(2M))")
+                        "(DPM-Solver++(2M)), heun (EDM's second order: --steps grid points cost 2 x steps - 1 "
+                        "evaluations)")
     p.add_argument("--steps", type=int, help=f"{what}network evaluations of the fast samplers (default: every timestep)")
     p.add_argument("--eta", type=float, help=f"{what}DDIM's eta (default 0: deterministic; 1: stochastic)")
     p.add_argument("--spacing", choices=SPACINGS,
-                   help=f"{what}the timestep grid: ddim and respaced take uniform (their default) or quad (denser "
-                        "near t = 0); dpmpp2m runs on logsnr")
+                   help=f"{what}the timestep grid: ddim and respaced take uniform (their default), quad (denser "
+                        "near t = 0) or trailing (from T down, for zero terminal SNR); dpmpp2m runs on logsnr; heun "
+                        "on karras (its default), uniform or trailing")
 
 
 def build_parser() -> argparse.ArgumentParser:

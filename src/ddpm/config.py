@@ -17,9 +17,11 @@ from ddpm.modes import (
     BetaSchedule,
     DatasetKind,
     LossType,
+    LossWeight,
     MeanType,
     Precision,
     Preview,
+    TimestepSampler,
     VarType,
     check_diffusion_modes,
     parse_enum,
@@ -51,6 +53,10 @@ class DiffusionConfig:
     mean_type: MeanType = MeanType.EPS  # what the network predicts
     var_type: VarType = VarType.FIXED_LARGE  # the reverse process's variances
     loss_type: LossType = LossType.SIMPLE  # the training loss
+    loss_weight: LossWeight = LossWeight.NONE  # per-t weight of L_simple: none, or min_snr (Hang et al. 2023)
+    min_snr_gamma: float = 5.0  # min_snr's gamma: the SNR above which a timestep's weight stops growing
+    timestep_sampler: TimestepSampler = TimestepSampler.UNIFORM  # how training draws t (importance: improved DDPM)
+    zero_terminal_snr: bool = False  # rescale the betas to abar_T = 0 (Lin et al. 2024); needs mean_type v or x0
 
 
 @dataclass
@@ -302,7 +308,10 @@ def check_diffusion(d: DiffusionConfig) -> None:
     need(d.num_timesteps >= 1, "num_timesteps", "must be a positive integer")
     need(0 < d.beta_start <= d.beta_end < 1 or d.schedule in (BetaSchedule.JSD, BetaSchedule.COSINE), "beta_start",
          "must satisfy 0 < beta_start <= beta_end < 1")
-    check_diffusion_modes(d.var_type, d.loss_type, prefix="diffusion.", error=ConfigError)
+    need(d.min_snr_gamma > 0, "min_snr_gamma", "must be positive")
+    check_diffusion_modes(d.var_type, d.loss_type, prefix="diffusion.", error=ConfigError, mean_type=d.mean_type,
+                          loss_weight=d.loss_weight,
+                          zero_terminal_snr=d.zero_terminal_snr or d.schedule is BetaSchedule.JSD)
     need(d.var_type is not VarType.LEARNED_RANGE or d.loss_type is LossType.HYBRID, "loss_type",
          "must be 'hybrid' when diffusion.var_type is 'learned_range' (its VLB term trains the variances)")
     need(d.mean_type is MeanType.EPS or d.var_type is not VarType.LEARNED_RANGE, "mean_type",

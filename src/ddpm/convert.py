@@ -367,12 +367,15 @@ def scheduler_config_for(diffusion_cfg) -> dict:
         raise ConversionError(f"diffusers' DDPMScheduler has no {schedule.value!r} beta schedule")
     variance = {VarType.FIXED_LARGE: "fixed_large", VarType.FIXED_SMALL: "fixed_small",
                 VarType.LEARNED_RANGE: "learned_range"}[parse_enum(VarType, d.var_type, "diffusion.var_type")]
-    prediction = {MeanType.EPS: "epsilon", MeanType.X0: "sample"}.get(mean_type)
+    prediction = {MeanType.EPS: "epsilon", MeanType.X0: "sample", MeanType.V: "v_prediction"}.get(mean_type)
     if prediction is None:
         raise ConversionError(f"diffusers' DDPMScheduler cannot use mean_type {mean_type.value!r}")
-    return {"num_train_timesteps": d.num_timesteps, "beta_start": d.beta_start, "beta_end": d.beta_end,
-            "beta_schedule": schedules[schedule], "variance_type": variance, "clip_sample": True,
-            "clip_sample_range": 1.0, "prediction_type": prediction, "trained_betas": None}
+    out = {"num_train_timesteps": d.num_timesteps, "beta_start": d.beta_start, "beta_end": d.beta_end,
+           "beta_schedule": schedules[schedule], "variance_type": variance, "clip_sample": True,
+           "clip_sample_range": 1.0, "prediction_type": prediction, "trained_betas": None}
+    if getattr(d, "zero_terminal_snr", False):  # the same Algorithm 1 of Lin et al. (beta_1 equal to rounding)
+        out["rescale_betas_zero_snr"] = True
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- run directories

@@ -6,6 +6,10 @@ and the decoder term L_0 belongs to t = 0. Every method takes a callable `model(
 computed once in `__init__` (the public attributes `betas`, `alphas_cumprod`, `posterior_variance`, ...) and
 moved to a device all together on that device's first use; a method reads table[t] there, cast to the input's
 dtype.
+
+Zero terminal SNR (`ddpm.schedule.rescale_zero_terminal_snr`, or the jsd schedule) makes abar_{T-1} = 0: every
+table stays finite except sqrt_recip_alphas_cumprod and sqrt_recipm1_alphas_cumprod at t = T - 1 (1 / 0), which
+only `predict_x0_from_eps` reads unguarded there; eps prediction is refused for such betas.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from ddpm.likelihood import (
     mean_flat,
     normal_kl,
 )
-from ddpm.modes import LossType, MeanType, VarType, check_diffusion_modes, parse_enum
+from ddpm.modes import LossType, LossWeight, MeanType, VarType, check_diffusion_modes, parse_enum
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _CPU = torch.device("cpu")
@@ -49,6 +53,8 @@ class Tables:
     posterior_mean_coef2: torch.Tensor  # the x_t coefficient of mu~_t
     fixedlarge_variance: torch.Tensor  # fixedlarge's sigma_t^2: beta_t, at t = 0 beta~ of t = 1
     fixedlarge_log_variance: torch.Tensor  # its log
+    snr: torch.Tensor  # SNR_t = abar_t / (1 - abar_t); 0 at t = T with zero terminal SNR
+    loss_weights: torch.Tensor  # the weight of L_simple at t: 1, or Min-SNR-gamma's for the mean type
 
     def to(self, device: torch.device) -> Tables:
         """All the tables moved to `device` at once (the same tensors where they already lie there)."""
@@ -118,6 +124,11 @@ class GaussianDiffusion:
         var_type: the reverse variances (a `VarType` or its value, e.g. "fixedlarge").
         loss_type: the training loss (a `LossType` or its value, e.g. "simple"; "hybrid" needs learned_range).
         hybrid_lambda: weight of L_vlb in the hybrid loss (improved DDPM uses 0.001).
+        loss_weight: the per-t weight of L_simple (a `LossWeight` or its value): "none", or "min_snr" (Hang et
+            al. 2023) with `min_snr_gamma`; not for loss_type "kl" (the bound) nor mean_type "xprev".
+        min_snr_gamma: gamma of Min-SNR-gamma (their default 5).
+
+    Betas ending at beta_T = 1 (zero terminal SNR) refuse mean_type "eps" (`ddpm.modes.check_diffusion_modes`).
     """
 
     def __init__(
@@ -127,12 +138,17 @@ class GaussianDiffusion:
         var_type: VarType | str = "fixedlarge",
         loss_type: LossType | str = "simple",
         hybrid_lambda: float = 0.001,
+        loss_weight: LossWeight | str = "none",
+        min_snr_gamma: float = 5.0,
     ):
         self.mean_type = parse_enum(MeanType, mean_type, "mean_type")
         self.var_type = parse_enum(VarType, var_type, "var_type")
         self.loss_type = parse_enum(LossType, loss_type, "loss_type")
-        check_diffusion_modes(self.var_type, self.loss_type)
+        self.loss_weight = parse_enum(LossWeight, loss_weight, "loss_weight")
         self.hybrid_lambda = float(hybrid_lambda)
+        self.min_snr_gamma = float(min_snr_gamma)
+        if not self.min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be positive; got {min_snr_gamma!r}")
 
         betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
@@ -140,6 +156,9 @@ class GaussianDiffusion:
         self.num_timesteps = T = int(betas.shape[0])
         alphas = 1.0 - betas
         abar = torch.cumprod(alphas, 0)
+        self.zero_terminal_snr = bool(abar[-1] == 0)  # beta_T = 1: x_T is pure noise
+        check_diffusion_modes(self.var_type, self.loss_type, mean_type=self.mean_type, loss_weight=self.loss_weight,
+                              zero_terminal_snr=self.zero_terminal_snr)
         abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
         self.betas = betas
         self.alphas_cumprod = abar
@@ -162,6 +181,8 @@ class GaussianDiffusion:
         self.fixedlarge_variance = torch.cat([self.posterior_variance[1:2], betas[1:]]) if T > 1 else betas
         self.fixedlarge_log_variance = torch.log(self.fixedlarge_variance)
         self.log_betas = torch.log(betas)
+        self.snr = abar / (1 - abar)
+        self.loss_weights = self._loss_weights()
         # one Tables per device, the CPU's holding the attributes above, the others made on first use. Keyed by
         # the device alone, it cannot grow with the number of calls, and a name always reads its own table
         # (a cache keyed by id(table) did both wrong once temporaries were passed: ids of freed ones come back)
@@ -169,6 +190,21 @@ class GaussianDiffusion:
         self._device_tables: dict[torch.device, Tables] = {_CPU: cpu}
 
     # ---------------------------------------------------------------- helpers
+
+    def _loss_weights(self) -> torch.Tensor:
+        """The weight [T] of L_simple at each t. Min-SNR-gamma weights the x_0 error by min(SNR_t, gamma); the
+        MSE of eps is SNR_t times it and that of v (SNR_t + 1) times it, hence min(SNR, gamma) / SNR for eps
+        (written min(1, gamma / SNR): 1 at SNR = 0), min(SNR, gamma) / (SNR + 1) for v, min(SNR, gamma) for x0."""
+        if self.loss_weight is LossWeight.NONE:
+            return torch.ones_like(self.snr)
+        snr, gamma = self.snr, self.min_snr_gamma
+        if self.mean_type is MeanType.EPS:
+            return (gamma / snr).clamp(max=1.0)
+        if self.mean_type is MeanType.V:
+            return snr.clamp(max=gamma) / (snr + 1)
+        if self.mean_type is MeanType.X0:
+            return snr.clamp(max=gamma)
+        raise AssertionError(self.mean_type)  # pragma: no cover - xprev is refused by check_diffusion_modes
 
     def _tables(self, device: torch.device) -> Tables:
         """All the tables on `device` (a tensor's device, so cuda:0 rather than cuda), moved there together on
@@ -227,16 +263,39 @@ class GaussianDiffusion:
     # ---------------------------------------------------------------- reverse process
 
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (eq. 4 solved for x_0)."""
+        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (eq. 4 solved for x_0); x_t, eps [B, ...].
+        Undefined where abar_t = 0 (zero terminal SNR, t = T - 1): not finite there."""
         return self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._extract(
             "sqrt_recipm1_alphas_cumprod", t, x_t
         ) * eps
 
     def predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1 / abar_t - 1): the inverse of `predict_x0_from_eps`."""
-        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / self._extract(
+        """eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1 / abar_t - 1): the inverse of `predict_x0_from_eps`;
+        x_t, x0 [B, ...]. Where abar_t = 0 (zero terminal SNR) it is x_t itself, the limit."""
+        eps = (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / self._extract(
             "sqrt_recipm1_alphas_cumprod", t, x_t
         )
+        if self.zero_terminal_snr:  # the line above is inf / inf at abar = 0; the other schedules keep its bits
+            eps = torch.where(self._extract("alphas_cumprod", t, x_t) == 0, x_t, eps)
+        return eps
+
+    def predict_v(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, sec. 4); x0, eps [B, ...]."""
+        return self._extract("sqrt_alphas_cumprod", t, x0) * eps - self._extract(
+            "sqrt_one_minus_alphas_cumprod", t, x0
+        ) * x0
+
+    def predict_x0_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v; x_t, v [B, ...]. Finite at every t (-v at abar_t = 0)."""
+        return self._extract("sqrt_alphas_cumprod", t, x_t) * x_t - self._extract(
+            "sqrt_one_minus_alphas_cumprod", t, x_t
+        ) * v
+
+    def predict_eps_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """eps = sqrt(1 - abar_t) x_t + sqrt(abar_t) v; x_t, v [B, ...] (x_t itself at abar_t = 0)."""
+        return self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t + self._extract(
+            "sqrt_alphas_cumprod", t, x_t
+        ) * v
 
     def _predict_x0_from_xprev(self, x_t: torch.Tensor, t: torch.Tensor, xprev: torch.Tensor) -> torch.Tensor:
         # the posterior mean (eq. 7) solved for x_0
@@ -291,6 +350,8 @@ class GaussianDiffusion:
         else:
             if self.mean_type is MeanType.EPS:
                 pred_x0 = clip(self.predict_x0_from_eps(x_t, t, out))
+            elif self.mean_type is MeanType.V:
+                pred_x0 = clip(self.predict_x0_from_v(x_t, t, out))
             else:
                 pred_x0 = clip(out)
             mean, _, _ = self.q_posterior(pred_x0, x_t, t)
@@ -333,9 +394,14 @@ class GaussianDiffusion:
     ) -> torch.Tensor:
         """Per-example loss [B] for x0 [B, ...] in [-1, 1]; t ~ U{0..T-1} and noise ~ N(0, I) when None.
 
-        "simple": mean over dimensions of (target - model output)^2, the target set by mean_type (eq. 14).
-        "kl": the bound term L_t in bits/dim (KL for t > 0, the decoder NLL at t = 0).
-        "hybrid": simple + hybrid_lambda * T * L_t with the mean held fixed in L_t (improved DDPM).
+        "simple": mean over dimensions of (target - model output)^2, the target set by mean_type (eq. 14; v's
+        is sqrt(abar_t) noise - sqrt(1 - abar_t) x0), times `loss_weights[t]` (1 unless loss_weight min_snr).
+        "kl": the bound term L_t in bits/dim (KL for t > 0, the decoder NLL at t = 0); every mean_type reaches
+        it through the predicted x_0.
+        "hybrid": simple + hybrid_lambda * T * L_t with the mean held fixed in L_t (improved DDPM); min_snr
+        weights the simple part only, the bound term (which trains the variances alone) stays unweighted.
+
+        A caller that draws t itself with probabilities p_t (importance sampling) multiplies by 1 / (T p_t).
         """
         B = x0.shape[0]
         if t is None:
@@ -355,9 +421,13 @@ class GaussianDiffusion:
             target = noise
         elif self.mean_type is MeanType.X0:
             target = x0
+        elif self.mean_type is MeanType.V:
+            target = self.predict_v(x0, t, noise)
         else:
             target = self.q_posterior(x0, x_t, t)[0]
         loss = mean_flat((target - out) ** 2)
+        if self.loss_weight is not LossWeight.NONE:  # none multiplies by nothing: the paper's loss keeps its bits
+            loss = loss * self._extract("loss_weights", t, loss)
         if self.loss_type is LossType.HYBRID:
             # the VLB term learns only the variance: the mean prediction is detached (improved DDPM sec. 3.1)
             frozen = torch.cat([out.detach(), v], dim=1)
@@ -377,7 +447,7 @@ class GaussianDiffusion:
         return torch.where(t == 0, nll, kl).to(x0.dtype), p.pred_x0
 
     def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
-        """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim [B]."""
+        """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim [B]; exactly 0 with zero terminal SNR."""
         t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
         mean, _, log_var = self.q_mean_variance(x0, t)
         return (mean_flat(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))) / LN2).to(x0.dtype)

@@ -33,7 +33,7 @@ class SampleOptions:
     sampler: str = "ancestral"  # a name in ddpm.sampling.SAMPLERS
     steps: int | None = None  # network evaluations for the fast samplers (None: all T)
     eta: float | None = None  # DDIM's eta (None: the sampler's default, 0)
-    spacing: str | None = None  # the timestep grid: uniform | quad | logsnr (None: the sampler's default)
+    spacing: str | None = None  # the timestep grid: a `ddpm.modes.Spacing` value (None: the sampler's default)
     class_label: int | None = None  # class-conditional runs: the class to draw (None: unconditional)
     guidance: float = 1.0  # classifier-free guidance scale (1: plain conditional)
     clip_denoised: bool = True  # clip the predicted x_0 to [-1, 1] at every step, as the paper's sampler

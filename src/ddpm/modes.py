@@ -35,6 +35,7 @@ class MeanType(Mode):
     EPS = "eps"  # the model predicts the noise epsilon (the paper's choice, eq. 11)
     X0 = "x0"  # the model predicts x_0
     XPREV = "xprev"  # the model predicts the posterior mean of x_{t-1} directly
+    V = "v"  # the model predicts v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022)
 
 
 class VarType(Mode):
@@ -47,6 +48,16 @@ class LossType(Mode):
     SIMPLE = "simple"  # L_simple (eq. 14): MSE on the mean_type target, t uniform
     KL = "kl"  # the true variational bound term L_t (eq. 5, L_0 from eq. 13), bits/dim
     HYBRID = "hybrid"  # improved DDPM: L_simple + hybrid_lambda * L_vlb, the VLB term trains only the variance
+
+
+class LossWeight(Mode):
+    NONE = "none"  # L_simple as the paper has it: every t weighted 1
+    MIN_SNR = "min_snr"  # Min-SNR-gamma (Hang et al. 2023): the weight min(SNR_t, gamma) expressed for the target
+
+
+class TimestepSampler(Mode):
+    UNIFORM = "uniform"  # t ~ U{0..T-1}, as the paper trains
+    IMPORTANCE = "importance"  # improved DDPM sec. 3.3: p_t ~ sqrt(E[L_t^2]), losses weighted by 1 / (T p_t)
 
 
 class DatasetKind(Mode):
@@ -71,6 +82,8 @@ class Spacing(Mode):
     UNIFORM = "uniform"  # the fast samplers' timesteps evenly spaced
     QUAD = "quad"  # quadratically spaced, denser near t = 0 (the DDIM paper's CIFAR-10 choice)
     LOGSNR = "logsnr"  # evenly spaced in log-SNR (DPM-Solver's choice)
+    TRAILING = "trailing"  # round(T - i T / K) - 1: always holds T - 1, steps back from T (Lin et al. 2024)
+    KARRAS = "karras"  # EDM's sigma grid (rho = 7), each point snapped to the timestep nearest in log sigma
 
 
 def values(enum_cls: type[Enum]) -> tuple[str, ...]:
@@ -90,10 +103,26 @@ def parse_enum(enum_cls: type[M], value: object, field: str, error: type[ValueEr
 
 
 def check_diffusion_modes(var_type: VarType, loss_type: LossType, prefix: str = "",
-                          error: type[ValueError] = ValueError) -> None:
-    """Refuse what GaussianDiffusion cannot compute: the hybrid loss trains the learned variances, so it needs
-    var_type learned_range. `prefix` ("diffusion." for the configuration) makes the message name the field.
-    (A run's configuration asks more of a training recipe: `ddpm.config.check_diffusion`.)"""
+                          error: type[ValueError] = ValueError, *, mean_type: MeanType = MeanType.EPS,
+                          loss_weight: LossWeight = LossWeight.NONE, zero_terminal_snr: bool = False) -> None:
+    """Refuse what GaussianDiffusion cannot compute. `prefix` ("diffusion." for the configuration) makes the
+    message name the field. (A run's configuration asks more of a training recipe: `ddpm.config.check_diffusion`.)
+
+    - the hybrid loss trains the learned variances, so it needs var_type learned_range;
+    - min_snr weights the MSE of a target (eps, v or x0, Hang et al. 2023): the kl loss is the bound itself and
+      is not reweighted, and xprev has no published weight;
+    - with zero terminal SNR (abar_T = 0) x_T is pure noise: the eps it holds says nothing of x_0, and
+      x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) divides by 0 there, so eps prediction is undefined at t = T.
+    """
     if loss_type is LossType.HYBRID and var_type is not VarType.LEARNED_RANGE:
         raise error(f"{prefix}loss_type 'hybrid' trains learned variances: it needs {prefix}var_type "
                     f"'learned_range'; got {var_type.value!r}")
+    if loss_weight is LossWeight.MIN_SNR and loss_type is LossType.KL:
+        raise error(f"{prefix}loss_weight 'min_snr' weights L_simple: {prefix}loss_type 'kl' is the variational bound "
+                    "and is not reweighted (use loss_type 'simple' or 'hybrid')")
+    if loss_weight is LossWeight.MIN_SNR and mean_type is MeanType.XPREV:
+        raise error(f"{prefix}loss_weight 'min_snr' is defined for {prefix}mean_type 'eps', 'v' and 'x0'; got 'xprev'")
+    if zero_terminal_snr and mean_type is MeanType.EPS:
+        raise error(f"{prefix}mean_type 'eps' is undefined with zero terminal SNR (abar_T = 0, as {prefix}zero_terminal_snr "
+                    f"and the jsd schedule give: x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) divides by 0 at t = T); "
+                    f"use {prefix}mean_type 'v' (or 'x0')")

@@ -28,7 +28,7 @@ from ddpm.diffusion import GaussianDiffusion, Model, StackedGenerator
 from ddpm.lock import LockedError, RunLock
 from ddpm.modes import Precision, VarType, parse_enum
 from ddpm.nn import UNet
-from ddpm.schedule import beta_schedule
+from ddpm.schedule import beta_schedule, rescale_zero_terminal_snr
 
 RUN_FORMAT_VERSION = 1  # the layout of a run checkpoint's state (its `format` field; the manifest has its own)
 
@@ -37,10 +37,14 @@ RUN_FORMAT_VERSION = 1  # the layout of a run checkpoint's state (its `format` f
 
 
 def build_diffusion(cfg: Config) -> GaussianDiffusion:
-    """The run's diffusion: betas, mean, variance and loss types all from `cfg.diffusion`."""
+    """The run's diffusion: betas (rescaled to zero terminal SNR when asked), mean, variance and loss types and
+    the loss weighting, all from `cfg.diffusion`. (How training draws t, `timestep_sampler`, is the trainer's.)"""
     d = cfg.diffusion
     betas = beta_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
-    return GaussianDiffusion(betas, mean_type=d.mean_type, var_type=d.var_type, loss_type=d.loss_type)
+    if d.zero_terminal_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return GaussianDiffusion(betas, mean_type=d.mean_type, var_type=d.var_type, loss_type=d.loss_type,
+                             loss_weight=d.loss_weight, min_snr_gamma=d.min_snr_gamma)
 
 
 def build_model(cfg: Config) -> UNet:
@@ -208,12 +212,14 @@ class Run:
 
 
 def checkpoint_contents(cfg: Config, step: int, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor],
-                        optimizer: tuple[dict[str, torch.Tensor], dict] | None = None, extra: dict | None = None
-                        ) -> tuple[dict[str, torch.Tensor], dict]:
+                        optimizer: tuple[dict[str, torch.Tensor], dict] | None = None, extra: dict | None = None,
+                        more: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, state) of a run's checkpoint in the one layout: `model` and `ema` state dicts under "model/"
     and "ema/", `optimizer` the (tensors, skeleton) pair of `ddpm.checkpoint.flatten_state` under "optim";
-    the state holds format, step, config, the optimizer skeleton and `extra`."""
+    the state holds format, step, config, the optimizer skeleton and `extra`. `more`: further tensors, each
+    key under its own prefix (the importance sampler's "importance/...")."""
     tensors = {f"model/{k}": v for k, v in model.items()} | {f"ema/{k}": v for k, v in ema.items()}
+    tensors.update(more or {})
     skeleton = None
     if optimizer is not None:
         opt_tensors, skeleton = optimizer
@@ -224,14 +230,15 @@ def checkpoint_contents(cfg: Config, step: int, model: dict[str, torch.Tensor], 
 
 def save_run(run_dir: str | Path, cfg: Config, step: int, model: dict[str, torch.Tensor],
              ema: dict[str, torch.Tensor], optimizer: tuple[dict[str, torch.Tensor], dict] | None = None,
-             extra: dict | None = None, keep: int = 3, write_config: bool = False) -> Path:
+             extra: dict | None = None, keep: int = 3, write_config: bool = False,
+             more: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a complete checkpoint of the run at `step` (`checkpoint_contents`) into RUN/checkpoints,
     crash-safe, keeping the last `keep`; with write_config also RUN/config.json. Returns the checkpoint."""
     run_dir = Path(run_dir)
     if write_config:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.json")
-    tensors, state = checkpoint_contents(cfg, step, model, ema, optimizer, extra)
+    tensors, state = checkpoint_contents(cfg, step, model, ema, optimizer, extra, more)
     return ckpt.save_checkpoint(run_dir / "checkpoints", step, tensors, state, keep=keep)
 
 

@@ -4,9 +4,10 @@
             callback=None, **its own options) -> x_0
 
 `timesteps` is an ascending list of 0-based timesteps (`timestep_grid` builds one: every step, uniform,
-quadratic or log-SNR spacing, from `t_start`); the reverse process starts at x_T [B, ...], a latent at
-timesteps[-1] (pure noise when that is T - 1; editing and the shared-latent figures start lower), and steps
-down through the grid to the clean data. Each grid point is one network evaluation. `generator` (one
+quadratic, trailing, log-SNR or Karras spacing, from `t_start`); the reverse process starts at x_T [B, ...], a
+latent at timesteps[-1] (pure noise when that is T - 1; editing and the shared-latent figures start lower), and
+steps down through the grid to the clean data. Each grid point is one network evaluation, except for `heun`
+(second order: a grid of K points costs 2K - 1). `generator` (one
 torch.Generator, or a `StackedGenerator` with one per sample so that a sample does not depend on its batch)
 draws the noise of each step. `callback(t, x_t, pred_x0)` sees every step. Samplers run under
 torch.inference_mode.
@@ -41,9 +42,12 @@ def timestep_subset(num_timesteps: int, steps: int | None, t_start: int | None =
 
     uniform: t_i = round(i t_start / (steps - 1)), i = 0..steps-1 (improved DDPM's even spacing);
     quad: t_i = round((i / (steps - 1))^2 t_start), denser near t = 0 (the DDIM paper's CIFAR-10 choice), where
-    values that round alike are pushed up by one so all stay distinct. One step keeps t_start alone;
-    steps=None keeps every timestep."""
-    if spacing not in ("uniform", "quad"):  # logsnr needs the schedule: timestep_grid
+    values that round alike are pushed up by one so all stay distinct;
+    trailing: t_i = round(n - i n / steps) - 1 with n = t_start + 1, i = 0..steps-1 (Lin et al. 2024, sec. 3.3;
+    diffusers' "trailing"): t_start is always kept, t = 0 only when every timestep is, and the last step
+    jumps from the lowest kept timestep to the clean data. One step keeps t_start alone; steps=None keeps
+    every timestep."""
+    if spacing not in ("uniform", "quad", "trailing"):  # logsnr and karras need the schedule: timestep_grid
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
     top = num_timesteps - 1 if t_start is None else int(t_start)
     if not 0 <= top < num_timesteps:
@@ -56,6 +60,9 @@ def timestep_subset(num_timesteps: int, steps: int | None, t_start: int | None =
         return [top]
     if spacing == "uniform":  # distinct as they stand: the stride is at least 1
         return sorted({round(i * top / (steps - 1)) for i in range(steps)})
+    if spacing == "trailing":  # distinct as they stand: the stride n / steps is at least 1
+        n = top + 1
+        return sorted({round(n - i * n / steps) - 1 for i in range(steps)})
     return _distinct([round((i / (steps - 1)) ** 2 * top) for i in range(steps)], top)
 
 
@@ -77,21 +84,59 @@ def logsnr_subset(diffusion: GaussianDiffusion, steps: int | None, t_start: int 
     kept = timestep_subset(diffusion.num_timesteps, steps, t_start)
     if steps is None or len(kept) < 3:
         return kept
-    abar = diffusion.alphas_cumprod[: kept[-1] + 1]
-    lam = 0.5 * torch.log(abar / (1 - abar))  # decreasing in t
+    lam = _log_snr(diffusion, kept[-1])
     targets = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
+    return _nearest_in_log_snr(lam, targets)
+
+
+EDM_SIGMA_MAX = 80.0  # EDM's sigma_max (Karras et al. 2022, Table 1), for data in [-1, 1]
+
+
+def karras_subset(diffusion: GaussianDiffusion, steps: int | None, t_start: int | None = None,
+                  rho: float = 7.0) -> list[int]:
+    """`steps` timesteps on EDM's grid (Karras et al. 2022, eq. 5): with sigma_t = sqrt((1 - abar_t) / abar_t),
+    sigma_i = (sigma_max^(1/rho) + i / (steps - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0..steps-1,
+    each snapped to the timestep nearest in log sigma and made distinct as `logsnr_subset` does; the top point
+    is t_start itself, where the sampler starts. sigma_min = sigma_0 and sigma_max = min(sigma_{t_start}, 80):
+    EDM's 80 caps the paper's sigma_{T} = 157 and keeps zero terminal SNR's (sigma_{T-1} = 15406, then inf)
+    from drawing half the grid above it (on the Gaussian oracle, 25 points: std 3% off with the cap, 4% at
+    157, 20% uncapped with zero terminal SNR). rho = 7 puts the points densely at low noise, as EDM chose."""
+    kept = timestep_subset(diffusion.num_timesteps, steps, t_start)
+    if steps is None or len(kept) < 3:
+        return kept
+    lam = _log_snr(diffusion, kept[-1])  # lambda_t = -log sigma_t
+    sigma_max = min(math.exp(-float(lam[-1])), EDM_SIGMA_MAX)
+    hi, lo = sigma_max ** (1 / rho), math.exp(-float(lam[0]) / rho)  # sigma_max^(1/rho), sigma_min^(1/rho)
+    sigmas = (hi + torch.linspace(0, 1, steps, dtype=torch.float64) * (lo - hi)) ** rho
+    return _nearest_in_log_snr(lam, -torch.log(sigmas))
+
+
+def _log_snr(diffusion: GaussianDiffusion, top: int) -> torch.Tensor:
+    """lambda_t = log(sqrt(abar_t) / sqrt(1 - abar_t)) for t = 0..top, decreasing in t; with zero terminal SNR
+    lambda_{T-1} = -inf is replaced by lambda_{T-2}, so that the grids stay finite (and still end at top)."""
+    abar = diffusion.alphas_cumprod[: top + 1]
+    lam = 0.5 * torch.log(abar / (1 - abar))
+    return lam.clamp(min=float(lam[torch.isfinite(lam)].min()))
+
+
+def _nearest_in_log_snr(lam: torch.Tensor, targets: torch.Tensor) -> list[int]:
+    """For each target lambda the timestep (an index into lam [top + 1], decreasing) nearest to it, made distinct
+    from 0 to top: near t = 0 several targets share a timestep."""
     picked = torch.searchsorted(-lam, -targets).clamp(max=len(lam) - 1)  # first t with lambda_t <= target
     below = (picked - 1).clamp(min=0)
     nearer = torch.where((lam[below] - targets).abs() < (lam[picked] - targets).abs(), below, picked)
-    return _distinct(nearer.tolist(), kept[-1])  # near t = 0 several targets share a timestep
+    return _distinct(nearer.tolist(), len(lam) - 1)
 
 
 def timestep_grid(diffusion: GaussianDiffusion, steps: int | None = None, spacing: str = "uniform",
                   t_start: int | None = None) -> list[int]:
     """The ascending timesteps a sampler visits: every timestep 0..t_start (steps None), or `steps` of them
-    spaced "uniform" / "quad" (`timestep_subset`) or evenly in log-SNR ("logsnr", `logsnr_subset`)."""
+    spaced "uniform" / "quad" / "trailing" (`timestep_subset`), evenly in log-SNR ("logsnr", `logsnr_subset`) or
+    on EDM's rho = 7 sigma grid ("karras", `karras_subset`)."""
     if spacing == "logsnr":
         return logsnr_subset(diffusion, steps, t_start)
+    if spacing == "karras":
+        return karras_subset(diffusion, steps, t_start)
     return timestep_subset(diffusion.num_timesteps, steps, t_start, spacing)
 
 
@@ -129,6 +174,12 @@ def _p_sample(diffusion: GaussianDiffusion, model: Model, x: torch.Tensor, t: in
 def _abar(diffusion: GaussianDiffusion, t: int) -> float:
     """abar_t, with abar = 1 at t = -1 (the clean data)."""
     return 1.0 if t < 0 else float(diffusion.alphas_cumprod[t])
+
+
+def _sigma(diffusion: GaussianDiffusion, t: int) -> float:
+    """EDM's noise level sigma_t = sqrt((1 - abar_t) / abar_t): 0 at t = -1, inf at abar_t = 0."""
+    a = _abar(diffusion, t)
+    return math.sqrt((1 - a) / a) if a > 0 else math.inf
 
 
 def _full(x: torch.Tensor, t: int) -> torch.Tensor:
@@ -181,7 +232,8 @@ def respace(diffusion: GaussianDiffusion, kept: list[int]) -> GaussianDiffusion:
     abar = diffusion.alphas_cumprod[torch.tensor(kept)]
     prev = torch.cat([abar.new_ones(1), abar[:-1]])
     return GaussianDiffusion(1 - abar / prev, mean_type=diffusion.mean_type, var_type=diffusion.var_type,
-                             loss_type=diffusion.loss_type, hybrid_lambda=diffusion.hybrid_lambda)
+                             loss_type=diffusion.loss_type, hybrid_lambda=diffusion.hybrid_lambda,
+                             loss_weight=diffusion.loss_weight, min_snr_gamma=diffusion.min_snr_gamma)
 
 
 @torch.inference_mode()
@@ -230,6 +282,8 @@ def dpmpp2m(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, times
     def alpha_sigma_lambda(t: int) -> tuple[float, float, float]:
         a = _abar(diffusion, t)
         alpha, sigma = math.sqrt(a), math.sqrt(1 - a)
+        if alpha == 0:  # zero terminal SNR: h = inf on the first step, which is first order anyway (DDIM's)
+            return alpha, sigma, -math.inf
         return alpha, sigma, (math.log(alpha / sigma) if sigma > 0 else math.inf)
 
     x = x_T
@@ -255,6 +309,82 @@ def dpmpp2m(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, times
     return x
 
 
+@torch.inference_mode()
+def heun(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, timesteps: list[int], *,
+         generator: Generator = None, clip_denoised: bool = True, progress: bool = False,
+         callback: Callback | None = None, S_churn: float = 0.0, S_tmin: float = 0.0, S_tmax: float = math.inf,
+         S_noise: float = 1.0) -> torch.Tensor:
+    """EDM's second-order sampler with churn (Karras et al. 2022, Algorithm 2) on this discrete VP schedule.
+
+    In EDM's variables sigma_t = sqrt((1 - abar_t) / abar_t) and x~ = x_t / sqrt(abar_t); the denoiser
+    D(x~; sigma_t) is the model's x0_hat at timestep t given x_t = sqrt(abar_t) x~, and d = (x~ - D) / sigma is
+    its eps_hat (x~ = x_0 + sigma eps). The grid sigma_{t_K} > ... > sigma_{t_1}, then 0 (the clean data);
+    K = len(timesteps) steps, from sigma_i to the next sigma_{i+1}:
+        gamma = min(S_churn / K, sqrt(2) - 1) if S_tmin <= sigma_i <= S_tmax, else 0     (line 4)
+        sigma^ = (1 + gamma) sigma_i, taken at the timestep t^ >= t_i nearest in log sigma (line 6)
+        x^ = x_i + sqrt(sigma^2 - sigma_i^2) S_noise z                                    (line 7)
+        x_{i+1} = x^ + (sigma_{i+1} - sigma^) d(x^; sigma^)                               (lines 8-9, Euler)
+        x_{i+1} = x^ + (sigma_{i+1} - sigma^) (d(x^; sigma^) + d(x_{i+1}; sigma_{i+1})) / 2 (lines 10-12, Heun)
+    the correction skipped on the last step (sigma_{i+1} = 0: x_0 = D). Network evaluations: 2K - 1, the
+    second one of each step at the next grid point (EDM's 18 steps are 35). The defaults (S_churn 0) are the
+    deterministic Heun sampler, which draws no noise. With zero terminal SNR sigma_T = inf: no churn there,
+    and its step, x_{i+1} = D + sigma_{i+1} d (line 9 rewritten, finite), stays first order (2K - 2 evaluations).
+    Its default grid is EDM's (`karras_subset`)."""
+    kept = list(timesteps)
+    K = len(kept)
+    log_sigma = 0.5 * torch.log((1 - diffusion.alphas_cumprod) / diffusion.alphas_cumprod)  # [T], inf at abar = 0
+    x = x_T  # at timestep kept[-1], in the model's (VP) scaling
+    for j in _progress(range(K - 1, -1, -1), progress, "heun"):
+        t, s = kept[j], (kept[j - 1] if j > 0 else -1)
+        sigma_t, sigma_s = _sigma(diffusion, t), _sigma(diffusion, s)
+        gamma = min(S_churn / K, math.sqrt(2) - 1) if S_tmin <= sigma_t <= S_tmax and math.isfinite(sigma_t) else 0.0
+        t_hat = t
+        if gamma > 0:  # line 6, by timestep: the t^ >= t whose log sigma is nearest to log((1 + gamma) sigma_t)
+            t_hat = t + int((log_sigma[t:] - math.log((1 + gamma) * sigma_t)).abs().argmin())
+        sigma_hat = _sigma(diffusion, t_hat)
+        if t_hat != t:  # line 7: noise up from sigma_t to sigma^, in x~ and back to the model's scaling
+            z = _noise(x, generator)
+            x_tilde = x / math.sqrt(_abar(diffusion, t)) + math.sqrt(sigma_hat**2 - sigma_t**2) * S_noise * z
+            x = x_tilde * math.sqrt(_abar(diffusion, t_hat))
+        d, denoised = _eps_and_x0(diffusion, model, x, _full(x, t_hat), clip_denoised)  # line 8
+        if callback is not None:
+            callback(t_hat, x, denoised)
+        x_next = denoised + sigma_s * d  # line 9, x^ + (sigma_{i+1} - sigma^) d with x^ = D + sigma^ d
+        if sigma_s > 0 and math.isfinite(sigma_hat):  # lines 10-12: the second evaluation, at the next grid point
+            d_next, _ = _eps_and_x0(diffusion, model, x_next * math.sqrt(_abar(diffusion, s)), _full(x, s),
+                                    clip_denoised)
+            x_next = x / math.sqrt(_abar(diffusion, t_hat)) + (sigma_s - sigma_hat) * (d + d_next) / 2
+        x = x_next * math.sqrt(_abar(diffusion, s))  # back to the model's scaling at s (the data itself at s = -1)
+    return x
+
+
+@torch.inference_mode()
+def ddim_invert(diffusion: GaussianDiffusion, model: Model, x0: torch.Tensor, timesteps: list[int], *,
+                clip_denoised: bool = True, progress: bool = False, callback: Callback | None = None) -> torch.Tensor:
+    """DDIM inversion: x0 [B, ...] deterministically to a latent at timesteps[-1], the eta = 0 map of `ddim`
+    run forwards (Song et al. 2021, sec. 4.3), so that `ddim(diffusion, model, x_T, timesteps)` maps it back.
+
+    From the grid point s to the next one t (s = clean data before the first):
+        x_t = sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps_hat                                 (eq. 12, eta = 0)
+    with (x0_hat, eps_hat) predicted at (x_s, s), where `ddim` predicts them at (x_t, t): the same ODE
+    discretised from the other end, so the round trip error shrinks with the step size. On the first step x0_hat
+    is x0 itself and eps_hat the model's at (x0, t_1) (no prediction exists at the clean data; abar_{t_1} is close
+    to 1 on the usual grids). K = len(timesteps) network evaluations; `callback(t, x, x0_hat)` sees each."""
+    kept = list(timesteps)
+    x = x0
+    for j in _progress(range(len(kept)), progress, "ddim inversion"):
+        t, s = kept[j], (kept[j - 1] if j > 0 else -1)
+        at = t if s < 0 else s  # the model has no prediction at the clean data: the first step asks it at t_1
+        eps, x0_hat = _eps_and_x0(diffusion, model, x, _full(x, at), clip_denoised)
+        if s < 0:
+            x0_hat = x
+        if callback is not None:
+            callback(at, x, x0_hat)
+        a_t = _abar(diffusion, t)
+        x = math.sqrt(a_t) * x0_hat + math.sqrt(1 - a_t) * eps
+    return x
+
+
 # ---------------------------------------------------------------------------------------------- the table
 
 
@@ -270,9 +400,11 @@ class Sampler:
 
 SAMPLERS: dict[str, Sampler] = {
     "ancestral": Sampler(ancestral),  # the paper's Algorithm 2, every timestep
-    "respaced": Sampler(ancestral, ("uniform", "quad")),  # Algorithm 2 on a subset (improved DDPM)
-    "ddim": Sampler(ddim, ("uniform", "quad"), ("eta",)),  # DDIM; eta = 0 deterministic
+    "respaced": Sampler(ancestral, ("uniform", "quad", "trailing")),  # Algorithm 2 on a subset (improved DDPM)
+    "ddim": Sampler(ddim, ("uniform", "quad", "trailing"), ("eta",)),  # DDIM; eta = 0 deterministic
     "dpmpp2m": Sampler(dpmpp2m, ("logsnr",)),  # DPM-Solver++(2M)
+    # EDM's Heun sampler with churn (S_churn 0: deterministic); `steps` grid points cost 2 steps - 1 evaluations
+    "heun": Sampler(heun, ("karras", "uniform", "trailing"), ("S_churn", "S_tmin", "S_tmax", "S_noise")),
 }
 
 
@@ -302,9 +434,9 @@ def run_sampler(name: str, diffusion: GaussianDiffusion, model: Model, x_T: torc
                 steps: int | None = None, spacing: str | None = None, t_start: int | None = None,
                 generator: Generator = None, clip_denoised: bool = True, progress: bool = False,
                 callback: Callback | None = None, **options) -> torch.Tensor:
-    """Sampler `name` from x_T on its grid: `steps` network evaluations (None: every timestep) with
-    `spacing` (None: the sampler's default) over 0..t_start (default T - 1); `options` are its own
-    (`SAMPLERS[name].options`)."""
+    """Sampler `name` from x_T on its grid: `steps` grid points (None: every timestep), one network evaluation
+    each (heun: 2 steps - 1 in all), with `spacing` (None: the sampler's default) over 0..t_start (default
+    T - 1); `options` are its own (`SAMPLERS[name].options`)."""
     spec = check_sampler(name, steps, spacing, options)
     grid = timestep_grid(diffusion, steps, spacing or (spec.spacings or ("uniform",))[0], t_start)
     return spec.fn(diffusion, model, x_T, grid, generator=generator, clip_denoised=clip_denoised, progress=progress,

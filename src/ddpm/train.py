@@ -5,7 +5,8 @@ seeds live in `ddpm.run`.
 Determinism: every random choice of step k (data order, flips, class dropout, t, noise, dropout) comes from
 generators seeded by (seed, k) and drawn for the whole global batch, each rank taking its slice. So a resumed
 run repeats an uninterrupted one bit for bit, and the same run on 1 or N ranks sees the same examples with the
-same t and noise.
+same t and noise. (With diffusion.timestep_sampler importance, t also depends on the loss history of the earlier
+steps, which every rank keeps alike and the checkpoints hold.)
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from ddpm import checkpoint as ckpt
 from ddpm.config import Config, ConfigError, diff_configs
 from ddpm.data import build_dataset, check_enough, to_model_range
 from ddpm.diffusion import randn
+from ddpm.importance import ImportanceSampler
 from ddpm.lock import LOCK_FILE
-from ddpm.modes import Preview
+from ddpm.modes import Preview, TimestepSampler
 from ddpm.nn.compiled import compile_network
 from ddpm.run import (
     DistInfo,
@@ -52,6 +54,7 @@ INCOMPATIBLE_ON_RESUME = (
     "model.in_channels", "model.ch", "model.ch_mult", "model.num_res_blocks", "model.attn_resolutions",
     "model.resolution", "model.num_classes", "diffusion.schedule", "diffusion.num_timesteps",
     "diffusion.beta_start", "diffusion.beta_end", "diffusion.mean_type", "diffusion.var_type",
+    "diffusion.zero_terminal_snr",
     "train.batch_size",
 )
 EXIT_SIGTERM, EXIT_SIGINT = 143, 130
@@ -186,6 +189,9 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         self.diffusion = build_diffusion(cfg)
+        # loss-aware t (improved DDPM sec. 3.3); None: t uniform, as the paper
+        self.importance = (ImportanceSampler(self.diffusion.num_timesteps)
+                           if cfg.diffusion.timestep_sampler is TimestepSampler.IMPORTANCE else None)
         self.model = build_model(cfg).to(self.device)
         self.ema = build_model(cfg).to(self.device)
         self.ema.load_state_dict(self.model.state_dict())
@@ -253,8 +259,9 @@ class Trainer:
             "rng": "every random stream is derived from (train.seed, step); nothing else to restore",
             "world_size": self.dist.world,
         }
+        more = {} if self.importance is None else {f"importance/{k}": v for k, v in self.importance.state_dict().items()}
         return dict(cfg=self.cfg, step=self.step, model=self.model.state_dict(), ema=self.ema.state_dict(),
-                    optimizer=ckpt.flatten_state(self.opt.state_dict(), "optim"), extra=extra)
+                    optimizer=ckpt.flatten_state(self.opt.state_dict(), "optim"), extra=extra, more=more)
 
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, state) that `save` writes."""
@@ -289,6 +296,8 @@ class Trainer:
             self.opt.load_state_dict(ckpt.unflatten_state(c.tensors, c.state["optimizer"], "optim"))
         if c.state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(c.state["scaler"])
+        if self.importance is not None and split_state(c.tensors, "importance"):  # else: a fresh warm-up
+            self.importance.load_state_dict(split_state(c.tensors, "importance"))
         self.step = int(c.state["step"])
         self.bad_total = int(c.state.get("bad_steps_total", 0))
         if self.dist.main:
@@ -308,7 +317,8 @@ class Trainer:
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         x0 = x0.to(self.device, non_blocking=True)
         g = generator(cfg.train.seed, "diffusion", k)
-        t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=g)[lo:hi].to(self.device)
+        t = (torch.randint(0, self.diffusion.num_timesteps, (B,), generator=g) if self.importance is None
+             else self.importance.sample(B, g))[lo:hi].to(self.device)
         noise = torch.randn((B, *x0.shape[1:]), generator=g)[lo:hi].to(self.device)
         y = None
         if cfg.model.num_classes is not None:
@@ -332,7 +342,10 @@ class Trainer:
             ctx = self.ddp.no_sync() if not sync and self.ddp is not None else _null()
             with ctx, torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 fn = self.net if y is None else with_labels(self.net, y)
-                loss = self.diffusion.training_losses(fn, x0, t=t, noise=noise).float().mean() / cfg.grad_accum
+                losses = self.diffusion.training_losses(fn, x0, t=t, noise=noise)
+                if self.importance is not None:
+                    losses = self._importance_weighted(t, losses)
+                loss = losses.float().mean() / cfg.grad_accum
             self.scaler.scale(loss).backward()
             total += loss.detach()
         self.scaler.unscale_(self.opt)
@@ -357,6 +370,17 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         return {"loss": loss_value, "grad_norm": norm_value, "lr": lr, "finite": finite}
+
+    def _importance_weighted(self, t: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        """This rank's losses [b] times 1 / (T p_t), p the one t was drawn from; then the loss history takes the
+        whole global batch's (unweighted) losses, gathered from every rank in the global batch's order, so that
+        each rank's copy of it stays the same."""
+        w = self.importance.weights(t).to(losses.dtype)
+        seen_t, seen = t, losses.detach()
+        if self.dist.world > 1:
+            seen_t, seen = (_all_gather(v, self.dist.world) for v in (seen_t, seen))
+        self.importance.update(seen_t, seen)
+        return losses * w
 
     # ------------------------------------------------------------------ the loop
 
@@ -457,6 +481,13 @@ class Trainer:
         path = self.run_dir / "grids" / f"step_{self.step:09d}.png"
         save_grid(x, path)
         return path
+
+
+def _all_gather(v: torch.Tensor, world: int) -> torch.Tensor:
+    """The ranks' tensors [b] concatenated in rank order [world * b]."""
+    parts = [torch.empty_like(v) for _ in range(world)]
+    dist.all_gather(parts, v.contiguous())
+    return torch.cat(parts)
 
 
 class _null:
