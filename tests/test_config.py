@@ -13,6 +13,7 @@ from ddpm.modes import (
     LossWeight,
     MeanType,
     Precision,
+    Preview,
     Spacing,
     TimestepSampler,
     VarType,
@@ -72,7 +73,8 @@ def test_cli_bad_config_exits_2_before_building_anything(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- modes
 
-MODE_ENUMS = {BetaSchedule, MeanType, VarType, LossType, DatasetKind, Precision, LossWeight, TimestepSampler}
+MODE_ENUMS = {BetaSchedule, MeanType, VarType, LossType, DatasetKind, Precision, LossWeight, TimestepSampler,
+              Preview}
 # a value some modes need beside them to pass validation: learned variances are trained by the hybrid loss; jsd's
 # beta_T = 1 is a zero terminal SNR, where eps is undefined
 COMPANIONS = {("diffusion.var_type", "learned_range"): ["diffusion.loss_type=hybrid"],
