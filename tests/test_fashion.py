@@ -50,7 +50,8 @@ def fake_idx_folder(root: Path, n_train: int = 6, n_test: int = 4, gz_train: boo
     rng = np.random.default_rng(0)
     for prefix, n, gz in (("train", n_train, gz_train), ("t10k", n_test, gz_test)):
         suffix = ".gz" if gz else ""
-        write_idx(root / f"{prefix}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, size, size), dtype=np.uint8), gz)
+        images = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
+        write_idx(root / f"{prefix}-images-idx3-ubyte{suffix}", images, gz)
         write_idx(root / f"{prefix}-labels-idx1-ubyte{suffix}", rng.integers(0, 10, n, dtype=np.uint8), gz)
     return root
 
@@ -76,7 +77,8 @@ def test_malformed_idx_files_are_errors_naming_the_file(tmp_path):
         (write_idx(tmp_path / "magic", images, magic=b"\x01\x00"), "is not an IDX file"),
         (write_idx(tmp_path / "magic.gz", images, gz=True, magic=b"PK"), "is not an IDX file"),
         (write_idx(tmp_path / "code", images, code=0x07), "unknown IDX type code 0x07"),
-        (write_idx(tmp_path / "data_cut", images, cut=10), "is truncated: shape (4, 28, 28) needs 3136 bytes of data, the file has 3126"),
+        (write_idx(tmp_path / "data_cut", images, cut=10),
+         "is truncated: shape (4, 28, 28) needs 3136 bytes of data, the file has 3126"),
         (write_idx(tmp_path / "data_cut.gz", images, gz=True, cut=1), "is truncated"),
         (write_idx(tmp_path / "header_cut", images, cut=3136 + 5), "is truncated: its header needs 16 bytes"),
         (write_idx(tmp_path / "long", np.zeros((2, 3), np.uint8)), None),  # fine; made longer below
@@ -302,7 +304,8 @@ def test_the_classifier_is_the_same_from_scratch_on_other_kernels_and_from_its_c
 
     # the cache: read back without training, the same bits; deleted, rebuilt to the same bytes
     monkeypatch.setattr(fashion, "_fit", lambda *args: pytest.fail("trained although the cache holds the weights"))
-    np.testing.assert_array_equal(fashion.fashion_outputs(test[:500], fashion.build_classifier(FASHION, small, tmp_path / "a"))[0], feats)
+    cached = fashion.build_classifier(FASHION, small, tmp_path / "a")
+    np.testing.assert_array_equal(fashion.fashion_outputs(test[:500], cached)[0], feats)
     monkeypatch.undo()
     saved = a.read_bytes()
     a.unlink()

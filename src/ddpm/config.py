@@ -161,10 +161,10 @@ def _idx(name: str, path: str | None) -> Config:
     A starting recipe for `ddpm train` in about 30 minutes on 2 CPU cores, to be tuned with longer runs
     (benchmarks/fashion.py; benchmarks/RESULTS.md, "Fashion-MNIST"): a training step of this network at batch 64
     took 0.63 s of one core on the project's AMD EPYC (about 0.4 s on two, estimated), ch 64 2.2 s, attention
-    at 14x14 too 0.90 s; so ch 32, 28 -> 14 -> 7 with attention at 7x7, and 3,500 steps (about 23 minutes), then one grid
-    of 64 EMA samples (1000 network calls at batch 64, about 2 minutes) and no preview grid before it. Only ~4
-    epochs: no dropout, and EMA 0.999 (0.9995 would still hold 17% of the first weights at the end). For long
-    runs: model.ch=64, model.dropout=0.1, train.ema_decay=0.9995, more train.steps.
+    at 14x14 too 0.90 s; so ch 32, 28 -> 14 -> 7 with attention at 7x7, and 3,500 steps (about 23 minutes),
+    then one grid of 64 EMA samples (1000 network calls at batch 64, about 2 minutes) and no preview grid before
+    it. Only ~4 epochs: no dropout, and EMA 0.999 (0.9995 would still hold 17% of the first weights at the end).
+    For long runs: model.ch=64, model.dropout=0.1, train.ema_decay=0.9995, more train.steps.
 
     No flips: Fashion-MNIST's sandals, sneakers and ankle boots all point their toes to the left (the mean
     image's right half is 1.7x to 2.5x brighter than its left for those classes), so a flip makes a shoe the

@@ -187,7 +187,7 @@ def build_classifier(data_dir: str | Path, settings: ClassifierSettings = SETTIN
     with _one_thread(), torch.enable_grad():
         net = _fit(_as_nchw_float(images[mine]), labels[mine], settings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()  # saved through a buffer: the archive then names no temporary file, so equal weights give equal bytes
+    buf = io.BytesIO()  # through a buffer, the archive names no temporary file: equal weights give equal bytes
     torch.save(net.state_dict(), buf)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(buf.getvalue())
