@@ -153,7 +153,7 @@ def test_a_bad_mode_is_refused_with_its_field_named_everywhere(tmp_path):
         GaussianDiffusion(betas, loss_type="l1")
     with pytest.raises(ValueError, match="^beta schedule must be one of"):
         beta_schedule("sigmoid", 10)
-    with pytest.raises(ValueError, match="^data.dataset must be one of 'digits', 'cifar10', 'folder', 'lmdb'; got 'imagenet'$"):
+    with pytest.raises(ValueError, match="^data.dataset must be one of 'digits', 'cifar10', 'folder', 'lmdb', 'idx'; got 'imagenet'$"):
         build_dataset("imagenet", None, 32)
     with pytest.raises(ConfigError, match="^precision must be one of 'fp32', 'bf16', 'fp16'; got 'bf61'$"):
         amp_dtype("bf61", torch.device("cpu"), "precision")

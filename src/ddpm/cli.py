@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from ddpm.modes import Precision, Spacing, values
+from ddpm.modes import DatasetKind, Precision, Spacing, values
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 SAMPLER_NAMES = ("ancestral", "respaced", "ddim", "dpmpp2m", "heun")  # ddpm.sampling.SAMPLERS (a test holds them equal)
@@ -171,6 +171,7 @@ def _eval_fid(args: argparse.Namespace) -> int:
         _need_file(args.ref, "--ref", "reference images: a folder, an .npz of uint8 [N, H, W, C] or a CIFAR-10 archive")
         _need_file(args.inception_weights, "--inception-weights",
                    "the FID Inception weights file (README: FID without downloads)")
+    fashion_data = _fashion_data(args) if args.features == "fashion" else None
     default_out = Path(args.run) / "eval" if args.run else samples_path.parent / "eval"
     out_dir = _writable_out(args.out or default_out)
     import numpy as np
@@ -199,6 +200,17 @@ def _eval_fid(args: argparse.Namespace) -> int:
         rep = evaluate_digits(samples)
         report = {"samples": str(samples_path), "n": int(samples.shape[0]), **_asdict(rep)}
         name = "fid_digits.json"
+    elif args.features == "fashion":
+        import torch
+
+        from ddpm.data import to_model_range
+        from ddpm.images import save_grid
+        from ddpm.metrics.fashion import evaluate_fashion
+
+        rep = evaluate_fashion(samples, fashion_data)
+        report = {"samples": str(samples_path), "data": fashion_data, **_asdict(rep)}
+        name = "fid_fashion.json"
+        save_grid(to_model_range(torch.from_numpy(samples[:64]).permute(0, 3, 1, 2)), out_dir / "fid_fashion.png")
     else:
         from ddpm.metrics.inception import fidelity_metrics
 
@@ -209,6 +221,27 @@ def _eval_fid(args: argparse.Namespace) -> int:
     (out_dir / name).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _fashion_data(args: argparse.Namespace) -> str:
+    """--features fashion: the Fashion-MNIST folder (--data, else the run's data.path), its four files checked."""
+    from ddpm.config import Config
+    from ddpm.data import idx_files
+
+    cfg = Config.load(Path(args.run) / "config.json") if args.run else None
+    if cfg is not None and (cfg.model.in_channels, cfg.model.resolution) != (1, 28):
+        raise UsageError(f"--features fashion scores 1-channel 28x28 images; --run {args.run} makes "
+                         f"{cfg.model.in_channels}-channel {cfg.model.resolution}x{cfg.model.resolution} ones")
+    path = args.data or (cfg.data.path if cfg is not None and cfg.data.dataset is DatasetKind.IDX else None)
+    if not path:
+        raise UsageError("--features fashion needs the Fashion-MNIST IDX folder: pass --data DIR"
+                         + (f" (--run {args.run} trained on no IDX data.path)" if args.run else ""))
+    try:
+        for split in ("train", "test"):
+            idx_files(path, split)
+    except FileNotFoundError as e:
+        raise UsageError(f"--data {path}: {e}") from None
+    return str(path)
 
 
 def _asdict(obj) -> dict:
@@ -397,8 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--ref", help="inception features: reference images (a folder, an .npz of uint8 [N, H, W, C] or "
                                  "the CIFAR-10 archive); statistics are cached")
     f.add_argument("--inception-weights", help="inception features: the local FID Inception weights file")
-    f.add_argument("--features", choices=["inception", "digits"], default="inception",
-                   help="inception (FID/IS/KID) or digits (the digits classifier's Frechet distance; needs no --ref)")
+    f.add_argument("--features", choices=["inception", "digits", "fashion"], default="inception",
+                   help="inception (FID/IS/KID), digits or fashion (a classifier's Frechet distance, precision and "
+                        "recall; needs no --ref)")
+    f.add_argument("--data", help="fashion features: the Fashion-MNIST IDX folder (default: the run's data.path)")
     f.add_argument("--out", help="output folder (default: RUN/eval, or eval/ beside --samples)")
     f.add_argument("--batch-size", type=int, default=64, help="images per network call")
     f.add_argument("--seed", type=int, default=0, help="with --run: the sampling seed")

@@ -163,6 +163,92 @@ def load_cifar10(path: str | Path, split: str = "train") -> tuple[torch.Tensor, 
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
 
 
+# ---------------------------------------------------------------------------------------------- IDX (MNIST)
+
+# The IDX header: two zero bytes, a type code, the number of dimensions, then each dimension as a big-endian
+# uint32; the data follows in C order, big-endian (LeCun's MNIST page, which Fashion-MNIST and KMNIST reuse).
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+IDX_FILES = {  # split -> (images, labels) as the original distributions name them, each also read gzipped
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IDX_DEBIAN_FASHION = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist installs them
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (gzipped or not, told by its first bytes) -> its array, in native byte order.
+
+    Checked: the magic number (two zero bytes), a known type code, at least one dimension, and a data size that
+    is exactly the product of the dimensions; every error names the file.
+    """
+    import gzip
+    import zlib
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a cut or damaged .gz
+        raise ValueError(f"{path}: damaged gzip stream ({e}); the file is probably truncated") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0":
+        raise ValueError(f"{path} is not an IDX file (its magic number must start with two zero bytes; "
+                         f"got {raw[:4].hex() or 'an empty file'})")
+    code, ndim = raw[2], raw[3]
+    if code not in IDX_DTYPES:
+        raise ValueError(f"{path}: unknown IDX type code 0x{code:02x} (known: "
+                         + ", ".join(f"0x{c:02x}" for c in IDX_DTYPES) + ")")
+    if ndim == 0:
+        raise ValueError(f"{path}: IDX header declares 0 dimensions")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path} is truncated: its header needs {header} bytes, the file has {len(raw)}")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = np.dtype(IDX_DTYPES[code])
+    want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    have = len(raw) - header
+    if have < want:
+        raise ValueError(f"{path} is truncated: shape {shape} needs {want} bytes of data, the file has {have}")
+    if have > want:
+        raise ValueError(f"{path}: {have - want} bytes after the data of shape {shape} (not an IDX file of that shape)")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def idx_files(folder: str | Path, split: str) -> tuple[Path, Path]:
+    """The (images, labels) files of `split` ("train" or "test": the train- and t10k- files) in `folder`, each
+    the plain file or its .gz (the plain one when both are there); a missing one is an error naming the folder
+    and the expected names."""
+    if split not in IDX_FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    folder = Path(folder)
+    found = []
+    for stem in IDX_FILES[split]:
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                found.append(folder / name)
+                break
+        else:
+            expected = ", ".join(f"{s}[.gz]" for pair in IDX_FILES.values() for s in pair)
+            raise FileNotFoundError(f"{folder}: no {stem} or {stem}.gz; an IDX data folder (MNIST, Fashion-MNIST, "
+                                    f"KMNIST) holds {expected} (on Debian, `apt-get install dataset-fashion-mnist` "
+                                    f"puts Fashion-MNIST in {IDX_DEBIAN_FASHION})")
+    return found[0], found[1]
+
+
+def load_idx(folder: str | Path, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """An IDX data folder's `split` as uint8 images [N, 1, H, W] (28 x 28 for the MNIST family) and int64
+    labels [N]: images are 3-dimensional unsigned bytes, labels 1-dimensional unsigned bytes, one per image."""
+    images_path, labels_path = idx_files(folder, split)
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise ValueError(f"{images_path}: images must be unsigned bytes [N, H, W]; got {images.dtype} {images.shape}")
+    if labels.dtype != np.uint8 or labels.ndim != 1:
+        raise ValueError(f"{labels_path}: labels must be unsigned bytes [N]; got {labels.dtype} {labels.shape}")
+    if len(labels) != len(images):
+        raise ValueError(f"{labels_path} holds {len(labels)} labels but {images_path} holds {len(images)} images")
+    return torch.from_numpy(images[:, None]), torch.from_numpy(labels.astype(np.int64))  # read_idx made the copy
+
+
 # ---------------------------------------------------------------------------------------------- image files
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -406,18 +492,29 @@ def build_dataset(
     """The dataset a run trains on; each item is (uint8 image [C, H, W], int label, -1 when none).
 
     "digits": the bundled 8x8 digits (`path` and `resolution` ignored, [1, 8, 8]); "cifar10": `load_cifar10`
-    ([3, 32, 32], `split` "train" or "test"); "folder": `ImageFolderDataset`; "lmdb": `LmdbImageDataset`, or
-    `ImageFolderDataset` when `path` is a folder of images rather than an LMDB.
+    ([3, 32, 32], `split` "train" or "test"); "idx": `load_idx` (MNIST-like [1, 28, 28] with labels, `split`
+    "train" or "test"); "folder": `ImageFolderDataset`; "lmdb": `LmdbImageDataset`, or `ImageFolderDataset`
+    when `path` is a folder of images rather than an LMDB.
     """
     kind = parse_enum(DatasetKind, name, "data.dataset")
     if kind is DatasetKind.DIGITS:
         images, labels = load_digits(split)
         return TensorImageDataset(images, labels)
     if not path:
-        raise FileNotFoundError(f"data.dataset {kind.value!r} needs --data PATH"
-                                + (f": {_CIFAR_HELP}" if kind is DatasetKind.CIFAR10 else ""))
+        help_ = {DatasetKind.CIFAR10: f": {_CIFAR_HELP}",
+                 DatasetKind.IDX: ": a folder holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+                                  "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz (gzipped or not)"}
+        raise FileNotFoundError(f"data.dataset {kind.value!r} needs --data PATH" + help_.get(kind, ""))
     if kind is DatasetKind.CIFAR10:
         images, labels = load_cifar10(path, split)
+        return TensorImageDataset(images, labels)
+    if kind is DatasetKind.IDX:
+        images, labels = load_idx(path, split)
+        # the images are used as they are (no resizing): a network of another size is a configuration error
+        if (channels, resolution) != (1, images.shape[-1]) or images.shape[-2] != images.shape[-1]:
+            raise ValueError(f"the IDX images in {path} are 1 x {images.shape[-2]} x {images.shape[-1]}: set "
+                             f"model.in_channels=1 and model.resolution={images.shape[-1]} (got {channels} and "
+                             f"{resolution})")
         return TensorImageDataset(images, labels)
     p = Path(path)
     if kind is DatasetKind.LMDB and not (p / "data.mdb").is_file() and p.is_dir():

@@ -65,6 +65,7 @@ class DatasetKind(Mode):
     CIFAR10 = "cifar10"  # the CIFAR-10 python archive (or its extracted folder), [3, 32, 32]
     FOLDER = "folder"  # a folder of image files, center-cropped and resized
     LMDB = "lmdb"  # an LSUN LMDB (or a folder of images in its place)
+    IDX = "idx"  # a folder of the four IDX files of MNIST, Fashion-MNIST or KMNIST, [1, 28, 28] with labels
 
 
 class Precision(Mode):
