@@ -73,9 +73,16 @@ def _run_dir(path: str, option: str = "--run") -> Path:
 def _sample_options(args: argparse.Namespace):
     from ddpm.generate import SampleOptions
 
+    extra = {}
+    for item in args.sampler_option or []:
+        name, _, value = item.partition("=")
+        try:
+            extra[name.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f"--sampler-option takes NAME=NUMBER, e.g. S_churn=40; got {item!r}") from None
     return SampleOptions(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
                          class_label=getattr(args, "class_label", None), guidance=getattr(args, "guidance", 1.0),
-                         compile=args.compile, precision=args.precision)
+                         compile=args.compile, precision=args.precision, extra=extra)
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -362,6 +369,9 @@ def _add_sampler(p: argparse.ArgumentParser, what: str = "") -> None:
                    help=f"{what}the timestep grid: ddim and respaced take uniform (their default), quad (denser "
                         "near t = 0) or trailing (from T down, for zero terminal SNR); dpmpp2m runs on logsnr; heun "
                         "on karras (its default), uniform or trailing")
+    p.add_argument("--sampler-option", action="append", metavar="NAME=NUMBER",
+                   help=f"{what}another option of the sampler, e.g. heun's S_churn=40, S_tmin, S_tmax, S_noise "
+                        "(repeatable; an option the sampler does not take is an error)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ import os
 import zipfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +39,11 @@ class SampleOptions:
     clip_denoised: bool = True  # clip the predicted x_0 to [-1, 1] at every step, as the paper's sampler
     compile: bool = False  # torch.compile the network, CUDA graphs on a GPU (ddpm.nn.compiled)
     precision: str = "fp32"  # the network's: fp32, or bf16 / fp16 autocast (the sampler's arithmetic stays float32)
+    extra: dict[str, float] = field(default_factory=dict)  # the sampler's other options, e.g. heun's S_churn
 
     def sampler_options(self) -> dict:
-        """The options given for the sampler itself (those left at None are not passed)."""
-        return {} if self.eta is None else {"eta": self.eta}
+        """The options given for the sampler itself (eta when set, and `extra`); SAMPLERS says which it takes."""
+        return ({} if self.eta is None else {"eta": self.eta}) | self.extra
 
 
 def check_options(run: Run, opts: SampleOptions, device: torch.device) -> None:
