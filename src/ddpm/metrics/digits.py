@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ddpm.data import load_digits
+from ddpm.metrics.deterministic import as_nchw_float, init_default_scale
 from ddpm.metrics.frechet import feature_stats, frechet_distance
 
 CONFIDENT = 0.9  # a sample counts as confidently classified when its top class probability is at least this
@@ -42,41 +43,12 @@ class _DigitNet(nn.Module):
         self.head = nn.Linear(FEATURE_DIM, 10)
 
 
-def _uniform(rs: np.random.RandomState, shape: tuple[int, ...], bound: float) -> torch.Tensor:
-    """U(-bound, bound) in float64 from 24-bit integers: every step but the final product is exact, so every
-    machine gets the same bits (torch's own uniform_ differs by an ulp between vectorised kernels)."""
-    k = rs.randint(0, 2**24, size=shape).astype(np.float64)
-    return torch.from_numpy(((k + 0.5) / 2**23 - 1.0) * bound)
-
-
-def _init(net: _DigitNet, rs: np.random.RandomState) -> None:
-    """PyTorch's default scale for Conv2d/Linear, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases."""
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                bound = 1.0 / float(np.sqrt(m.weight[0].numel()))
-                m.weight.copy_(_uniform(rs, tuple(m.weight.shape), bound))
-                m.bias.copy_(_uniform(rs, tuple(m.bias.shape), bound))
-
-
-def _as_nchw_float(images) -> torch.Tensor:
-    """uint8 [N, 1, 8, 8] or [N, 8, 8, 1] (tensor or array) -> float64 [N, 1, 8, 8] in [0, 1]."""
-    x = torch.as_tensor(np.asarray(images))
-    if x.dtype != torch.uint8:
-        raise ValueError(f"digit images must be uint8; got {x.dtype}")
-    if x.ndim == 4 and x.shape[-1] == 1 and x.shape[1] != 1:
-        x = x.permute(0, 3, 1, 2)
-    if x.ndim != 4 or tuple(x.shape[1:]) != (1, 8, 8):
-        raise ValueError(f"digit images must be [N, 1, 8, 8] or [N, 8, 8, 1]; got {tuple(x.shape)}")
-    return x.to(torch.float64) / 255.0
-
-
 def _fit(x: torch.Tensor, y: torch.Tensor) -> _DigitNet:
     """Adam on cross-entropy, minibatches of 64 in a seeded order, each batch rolled by -1..1 pixels."""
     rs = np.random.RandomState(SEED)
     with torch.random.fork_rng(devices=[]):  # the default init draws from the global generator: leave it alone
         net = _DigitNet().double()
-    _init(net, rs)
+    init_default_scale(net, rs)
     opt = torch.optim.Adam(net.parameters(), lr=LR)
     for _ in range(EPOCHS):
         perm = torch.from_numpy(rs.permutation(len(x)))
@@ -101,7 +73,7 @@ def classifier() -> _DigitNet:
     torch.set_num_threads(1)  # one summation order for every reduction, whatever the core count
     try:
         with torch.enable_grad():
-            net = _fit(_as_nchw_float(images), labels)
+            net = _fit(as_nchw_float(images, 8, "digit"), labels)
     finally:
         torch.set_num_threads(threads)
     return net.eval().requires_grad_(False)
@@ -112,14 +84,14 @@ def digits_features(images) -> np.ndarray:
     """uint8 [N, 1, 8, 8] or [N, 8, 8, 1] -> hidden features [N, 128] float64, always in eval mode."""
     net = classifier()
     assert not net.training
-    return net.features(_as_nchw_float(images)).numpy()
+    return net.features(as_nchw_float(images, 8, "digit")).numpy()
 
 
 @torch.no_grad()
 def digits_probs(images) -> np.ndarray:
     """uint8 [N, 1, 8, 8] or [N, 8, 8, 1] -> class probabilities [N, 10] float64."""
     net = classifier()
-    return torch.softmax(net.head(net.features(_as_nchw_float(images))), 1).numpy()
+    return torch.softmax(net.head(net.features(as_nchw_float(images, 8, "digit"))), 1).numpy()
 
 
 @dataclass

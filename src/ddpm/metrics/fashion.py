@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ddpm.data import load_idx
+from ddpm.metrics.deterministic import as_nchw_float, init_default_scale
 from ddpm.metrics.frechet import feature_stats, frechet_distance
 from ddpm.metrics.manifold import K, precision_recall
 
@@ -83,35 +84,6 @@ class _FashionNet(nn.Module):
         return self.head(self.embed(x))
 
 
-def _uniform(rs: np.random.RandomState, shape: tuple[int, ...], bound: float) -> torch.Tensor:
-    """U(-bound, bound) in float64 from 24-bit integers: every step but the final product is exact, so every
-    machine gets the same bits (torch's own uniform_ differs by an ulp between vectorised kernels)."""
-    k = rs.randint(0, 2**24, size=shape).astype(np.float64)
-    return torch.from_numpy(((k + 0.5) / 2**23 - 1.0) * bound)
-
-
-def _init(net: nn.Module, rs: np.random.RandomState) -> None:
-    """PyTorch's default scale for Conv2d/Linear, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases."""
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                bound = 1.0 / float(np.sqrt(m.weight[0].numel()))
-                m.weight.copy_(_uniform(rs, tuple(m.weight.shape), bound))
-                m.bias.copy_(_uniform(rs, tuple(m.bias.shape), bound))
-
-
-def _as_nchw_float(images) -> torch.Tensor:
-    """uint8 [N, 1, 28, 28] or [N, 28, 28, 1] (tensor or array) -> float64 [N, 1, 28, 28] in [0, 1]."""
-    x = torch.as_tensor(np.asarray(images))
-    if x.dtype != torch.uint8:
-        raise ValueError(f"Fashion-MNIST images must be uint8; got {x.dtype}")
-    if x.ndim == 4 and x.shape[-1] == 1 and x.shape[1] != 1:
-        x = x.permute(0, 3, 1, 2)
-    if x.ndim != 4 or tuple(x.shape[1:]) != (1, 28, 28):
-        raise ValueError(f"Fashion-MNIST images must be [N, 1, 28, 28] or [N, 28, 28, 1]; got {tuple(x.shape)}")
-    return x.to(torch.float64) / 255.0
-
-
 def _split(n: int, s: ClassifierSettings) -> tuple[np.ndarray, np.ndarray]:
     """Indices into the training set: (the classifier's n_train images, the held-out rest), both sorted."""
     order = np.random.RandomState(s.seed).permutation(n)
@@ -124,7 +96,7 @@ def _fit(x: torch.Tensor, y: torch.Tensor, s: ClassifierSettings) -> _FashionNet
     rs = np.random.RandomState(s.seed + 1)  # another stream than the subset's permutation
     with torch.random.fork_rng(devices=[]):  # the default init draws from the global generator: leave it alone
         net = _FashionNet(s).double()
-    _init(net, rs)
+    init_default_scale(net, rs)
     opt = torch.optim.Adam(net.parameters(), lr=s.lr)
     for _ in range(s.epochs):
         perm = torch.from_numpy(rs.permutation(len(x)))
@@ -185,7 +157,7 @@ def build_classifier(data_dir: str | Path, settings: ClassifierSettings = SETTIN
             warnings.warn(f"{path}: unreadable cached classifier ({e}); rebuilding it", stacklevel=2)
     mine, _ = _split(len(images), settings)
     with _one_thread(), torch.enable_grad():
-        net = _fit(_as_nchw_float(images[mine]), labels[mine], settings)
+        net = _fit(as_nchw_float(images[mine], 28, "Fashion-MNIST"), labels[mine], settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()  # through a buffer, the archive names no temporary file: equal weights give equal bytes
     torch.save(net.state_dict(), buf)
@@ -206,7 +178,7 @@ def fashion_outputs(images, net: _FashionNet) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [N, 1, 28, 28] or [N, 28, 28, 1] -> (features [N, feature_dim], class probabilities [N, 10]),
     float64, in eval mode, BATCH_EVAL images a call."""
     assert not net.training
-    x = _as_nchw_float(images)
+    x = as_nchw_float(images, 28, "Fashion-MNIST")
     feats, probs = [], []
     with _one_thread():
         for s in range(0, len(x), BATCH_EVAL):
@@ -255,7 +227,7 @@ def evaluate_fashion(images, data_dir: str | Path, settings: ClassifierSettings 
                      cache: str | Path | None = None) -> FashionReport:
     """Quality of generated Fashion-MNIST images, uint8 [N, 1, 28, 28] or [N, 28, 28, 1] with K < N <= 10,000,
     against the real data in the IDX folder `data_dir` (the four files of `ddpm.data.load_idx`)."""
-    x = _as_nchw_float(images)  # checks the shape before any classifier is built
+    x = as_nchw_float(images, 28, "Fashion-MNIST")  # checks the shape before any classifier is built
     n = x.shape[0]
     test_feats, mu_te, s_te, acc, held_out = _reference(str(data_dir), settings, None if cache is None else str(cache))
     if not K < n <= len(test_feats):
