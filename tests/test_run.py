@@ -105,3 +105,27 @@ def test_a_missing_device_names_the_option():
             resolve_device("cuda:1", "train.device")
     with pytest.raises(ConfigError, match="--device 'gpu0' is not a device name"):
         resolve_device("gpu0")
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
+    import warnings
+
+    from ddpm import run, runtime
+
+    avx2 = "processor : 0\nflags : fpu sse2 avx avx2 fma\n"
+    assert not runtime.cpu_has_native_bf16(avx2)
+    assert runtime.cpu_has_native_bf16(avx2.replace("avx2", "avx2 avx512f avx512_bf16"))
+    assert runtime.cpu_has_native_bf16(avx2.replace("avx2", "avx2 amx_bf16 amx_tile"))
+    assert runtime.cpu_has_native_bf16("no flags line here")  # nothing claimed about a CPU it cannot read
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN held to AVX2 has no bf16 either
+    assert not runtime.cpu_has_native_bf16(avx2.replace("avx2", "avx2 avx512_bf16"))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+
+    monkeypatch.setattr(run, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(run.SlowPrecisionWarning, match="train.precision bf16: this CPU has no native bf16"):
+        assert run.amp_dtype("bf16", torch.device("cpu"), "train.precision") is torch.bfloat16
+    monkeypatch.setattr(run, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run.amp_dtype("bf16", torch.device("cpu"), "precision") is torch.bfloat16
+        assert run.amp_dtype("fp32", torch.device("cpu"), "precision") is None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from ddpm.diffusion import GaussianDiffusion, Model, StackedGenerator
 from ddpm.lock import LockedError, RunLock
 from ddpm.modes import Precision, VarType, parse_enum
 from ddpm.nn import UNet
+from ddpm.runtime import cpu_has_native_bf16
 from ddpm.schedule import beta_schedule, rescale_zero_terminal_snr
 
 RUN_FORMAT_VERSION = 1  # the layout of a run checkpoint's state (its `format` field; the manifest has its own)
@@ -66,7 +68,15 @@ def amp_dtype(precision: Precision | str, device: torch.device, field: str) -> t
     kind = parse_enum(Precision, precision, field, error=ConfigError)
     if kind is Precision.FP16 and device.type != "cuda":
         raise ConfigError(f"{field} fp16 needs a CUDA device (use bf16 on the CPU)")
+    if kind is Precision.BF16 and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn(f"{field} bf16: this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in its flags), so "
+                      "bf16 is emulated and runs slower than float32 here (benchmarks/RESULTS.md); fp32 is faster",
+                      SlowPrecisionWarning, stacklevel=2)
     return AMP_DTYPES[kind]
+
+
+class SlowPrecisionWarning(UserWarning):
+    """A precision that this machine can run only slower than float32."""
 
 
 def resolve_device(name: str, field: str = "--device") -> torch.device:

@@ -37,3 +37,26 @@ def keep_freed_memory(limit: int = KEEP_BYTES) -> bool:
     mallopt.restype = ctypes.c_int
     limit = int(limit)
     return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
+
+
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 instructions that compute in bf16 (oneDNN uses them)
+_BELOW_BF16_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")  # ONEDNN_MAX_CPU_ISA
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this x86 CPU computes in bf16 natively (AVX-512 BF16 or AMX), as oneDNN may use it: without,
+    bf16 is emulated in float32 arithmetic plus conversions, slower than float32. A CPU whose flags cannot be
+    read (not Linux, not x86) counts as native: nothing is claimed about it. ONEDNN_MAX_CPU_ISA below
+    AVX512_CORE_BF16 counts as without."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _BELOW_BF16_ISAS:
+        return False
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return True
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    if flags is None:
+        return True
+    return any(f in flags for f in _BF16_FLAGS)
