@@ -337,6 +337,111 @@ def _inpaint_or_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _images_out(path: str) -> Path:
+    out = _writable_out(path)
+    if out.suffix not in (".png", ".npz"):
+        raise UsageError(f"--out must end in .npz (uint8 [N, H, W, C] under arr_0) or .png; got {out}")
+    return out
+
+
+def _mask(arg: str | None, task: str, resolution: int):
+    """--mask: None, a named mask, or a mask image (white = known) -> uint8 [1, R, R] tensor; checked here."""
+    from ddpm.restoration import MASKS
+
+    if arg is None or arg in MASKS:
+        return arg
+    if task != "inpaint":
+        raise UsageError(f"--mask applies to --task inpaint only, not {task}")
+    path = _need_file(arg, "--mask", f"{' or '.join(MASKS)}, or a mask image: white where the pixel is known")
+    from ddpm.images import read_input_image
+
+    return (read_input_image(path, resolution, 1, "--mask").float() / 255.0 > 0.5).float()
+
+
+def _operator(task: str, shape: tuple[int, int, int], mask, where: str):
+    from ddpm.restoration import operator
+
+    try:
+        return operator(task, shape, mask)
+    except ValueError as e:
+        raise UsageError(f"--task {task} {where}: {e}") from None
+
+
+def _degrade(args: argparse.Namespace) -> int:
+    src = _need_file(args.input, "--input", "clean images: a PNG, a folder of PNGs or an .npz of uint8 [N, H, W, C]")
+    out = _images_out(args.out)
+    if args.noise < 0:
+        raise UsageError(f"--noise must be >= 0; got {args.noise}")
+    import torch
+
+    from ddpm.data import to_model_range
+    from ddpm.images import read_images, write_images
+
+    images = read_images(src)
+    c, h, w = images.shape[1:]
+    op = _operator(args.task, (c, h, w), _mask(args.mask, args.task, h), f"on --input {src} ({h}x{w}, {c} channels)")
+    y = op.A(to_model_range(images).double())
+    if args.noise > 0:  # y = A x + sigma n, in the model's [-1, 1] units
+        y = y + args.noise * torch.randn(y.shape, generator=torch.Generator().manual_seed(args.seed), dtype=y.dtype)
+    path = write_images(y.float(), out)
+    print(f"wrote {images.shape[0]} degraded images ({args.task}, {list(y.shape[1:])} each) to {path}")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    run_dir = _run_dir(args.run)
+    src = _need_file(args.input, "--input", "degraded images: a PNG, a folder of PNGs or an .npz of uint8 "
+                                           "[N, h, w, C] at the degraded size")
+    out = _images_out(args.out)
+    if args.task is None:
+        raise UsageError("--task is required for an unconditional run: the degradation to undo (e.g. sr4)")
+    for name, v in (("--batch-size", args.batch_size), ("--travel-length", args.travel_length),
+                    ("--travel-repeat", args.travel_repeat)):
+        if v < 1:
+            raise UsageError(f"{name} must be >= 1; got {v}")
+    if args.noise < 0:
+        raise UsageError(f"--noise must be >= 0; got {args.noise}")
+    from ddpm.config import Config
+
+    cfg = Config.load(run_dir / "config.json")
+    R, C, T = cfg.model.resolution, cfg.model.in_channels, cfg.diffusion.num_timesteps
+    steps = min(args.steps, T) if args.steps is not None else min(100, T)
+    if args.steps is not None and not 1 <= args.steps <= T:
+        raise UsageError(f"--steps must lie in 1..{T} (the run's timesteps); got {args.steps}")
+    op = _operator(args.task, (C, R, R), _mask(args.mask, args.task, R),
+                   f"on --run {args.run} ({R}x{R}, {C} channel{'s' if C > 1 else ''})")
+    import torch
+
+    from ddpm.data import to_model_range
+    from ddpm.images import check_images, read_images, write_images
+
+    dc, dh, dw = op.degraded_shape(op.shape)
+    images = read_images(src, channels=dc)
+    check_images(images, (dc, dh, dw), src, "--input", f"--task {args.task} on --run {args.run} ({R}x{R})")
+    from ddpm.restoration import ddnm
+    from ddpm.run import load_run, resolve_device, sample_generator
+    from ddpm.sampling import timestep_grid
+
+    device = resolve_device(args.device)
+    run = load_run(args.run, device=device)
+    grid = timestep_grid(run.diffusion, steps)
+    results, worst = [], 0.0
+    for i in range(0, images.shape[0], args.batch_size):
+        # A A+ y: y's part in the range of A (the 8-bit mid-gray 128 of an inpainting input's hidden pixels is
+        # 1/255, not 0; a blurred image's lost frequencies); A x = y holds for that part
+        y = op.A(op.pinv(to_model_range(images[i : i + args.batch_size]).to(device)))
+        gens = sample_generator(args.seed, "restore", range(i, i + y.shape[0]), device)
+        x = ddnm(run.diffusion, run.conditioned(batch=y.shape[0]), y, op, grid, generator=gens, sigma_y=args.noise,
+                 eta=args.eta, travel_length=args.travel_length, travel_repeat=args.travel_repeat,
+                 progress=not args.quiet)
+        worst = max(worst, float((op.A(x) - y).abs().max()))
+        results.append(x.cpu())
+    path = write_images(torch.cat(results), out)
+    print(f"wrote {images.shape[0]} restored images ({args.task}, {steps} steps) to {path}; "
+          f"max |A x - y| = {worst:.2e} before rounding to 8 bits")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- the parser
 
 
@@ -498,6 +603,43 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--seed", type=int, default=0, help="result i's noise depends on (seed, i) alone")
         _add_device(q)
         q.set_defaults(func=_inpaint_or_edit)
+
+    from ddpm.modes import Task
+
+    tasks = values(Task)
+    mask_help = "inpaint: center (hide the central square), half (hide the right half), or a mask image (white = known)"
+    g = command("degrade", "apply a task's degradation A to clean images (to make pairs, or inputs for restore)")
+    g.add_argument("--task", required=True, choices=tasks,
+                   help="sr2/sr4/sr8 (k x k average pooling), colorize (channel mean), inpaint (a mask), deblur "
+                        "(circular Gaussian blur, std 1.5 pixels)")
+    g.add_argument("--input", required=True, help="clean images: a PNG, a folder of PNGs or an .npz of uint8 "
+                                                  "[N, H, W, C] under arr_0")
+    g.add_argument("--out", required=True, help=".npz (uint8 [N, h, w, C] under arr_0) or .png (one image as it is, "
+                                                "several as a grid)")
+    g.add_argument("--noise", type=float, default=0.0, help="std of Gaussian noise added to A x, in the [-1, 1] units")
+    g.add_argument("--mask", help=mask_help)
+    g.add_argument("--seed", type=int, default=0, help="the noise's seed")
+    g.set_defaults(func=_degrade)
+
+    r = command("restore", "undo a degradation with an unconditional run (DDNM, training-free null-space method)")
+    _add_run(r, "the run directory")
+    r.add_argument("--input", required=True, help="degraded images at the degraded size: a PNG, a folder of PNGs or "
+                                                  "an .npz of uint8 [N, h, w, C] under arr_0 (sr4 on 28x28: 7x7)")
+    r.add_argument("--out", required=True, help=".npz (uint8 [N, H, W, C] at the run's size) or .png")
+    r.add_argument("--task", choices=tasks, help="the degradation the input went through (as `ddpm degrade`)")
+    r.add_argument("--mask", help=mask_help)
+    r.add_argument("--steps", type=int, help="network evaluations (uniform grid; default: 100, or every timestep "
+                                             "when the run has fewer)")
+    r.add_argument("--eta", type=float, default=1.0, help="DDIM's eta of each step (1: q(x_s | x_t, x0), DDNM's)")
+    r.add_argument("--noise", type=float, default=0.0,
+                   help="std of the noise in the input, in [-1, 1] units (DDNM+; 0: exact consistency)")
+    r.add_argument("--travel-length", type=int, default=1, help="time travel: jump back this many grid points")
+    r.add_argument("--travel-repeat", type=int, default=1, help="time travel: walk each stretch this many times")
+    r.add_argument("--seed", type=int, default=0, help="image i's noise depends on (seed, i) alone")
+    r.add_argument("--batch-size", type=int, default=64, help="images per network call")
+    _add_device(r)
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=_restore)
 
     c = command("convert", "released weights (diffusers folder or the PyTorch port) -> a run directory")
     c.add_argument("--from", dest="from_path", required=True, help="diffusers model/pipeline folder, or a port .ckpt/.pth")

@@ -112,3 +112,87 @@ def save_gif(frames: list[torch.Tensor], path: str | Path, nrow: int | None = No
 def to_nhwc_uint8(x: torch.Tensor) -> np.ndarray:
     """[N, C, H, W] in [-1, 1] -> uint8 array [N, H, W, C] (the .npz `arr_0` layout)."""
     return to_uint8(x.detach().float().cpu()).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # PNG modes read as 1 channel
+
+
+def _read_png(path: Path, channels: int | None, what: str) -> torch.Tensor:
+    """One PNG -> uint8 [C, H, W]: C = `channels`, or by its mode (gray 1, else 3). A colour image for 1 channel is
+    refused as in `read_input_image`."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb, mode = to_rgb8(img), img.mode
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"cannot read {what} {path}: {e}") from None
+    c = channels or (1 if mode in GRAY_MODES else 3)
+    if c == 1 and not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+        raise ImageMismatchError(f"{what} {path} is a colour image, but 1-channel (grayscale) images are needed: "
+                                 "convert it to grayscale first (Pillow: convert('L'))")
+    return to_channels(rgb, c)
+
+
+def read_images(path: str | Path, channels: int | None = None, what: str = "--input") -> torch.Tensor:
+    """Images from a PNG, a folder of PNGs (sorted by name, all one size) or an .npz of uint8 [N, H, W, C] under
+    arr_0 -> uint8 [N, C, H, W], nothing resized. `channels`: PNGs are read with that many (default: gray
+    modes 1, others 3); an .npz keeps its own. Errors name `what` and the file."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png")
+        if not files:
+            raise ValueError(f"{what} {path}: a folder without .png files")
+        images = [_read_png(f, channels, what) for f in files]
+        for f, im in zip(files, images, strict=True):
+            if im.shape != images[0].shape:
+                raise ImageMismatchError(f"{what} {f} is {_hwc(im.shape)}, but {files[0].name} is "
+                                         f"{_hwc(images[0].shape)}: the images of a folder must share one size")
+        return torch.stack(images)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file or folder")
+    if path.suffix.lower() == ".npz":
+        try:
+            arr = np.load(path)["arr_0"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{what} {path}: not an .npz of images under arr_0 ({e})") from None
+        if arr.dtype != np.uint8 or arr.ndim != 4:
+            raise ImageMismatchError(f"{what} {path}: arr_0 must be uint8 [N, H, W, C]; got {arr.dtype} "
+                                     f"{list(arr.shape)}")
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{what} {path}: expected a .png, a folder of .png files or an .npz")
+    return _read_png(path, channels, what)[None]
+
+
+def _hwc(chw: tuple[int, ...]) -> str:
+    c, h, w = chw
+    return f"{h}x{w} with {c} channel{'s' if c > 1 else ''}"
+
+
+def check_images(images: torch.Tensor, shape: tuple[int, int, int], path: str | Path, what: str, why: str) -> None:
+    """Refuse images uint8 [N, C, H, W] that are not [N, *shape] (C, H, W): an ImageMismatchError naming the file,
+    both shapes in the .npz layout [N, H, W, C], and `why` (what needs that shape)."""
+    c, h, w = shape
+    if tuple(images.shape[1:]) != tuple(shape):
+        got = [images.shape[0], images.shape[2], images.shape[3], images.shape[1]]
+        raise ImageMismatchError(f"{what} {path} holds images {got} ([N, H, W, C]), but {why} needs "
+                                 f"[N, {h}, {w}, {c}] (nothing is resized)")
+
+
+def write_images(x: torch.Tensor, path: str | Path) -> Path:
+    """Images x [N, C, H, W] in [-1, 1] -> `path`: an .npz of uint8 [N, H, W, C] under arr_0, or a .png (one image
+    at its own size, several as a `save_grid` grid)."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npz":
+        np.savez(path, arr_0=to_nhwc_uint8(x))
+        return path
+    if x.shape[0] == 1:
+        u8 = to_nhwc_uint8(x)[0]
+        Image.fromarray(u8[..., 0] if u8.shape[-1] == 1 else u8).save(path)
+        return path
+    return save_grid(x, path)

@@ -87,6 +87,17 @@ class Spacing(Mode):
     KARRAS = "karras"  # EDM's sigma grid (rho = 7), each point snapped to the timestep nearest in log sigma
 
 
+class Task(Mode):
+    """An image-to-image task: a linear degradation y = A x (`ddpm.restoration.operator`) and its inverse problem."""
+
+    SR2 = "sr2"  # super-resolution x2: A = 2 x 2 average pooling, A+ = nearest upsampling
+    SR4 = "sr4"  # super-resolution x4: 4 x 4 average pooling
+    SR8 = "sr8"  # super-resolution x8: 8 x 8 average pooling
+    COLORIZE = "colorize"  # A = the mean of the channels (a 1-channel image), A+ = copy it to every channel
+    INPAINT = "inpaint"  # A = a 0/1 pixel mask (a mask image, or "center" / "half"), A+ = A^T = the mask
+    DEBLUR = "deblur"  # A = a circular Gaussian blur, A+ its (regularised) inverse in the Fourier domain
+
+
 def values(enum_cls: type[Enum]) -> tuple[str, ...]:
     """The members' string values in definition order, e.g. for argparse `choices`."""
     return tuple(m.value for m in enum_cls)
