@@ -107,7 +107,7 @@ def _tiny_argv(argv: list[str], paths: dict[str, str], tmp: Path) -> list[str] |
         out += ["--n", "2"]
     if out[0] in ("inpaint", "edit"):
         out += ["--n", "1"] + (["--resample", "1"] if out[0] == "inpaint" and "--resample" not in out else [])
-    if out[0] in ("sample", "eval") and "--quiet" not in out:
+    if out[0] in ("sample", "eval", "restore") and "--quiet" not in out:
         out.append("--quiet")
     return out
 
@@ -134,11 +134,13 @@ def tiny(tmp_path_factory):
              "runs/fashion": str(tmp / "runs" / "fashion"), "runs/zero-snr": str(tmp / "runs" / "zero-snr"),
              "./my_images": str(images), "runs/mine": str(tmp / "runs" / "mine"), "DIR": str(tmp / "out" / "dir")}
     paths |= {name: str(tmp / name) for name in ("a.png", "b.png", "photo.png", "sketch.png", "mask.png")}
+    paths["low.png"] = str(tmp / "out" / "low.png")  # what the README's degrade line writes
     return tmp, paths
 
 
 RUNNABLE = [(line, argv) for line, argv in COMMANDS if argv[0] in ("train", "sample", "eval", "interpolate",
-                                                                    "inpaint", "edit", "export")]
+                                                                    "inpaint", "edit", "export", "degrade",
+                                                                    "restore")]
 
 
 @pytest.mark.slow
@@ -146,7 +148,8 @@ def test_the_cheap_readme_commands_run(tiny, capsys):
     tmp, paths = tiny
     ran = []
     # the class-conditional run first: the guided sampling line reads it
-    ordered = sorted(RUNNABLE, key=lambda c: c[1][0] != "train")  # the runs first: later lines read them
+    # the runs first, then the degraded images: later lines read them
+    ordered = sorted(RUNNABLE, key=lambda c: {"train": 0, "degrade": 1}.get(c[1][0], 2))
     for line, argv in ordered:
         tiny_argv = _tiny_argv(argv, paths, tmp)
         if tiny_argv is None:
@@ -155,5 +158,5 @@ def test_the_cheap_readme_commands_run(tiny, capsys):
         assert code == 0, (line, tiny_argv, capsys.readouterr().err[-2000:])
         ran.append(argv[0] if argv[0] != "eval" else f"eval {argv[1]}")
     assert {"train", "sample", "eval fid", "eval bpd", "eval rate-distortion", "interpolate", "inpaint", "edit",
-            "export"} <= set(ran), ran
+            "export", "degrade", "restore"} <= set(ran), ran
     assert len(ran) >= 18, ran
