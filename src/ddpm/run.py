@@ -136,6 +136,9 @@ def lock_for_writing(path: str | Path, what: str, d: DistInfo) -> RunLock | None
         dist.broadcast_object_list(box, src=0)
         if box[0] is not None and refusal is None:
             refusal = LockedError(f"rank 0 could not take the lock: {box[0]}")
+        if refusal is not None:  # every rank has the outcome before any exits: a rank leaving mid-broadcast
+            dist.barrier()       # closes the sockets under the others (gloo aborts them)
+            dist.destroy_process_group()
     if refusal is not None:
         raise refusal
     return lock
