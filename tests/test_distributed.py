@@ -86,7 +86,9 @@ def test_two_ranks_are_refused_together_while_another_process_writes_the_run(tmp
     assert res.returncode != 0
     assert f"ddpm train: error: run directory {run} is in use by process {os.getpid()} on host " in res.stderr
     assert f"ddpm train: error: rank 0 could not take the lock: run directory {run} is in use by process " in res.stderr
-    assert res.stderr.count("exitcode  : 2") == 2  # both ranks exited with the usage code, neither hung
+    # neither hung (the run returned within _torchrun's timeout) and neither aborted; torchrun's agent stops the
+    # other worker once the first has exited, so one or both report the usage code
+    assert res.stderr.count("exitcode  : 2") >= 1 and "SIGABRT" not in res.stderr
 
 
 @pytest.mark.slow
