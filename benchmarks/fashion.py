@@ -4,7 +4,8 @@ Fashion-MNIST classifier (`ddpm.metrics.fashion`: Frechet distance to the test s
 real training images, precision and recall, k = 3).
 
     .venv/bin/python benchmarks/fashion.py [--out benchmarks/out/fashion] [--data /usr/share/datasets/fashion-mnist]
-        [--steps N] [--n 1000] [--set section.field=value ...] [--skip-train] [--samplers ancestral ddim]
+        [--steps N | --minutes 10 20 30] [--n 1000] [--set section.field=value ...] [--skip-train]
+        [--samplers ancestral ddim]
 
 Prints one markdown row per sampler for benchmarks/RESULTS.md (with the CPU's lscpu model and vector flags) and
 writes result.json in --out. A smoke run: `--steps 2 --n 16 --set diffusion.num_timesteps=50`.
@@ -43,6 +44,9 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/out/fashion")
     p.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--steps", type=int, help="training steps (default: the preset's)")
+    p.add_argument("--minutes", type=float, nargs="+",
+                   help="train for these wall minutes instead of --steps, scoring a snapshot at each (e.g. 10 20 30: "
+                        "`ddpm train --minutes 10`, then `--resume` twice; starting a process is not counted)")
     p.add_argument("--n", type=int, default=1000, help="samples per sampler")
     p.add_argument("--batch-size", type=int, default=250, help="samples per network call")
     p.add_argument("--set", action="append", default=[], help="a training override, as ddpm train --set")
@@ -52,35 +56,44 @@ def main() -> int:
     out = Path(args.out)
     run = out / "run"
     ddpm = [sys.executable, "-m", "ddpm"]
-    train_s = None
-    if not args.skip_train:
-        cmd = [*ddpm, "train", "--preset", "fashion", "--data", args.data, "--run", str(run), "--force"]
-        cmd += (["--steps", str(args.steps)] if args.steps else []) + [x for s in args.set for x in ("--set", s)]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True)
-        train_s = time.perf_counter() - t0
-    config = json.loads((run / "config.json").read_text())
-
+    sets = [x for s in args.set for x in ("--set", s)]
+    segments = [None] if not args.minutes else sorted(args.minutes)
+    rows, done, train_s = [], 0.0, None
     from ddpm.metrics.fashion import evaluate_fashion
 
-    rows = []
-    for name in args.samplers:
-        samples = out / f"samples_{name}_{args.n}.npz"
-        t0 = time.perf_counter()
-        subprocess.run([*ddpm, "sample", "--run", str(run), "--n", str(args.n), "--out", str(samples),
-                        "--batch-size", str(args.batch_size), "--quiet", *SAMPLERS[name]], check=True)
-        sample_s = time.perf_counter() - t0
-        rep = evaluate_fashion(np.load(samples)["arr_0"], args.data)
-        rows.append({"sampler": name, "sample_seconds": sample_s, **dataclasses.asdict(rep)})
-    result = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu(), "steps": config["train"]["steps"],
-              "overrides": args.set, "train_seconds": train_s, "n": args.n, "rows": rows}
+    for k, mark in enumerate(segments):
+        if not args.skip_train:
+            cmd = [*ddpm, "train", "--preset", "fashion", "--data", args.data, "--run", str(run), "--quiet", *sets]
+            cmd += ["--force"] if k == 0 else ["--resume"]
+            if mark is not None:
+                cmd += ["--minutes", f"{mark - done:g}", "--steps", str(args.steps or 10**7)]
+                done = mark
+            elif args.steps:
+                cmd += ["--steps", str(args.steps)]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True)
+            train_s = time.perf_counter() - t0 + (train_s or 0.0)
+        step = json.loads((run / "log.jsonl").read_text().splitlines()[-1])["step"]
+        for name in args.samplers:
+            samples = out / f"samples_{name}_{args.n}{'' if mark is None else f'_{mark:g}min'}.npz"
+            samples.unlink(missing_ok=True)  # ddpm sample would take a file of the same name as work to resume
+            t0 = time.perf_counter()
+            subprocess.run([*ddpm, "sample", "--run", str(run), "--n", str(args.n), "--out", str(samples),
+                            "--batch-size", str(args.batch_size), "--quiet", *SAMPLERS[name]], check=True)
+            sample_s = time.perf_counter() - t0
+            rep = evaluate_fashion(np.load(samples)["arr_0"], args.data)
+            rows.append({"minutes": mark, "steps": step, "train_seconds": train_s, "sampler": name,
+                         "sample_seconds": sample_s, **dataclasses.asdict(rep)})
+            print(json.dumps(rows[-1]), flush=True)
+    result = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu(), "overrides": args.set, "n": args.n, "rows": rows}
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print("| date | CPU | steps | train | sampler | sampling | Frechet | floor | ratio | precision | recall | "
-          "confident |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| date | CPU | minutes | steps | train | sampler | sampling | Frechet | floor | ratio | precision | recall | "
+          "confident |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {result['date']} | {result['cpu']} | {result['steps']} | "
-              f"{'-' if train_s is None else f'{train_s:.0f} s'} | {r['sampler']} | {r['sample_seconds']:.0f} s | "
+        train = "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f} s"
+        minutes = "-" if r["minutes"] is None else f"{r['minutes']:g}"
+        print(f"| {result['date']} | {result['cpu']} | {minutes} | "
+              f"{r['steps']} | {train} | {r['sampler']} | {r['sample_seconds']:.0f} s | "
               f"{r['frechet']:.2f} | {r['floor']:.2f} | {r['ratio']:.2f} | {r['precision']:.3f} "
               f"({r['floor_precision']:.3f}) | {r['recall']:.3f} ({r['floor_recall']:.3f}) | "
               f"{r['confident_fraction']:.3f} ({r['floor_confident_fraction']:.3f}) |")

@@ -154,3 +154,20 @@ def test_preview_grids_are_fast_unless_asked(tmp_path, monkeypatch):
         assert len(calls) == want and path.is_file(), (preview, steps, len(calls))
     with pytest.raises(ConfigError, match="train.preview must be one of 'ddim', 'ancestral'"):
         apply_overrides(preset("digits"), ["train.preview=heun"])
+
+
+def test_minutes_stop_training_on_time_and_resume_goes_on(tmp_path):
+    """`--minutes`: the run stops when the time is spent, well before its steps, saves and draws its final grid as
+    at the last step, and exits 0; --resume with another budget continues from that step."""
+    run = tmp_path / "run"
+    args = ["train", "--run", str(run), "--steps", "100000", "--ckpt-every", "100000", *TINY,
+            "--set", "train.sample_every=100000"]
+    assert main([*args, "--minutes", "0.02"]) == 0  # 1.2 s
+    first = load_run(run).step
+    assert 1 <= first < 100000
+    assert len(list((run / "grids").glob("*.png"))) == 1  # the final grid, drawn once
+    assert first == len((run / "log.jsonl").read_text().splitlines())
+    assert main([*args, "--minutes", "0.02", "--resume"]) == 0
+    assert load_run(run).step > first
+    with pytest.raises(ConfigError, match="train.minutes"):
+        apply_overrides(preset("digits"), ["train.minutes=-1"])

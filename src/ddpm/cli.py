@@ -97,8 +97,8 @@ def _train(args: argparse.Namespace) -> int:
             raise UsageError(f"--data: the {args.preset} preset trains on scikit-learn's bundled digits and reads no "
                              "files; to train on your own images use --preset folder --data DIR (see the README)")
         cfg.data.path = args.data
-    for flag, field in (("steps", "train.steps"), ("batch_size", "train.batch_size"), ("seed", "train.seed"),
-                        ("ckpt_every", "train.ckpt_every")):
+    for flag, field in (("steps", "train.steps"), ("minutes", "train.minutes"), ("batch_size", "train.batch_size"),
+                        ("seed", "train.seed"), ("ckpt_every", "train.ckpt_every")):
         if getattr(args, flag) is not None:
             set_field(cfg, field, getattr(args, flag))
     if args.compile:
@@ -495,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="dataset path: CIFAR-10 archive or folder, a folder of images, an LSUN LMDB "
                                   "(the digits preset takes none)")
     t.add_argument("--steps", type=int, help="optimizer steps (default: the preset's, train.steps)")
+    t.add_argument("--minutes", type=float, help="also stop after this many minutes of training, then checkpoint "
+                   "and draw the final grid as at the last step (train.minutes; --resume continues)")
     t.add_argument("--batch-size", type=int, help="global batch size, split across ranks (default: the preset's)")
     t.add_argument("--seed", type=int, help="seeds weights, data order, t and noise (default: train.seed, 0)")
     t.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default: the preset's)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -70,6 +71,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 800_000  # optimizer steps
+    minutes: float = 0.0  # also stop after this many minutes of training in this invocation (0: no limit)
     batch_size: int = 128  # global batch (split across ranks)
     lr: float = 2e-4  # Adam learning rate after warm-up
     warmup: int = 5000  # linear warm-up steps
@@ -365,6 +367,7 @@ def validate(cfg: Config) -> None:
     for name in ("train.steps", "train.batch_size", "train.grad_accum", "train.max_bad_steps"):
         need(_get(cfg, name) >= 1, name, "must be a positive integer")
     need(t.lr > 0, "train.lr", "must be positive")
+    need(math.isfinite(t.minutes) and t.minutes >= 0, "train.minutes", "must be >= 0 (0: no time limit)")
     need(t.warmup >= 0, "train.warmup", "must be >= 0")
     need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must lie in [0, 1)")
     need(t.adam_eps > 0, "train.adam_eps", "must be positive")

@@ -384,6 +384,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
+    def _out_of_time(self, deadline: float) -> bool:
+        """train.minutes is spent (rank 0's clock decides, so every rank stops after the same step)."""
+        done = torch.tensor([float(time.perf_counter() >= deadline)])
+        if self.dist.world > 1:
+            done = done.to(self.device)
+            dist.broadcast(done, 0)
+        return bool(done.item())
+
     def _on_signal(self, signum, frame) -> None:  # only sets a flag: the step in flight finishes first
         self._stop_signal = signum
 
@@ -405,6 +413,7 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True)
         try:
             t_last, n_last = time.perf_counter(), self.step
+            deadline = t_last + 60 * cfg.minutes if cfg.minutes > 0 else None
             while self.step < cfg.steps:
                 info = self.train_step()
                 s = self.step
@@ -434,6 +443,8 @@ class Trainer:
                 if self._stop_signal is None and cfg.ckpt_every and s % cfg.ckpt_every == 0:
                     self.save()
                 if self._stop_signal is not None:
+                    break
+                if deadline is not None and self._out_of_time(deadline):
                     break
             path = self.save()
             if self._stop_signal is not None:
