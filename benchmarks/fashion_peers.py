@@ -117,7 +117,7 @@ def train_diffusers(args, out: Path) -> tuple[dict, list]:
     except Budget.Done:
         pass
 
-    from ddpm.diffusion import GaussianDiffusion, beta_schedule
+    from ddpm import GaussianDiffusion, beta_schedule
     from ddpm.sampling import run_sampler
 
     diffusion = GaussianDiffusion(beta_schedule("linear", 1000))

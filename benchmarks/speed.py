@@ -1,12 +1,14 @@
 """Training-step and sampling speed of our U-Net against the peers on the same machine, interleaved, in one
 process; FLOPs per image from torch's flop counter and the achieved rate against a measured 3x3-conv peak.
 
-    .venv/bin/python benchmarks/speed.py [--train-batch 16] [--train-steps 3] [--sample-batch 64] [--reps 3] [--bf16]
-        [--keep-freed-memory] [--compile] [--only ours,diffusers,ddp]
+    .venv/bin/python benchmarks/speed.py [--network cifar10|fashion|digits] [--train-batch 16] [--train-steps 3]
+        [--sample-batch 64] [--reps 3] [--bf16] [--keep-freed-memory] [--compile] [--only ours,diffusers,ddp]
 
-Peers: diffusers' UNet2DModel in the google/ddpm-cifar10-32 configuration (one attention head) with
-DDPMScheduler, and denoising-diffusion-pytorch's Unet at its closest configuration (each skipped with a note
-when not installed: `pip install -e .[bench]`). With --compile, ours and diffusers' also run through
+--network: the paper's 35.7M CIFAR-10 network (default), or the fashion / digits presets' (src/ddpm/config.py).
+Peers: diffusers' UNet2DModel in the same configuration (for cifar10 google/ddpm-cifar10-32's; one attention
+head) with DDPMScheduler, and denoising-diffusion-pytorch's Unet at its closest configuration (each skipped with
+a note when not installed: `pip install -e .[bench]`). The header names the CPU (lscpu's model and the vector
+flags the kernels use). With --compile, ours and diffusers' also run through
 torch.compile (ours through `ddpm.nn.compiled.compile_network`, which samples with CUDA graphs on a GPU;
 diffusers' the same way: torch.compile for training, mode "reduce-overhead" for sampling on CUDA). On CUDA the
 achieved rate against the measured conv peak is the MFU, with a channels_last row each (weights and input in
@@ -20,8 +22,9 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,27 @@ from ddpm.nn.fused import status as fused_status
 from ddpm.nn.winograd import Conv3x3
 from ddpm.runtime import keep_freed_memory
 from ddpm.train import build_optimizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fashion import cpu  # noqa: E402
+
+# name -> (image shape, ours: UNet(in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resolution),
+#          diffusers' UNet2DModel keywords, denoising-diffusion-pytorch's Unet keywords)
+NETWORKS = {
+    "cifar10": ((3, 32, 32), (3, 128, (1, 2, 2, 2), 2, (16,), 0.1, 32),
+                dict(block_out_channels=(128, 256, 256, 256),
+                     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), dropout=0.1),
+                dict(dim=128, dim_mults=(1, 2, 2, 2), dropout=0.1, full_attn=(False, True, False, False))),
+    "fashion": ((1, 28, 28), (1, 32, (1, 2, 2), 2, (7,), 0.0, 28),
+                dict(block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                     up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), dropout=0.0),
+                dict(dim=32, dim_mults=(1, 2, 2), dropout=0.0, full_attn=(False, False, True))),
+    "digits": ((1, 8, 8), (1, 32, (1, 2), 2, (4,), 0.0, 8),
+               dict(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                    up_block_types=("AttnUpBlock2D", "UpBlock2D"), dropout=0.0),
+               dict(dim=32, dim_mults=(1, 2), dropout=0.0, full_attn=(False, True))),
+}
 
 
 def sync(device):
@@ -93,13 +117,14 @@ def channels_last(fn):
 BENCHMARKED = ", cudnn.benchmark"  # the rows measured with torch.backends.cudnn.benchmark on (CUDA only)
 
 
-def make_models(device, compile_too: bool, only: set[str]):
+def make_models(device, compile_too: bool, only: set[str], network: str = "cifar10"):
     """name -> (module, training callable, sampling callable), each callable (x, t) -> eps."""
     models = {}
     torch.manual_seed(0)
+    (c, r, _), args, diffusers_kw, ddp_kw = NETWORKS[network]
 
     def ours(**kw):
-        return UNet(3, 128, (1, 2, 2, 2), 2, (16,), 0.1, 32, **kw).to(device)
+        return UNet(*args, **kw).to(device)
 
     if "ours" in only:
         m = ours()
@@ -122,12 +147,9 @@ def make_models(device, compile_too: bool, only: set[str]):
         except ImportError:
             print("diffusers not installed: skipped")
         else:
-            net = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-                              block_out_channels=(128, 256, 256, 256),
-                              down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                              up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+            net = UNet2DModel(sample_size=r, in_channels=c, out_channels=c, layers_per_block=2,
                               attention_head_dim=None, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False,
-                              freq_shift=1, dropout=0.1)
+                              freq_shift=1, **diffusers_kw)
             m = net.to(device)
             models["diffusers UNet2DModel"] = (m, unwrap(m), unwrap(m))
             if device == "cuda":
@@ -144,8 +166,7 @@ def make_models(device, compile_too: bool, only: set[str]):
         try:
             from denoising_diffusion_pytorch import Unet
 
-            m = Unet(dim=128, dim_mults=(1, 2, 2, 2), dropout=0.1, attn_heads=1,
-                     full_attn=(False, True, False, False)).to(device)
+            m = Unet(channels=c, attn_heads=1, **ddp_kw).to(device)
             models["denoising-diffusion-pytorch Unet"] = (m, m, m)
         except ImportError:
             print("denoising-diffusion-pytorch not installed: skipped")
@@ -154,9 +175,9 @@ def make_models(device, compile_too: bool, only: set[str]):
     return models
 
 
-def train_step(fn, opt, B, device, amp):
+def train_step(fn, opt, B, device, amp, shape=(3, 32, 32)):
     """One step, with no host sync (the caller syncs once after the timed steps)."""
-    x = torch.randn(B, 3, 32, 32, device=device)
+    x = torch.randn(B, *shape, device=device)
     t = torch.randint(0, 1000, (B,), device=device)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
         loss = (fn(x, t).float() - x).pow(2).mean()
@@ -167,6 +188,8 @@ def train_step(fn, opt, B, device, amp):
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--network", choices=list(NETWORKS), default="cifar10", help="whose network: the paper's CIFAR-10 "
+                   "one, or the fashion / digits presets'")
     p.add_argument("--train-batch", type=int, default=16)
     p.add_argument("--sample-batch", type=int, default=64)
     p.add_argument("--train-steps", type=int, default=3, help="training steps timed per measurement")
@@ -183,7 +206,8 @@ def main() -> None:
         p.error("--keep-freed-memory: not applied (Linux with glibc only; DDPM_KEEP_FREED_MEMORY=0 or a "
                 "GLIBC_TUNABLES malloc setting turns it off)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    models = make_models(device, args.compile, set(args.only.split(",")))
+    models = make_models(device, args.compile, set(args.only.split(",")), args.network)
+    shape = NETWORKS[args.network][0]
     peak = conv_peak(torch.float32, device)
     peak_bf16 = conv_peak(torch.bfloat16, device)
     diff = GaussianDiffusion(beta_schedule("linear", 1000))
@@ -213,7 +237,7 @@ def main() -> None:
     flops, compile_s = {}, {}
     for n, (m, train_fn, sample_fn) in models.items():
         torch.backends.cudnn.benchmark = n.endswith(BENCHMARKED)  # read by every convolution, backward's too
-        x = torch.randn(2, 3, 32, 32, device=device)
+        x = torch.randn(2, *shape, device=device)
         eager = unwrap(m) if n.startswith("diffusers") else m
         flops[n] = flops_per_image(eager, m, x, torch.tensor([1, 2], device=device))
         m.zero_grad(set_to_none=True)
@@ -222,9 +246,9 @@ def main() -> None:
         calls = 3 if device == "cuda" else 2
         t0 = time.perf_counter()
         for _ in range(calls):
-            train_step(train_fn, opts[n], args.train_batch, device, args.bf16)
+            train_step(train_fn, opts[n], args.train_batch, device, args.bf16, shape)
         m.eval()
-        x = torch.randn(args.sample_batch, 3, 32, 32, device=device)
+        x = torch.randn(args.sample_batch, *shape, device=device)
         with torch.inference_mode(), torch.autocast(**amp):
             for _ in range(calls):
                 sample_fn(x, torch.full((x.shape[0],), 999, device=device))
@@ -236,15 +260,15 @@ def main() -> None:
             m.train()
             # an untimed step first: right after another model's work, the first step pays for fresh memory
             # (measured: identical networks 20% apart depending on which came first in a repetition)
-            train_step(train_fn, opts[n], args.train_batch, device, args.bf16)
+            train_step(train_fn, opts[n], args.train_batch, device, args.bf16, shape)
             sync(device)
             t0 = time.perf_counter()
             for _ in range(args.train_steps):  # back to back, as in a training loop
-                train_step(train_fn, opts[n], args.train_batch, device, args.bf16)
+                train_step(train_fn, opts[n], args.train_batch, device, args.bf16, shape)
             sync(device)
             rows[n]["train"].append(args.train_steps * args.train_batch / (time.perf_counter() - t0))
             m.eval()
-            x = torch.randn(args.sample_batch, 3, 32, 32, device=device)
+            x = torch.randn(args.sample_batch, *shape, device=device)
             with torch.inference_mode(), torch.autocast(**amp):
                 sample_fn(x, torch.full((x.shape[0],), 999, device=device))  # untimed, as above
                 sync(device)
@@ -259,11 +283,11 @@ def main() -> None:
         where = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
         extra = tf32
     else:
-        where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        where = f"{cpu()}, {torch.get_num_threads()} threads"
         alloc = "freed memory kept (ddpm.runtime)" if args.keep_freed_memory else "default allocator"
         fused_on, fused_why = fused_status()
         extra = alloc + "; fused group-norm kernel: " + ("on" if fused_on else f"off ({fused_why})")
-    print(f"\n{time.strftime('%Y-%m-%d')}, {where}, torch {torch.__version__}, {dtype}, {extra}; "
+    print(f"\n{time.strftime('%Y-%m-%d')}, {args.network} network, {where}, torch {torch.__version__}, {dtype}, {extra}; "
           f"3x3-conv peak {peak:.0f} GFLOP/s fp32, {peak_bf16:.0f} bf16\n")
     print(f"| model | params | GFLOP/img fwd | train img/s (batch {args.train_batch}) | train GFLOP/s | % of conv peak "
           f"| sample img-steps/s (batch {args.sample_batch}) | train, sample x diffusers | warm-up s |")
