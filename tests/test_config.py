@@ -79,7 +79,8 @@ MODE_ENUMS = {BetaSchedule, MeanType, VarType, LossType, DatasetKind, Precision,
 # beta_T = 1 is a zero terminal SNR, where eps is undefined
 COMPANIONS = {("diffusion.var_type", "learned_range"): ["diffusion.loss_type=hybrid"],
               ("diffusion.loss_type", "hybrid"): ["diffusion.var_type=learned_range"],
-              ("diffusion.schedule", "jsd"): ["diffusion.mean_type=v"]}
+              ("diffusion.schedule", "jsd"): ["diffusion.mean_type=v"],
+              ("data.dataset", "pairs"): ["data.task=sr2"]}  # the degradation of its input/ images
 
 
 def test_mode_fields_are_typed_by_their_enums_and_stay_strings_in_json(tmp_path):
@@ -153,7 +154,7 @@ def test_a_bad_mode_is_refused_with_its_field_named_everywhere(tmp_path):
         GaussianDiffusion(betas, loss_type="l1")
     with pytest.raises(ValueError, match="^beta schedule must be one of"):
         beta_schedule("sigmoid", 10)
-    with pytest.raises(ValueError, match="^data.dataset must be one of 'digits', 'cifar10', 'folder', 'lmdb', 'idx'; got 'imagenet'$"):
+    with pytest.raises(ValueError, match="^data.dataset must be one of 'digits', 'cifar10', 'folder', 'lmdb', 'idx', 'pairs'; got 'imagenet'$"):
         build_dataset("imagenet", None, 32)
     with pytest.raises(ConfigError, match="^precision must be one of 'fp32', 'bf16', 'fp16'; got 'bf61'$"):
         amp_dtype("bf61", torch.device("cpu"), "precision")

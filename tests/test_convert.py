@@ -264,7 +264,7 @@ def test_a_converted_port_file_is_a_run_of_the_same_network(tmp_path):
     on_disk = json.loads((tmp_path / "run" / "config.json").read_text())
     assert on_disk["diffusion"]["var_type"] == "learned_range" and on_disk["diffusion"]["loss_type"] == "hybrid"
     assert on_disk["model"] == dict(in_channels=1, ch=32, ch_mult=[1, 2], num_res_blocks=2, attn_resolutions=[4],
-                                    dropout=0.0, resolution=8, num_classes=None)
+                                    dropout=0.0, resolution=8, num_classes=None, cond_channels=0)
     run = load_run(tmp_path / "run")
     assert run.config.model == ours.config and run.model.out_channels == 2
     assert run.diffusion.var_type is VarType.LEARNED_RANGE

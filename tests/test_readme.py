@@ -107,6 +107,8 @@ def _tiny_argv(argv: list[str], paths: dict[str, str], tmp: Path) -> list[str] |
         out += ["--n", "2"]
     if out[0] in ("inpaint", "edit"):
         out += ["--n", "1"] + (["--resample", "1"] if out[0] == "inpaint" and "--resample" not in out else [])
+    if out[0] == "restore" and "--steps" not in out:  # a conditional run's default: all T = 1000 steps
+        out += ["--steps", "4"]
     if out[0] in ("sample", "eval", "restore") and "--quiet" not in out:
         out.append("--quiet")
     return out
@@ -135,6 +137,9 @@ def tiny(tmp_path_factory):
              "./my_images": str(images), "runs/mine": str(tmp / "runs" / "mine"), "DIR": str(tmp / "out" / "dir")}
     paths |= {name: str(tmp / name) for name in ("a.png", "b.png", "photo.png", "sketch.png", "mask.png")}
     paths["low.png"] = str(tmp / "out" / "low.png")  # what the README's degrade line writes
+    np.savez(tmp / "clean.npz", arr_0=rng.integers(0, 256, (2, 28, 28, 1), dtype=np.uint8))  # sr4's clean images
+    paths |= {"clean.npz": str(tmp / "clean.npz"), "low.npz": str(tmp / "out" / "low.npz"),
+              "runs/sr4": str(tmp / "runs" / "sr4")}
     return tmp, paths
 
 

@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from ddpm.modes import DatasetKind, Precision, Spacing, values
+from ddpm.modes import DatasetKind, Precision, Spacing, Task, values
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 SAMPLER_NAMES = ("ancestral", "respaced", "ddim", "dpmpp2m", "heun")  # ddpm.sampling.SAMPLERS (a test holds them equal)
@@ -98,7 +98,8 @@ def _train(args: argparse.Namespace) -> int:
                              "files; to train on your own images use --preset folder --data DIR (see the README)")
         cfg.data.path = args.data
     for flag, field in (("steps", "train.steps"), ("minutes", "train.minutes"), ("batch_size", "train.batch_size"),
-                        ("seed", "train.seed"), ("ckpt_every", "train.ckpt_every")):
+                        ("seed", "train.seed"), ("ckpt_every", "train.ckpt_every"), ("task", "data.task"),
+                        ("mask", "data.mask")):
         if getattr(args, flag) is not None:
             set_field(cfg, field, getattr(args, flag))
     if args.compile:
@@ -393,8 +394,6 @@ def _restore(args: argparse.Namespace) -> int:
     src = _need_file(args.input, "--input", "degraded images: a PNG, a folder of PNGs or an .npz of uint8 "
                                            "[N, h, w, C] at the degraded size")
     out = _images_out(args.out)
-    if args.task is None:
-        raise UsageError("--task is required for an unconditional run: the degradation to undo (e.g. sr4)")
     for name, v in (("--batch-size", args.batch_size), ("--travel-length", args.travel_length),
                     ("--travel-repeat", args.travel_repeat)):
         if v < 1:
@@ -405,40 +404,48 @@ def _restore(args: argparse.Namespace) -> int:
 
     cfg = Config.load(run_dir / "config.json")
     R, C, T = cfg.model.resolution, cfg.model.in_channels, cfg.diffusion.num_timesteps
-    steps = min(args.steps, T) if args.steps is not None else min(100, T)
     if args.steps is not None and not 1 <= args.steps <= T:
         raise UsageError(f"--steps must lie in 1..{T} (the run's timesteps); got {args.steps}")
-    op = _operator(args.task, (C, R, R), _mask(args.mask, args.task, R),
-                   f"on --run {args.run} ({R}x{R}, {C} channel{'s' if C > 1 else ''})")
-    import torch
-
-    from ddpm.data import to_model_range
-    from ddpm.images import check_images, read_images, write_images
+    trained = cfg.data.task
+    if trained is None:  # DDNM: any task, the default grid 100 steps
+        if args.task is None:
+            raise UsageError("--task is required for an unconditional run: the degradation to undo (e.g. sr4)")
+        task, mask = args.task, _mask(args.mask, args.task, R)
+        steps = min(args.steps, T) if args.steps is not None else min(100, T)
+    else:  # trained on pairs: its own task, ancestral over all T unless --steps
+        if args.task is not None and args.task != trained:
+            raise UsageError(f"--task {args.task}: --run {args.run} was trained on {trained} pairs (data.task) and "
+                             f"restores {trained} inputs only (an unconditional run restores any task with DDNM)")
+        ddnm_only = [o for o, v, d in (("--noise", args.noise, 0.0), ("--travel-length", args.travel_length, 1),
+                                       ("--travel-repeat", args.travel_repeat, 1)) if v != d]
+        if ddnm_only:
+            raise UsageError(f"{', '.join(ddnm_only)}: DDNM's options, for unconditional runs; --run {args.run} was "
+                             f"trained on {trained} pairs and samples with its condition (--steps, --eta)")
+        if args.mask is not None and args.mask != cfg.data.mask:
+            raise UsageError(f"--mask {args.mask}: --run {args.run} was trained with the mask {cfg.data.mask!r} "
+                             "(data.mask) and restores with that one only")
+        task, mask, steps = trained.value, cfg.data.mask, args.steps
+    op = _operator(task, (C, R, R), mask, f"on --run {args.run} ({R}x{R}, {C} channel{'s' if C > 1 else ''})")
+    from ddpm.images import check_images, read_images
 
     dc, dh, dw = op.degraded_shape(op.shape)
     images = read_images(src, channels=dc)
-    check_images(images, (dc, dh, dw), src, "--input", f"--task {args.task} on --run {args.run} ({R}x{R})")
-    from ddpm.restoration import ddnm
-    from ddpm.run import load_run, resolve_device, sample_generator
-    from ddpm.sampling import timestep_grid
+    why = f"--task {task} on --run {args.run} ({R}x{R}" + (", trained on its pairs)" if trained else ")")
+    check_images(images, (dc, dh, dw), src, "--input", why)
+    from ddpm.generate import RestoreOptions, restore_to_file
+    from ddpm.run import load_run, resolve_device
 
     device = resolve_device(args.device)
-    run = load_run(args.run, device=device)
-    grid = timestep_grid(run.diffusion, steps)
-    results, worst = [], 0.0
-    for i in range(0, images.shape[0], args.batch_size):
-        # A A+ y: y's part in the range of A (the 8-bit mid-gray 128 of an inpainting input's hidden pixels is
-        # 1/255, not 0; a blurred image's lost frequencies); A x = y holds for that part
-        y = op.A(op.pinv(to_model_range(images[i : i + args.batch_size]).to(device)))
-        gens = sample_generator(args.seed, "restore", range(i, i + y.shape[0]), device)
-        x = ddnm(run.diffusion, run.conditioned(batch=y.shape[0]), y, op, grid, generator=gens, sigma_y=args.noise,
-                 eta=args.eta, travel_length=args.travel_length, travel_repeat=args.travel_repeat,
-                 progress=not args.quiet)
-        worst = max(worst, float((op.A(x) - y).abs().max()))
-        results.append(x.cpu())
-    path = write_images(torch.cat(results), out)
-    print(f"wrote {images.shape[0]} restored images ({args.task}, {steps} steps) to {path}; "
-          f"max |A x - y| = {worst:.2e} before rounding to 8 bits")
+    run = load_run(args.run, device=device, conditional=True)
+    opts = RestoreOptions(steps=steps, eta=args.eta, sigma_y=args.noise, travel_length=args.travel_length,
+                          travel_repeat=args.travel_repeat)
+    report = restore_to_file(run, op, images, out, seed=args.seed, batch_size=args.batch_size, opts=opts,
+                             device=device, progress=not args.quiet)
+    how = f"DDNM, {steps} steps" if trained is None else \
+        f"conditional, {'ancestral, ' + str(T) if steps is None else 'DDIM, ' + str(steps)} steps"
+    tail = "" if report.worst is None else \
+        f"; max |A x - y| = {report.worst:.2e} before rounding to 8 bits (over the {report.restored} made now)"
+    print(f"wrote {report.n} restored images ({task}, {how}) to {report.path}{tail}")
     return 0
 
 
@@ -504,6 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weights-only", action="store_true", help="with --resume: accept a checkpoint without optimizer state")
     t.add_argument("--force", action="store_true", help="start afresh in a directory that holds another run "
                                                          "(its files are moved to RUN/replaced/)")
+    t.add_argument("--task", choices=values(Task),
+                   help="train on pairs (SR3): each batch degraded by this task's operator, as `ddpm degrade`, "
+                        "the network conditioned on it (data.task); restore with `ddpm restore`")
+    t.add_argument("--mask", choices=("center", "half"), help="with --task inpaint: the hidden region (data.mask)")
     t.add_argument("--compile", action="store_true",
                    help="torch.compile the network (train.compile; minutes of compilation first, no gain on a CPU)")
     t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
@@ -606,8 +617,6 @@ def build_parser() -> argparse.ArgumentParser:
         _add_device(q)
         q.set_defaults(func=_inpaint_or_edit)
 
-    from ddpm.modes import Task
-
     tasks = values(Task)
     mask_help = "inpaint: center (hide the central square), half (hide the right half), or a mask image (white = known)"
     g = command("degrade", "apply a task's degradation A to clean images (to make pairs, or inputs for restore)")
@@ -623,15 +632,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="the noise's seed")
     g.set_defaults(func=_degrade)
 
-    r = command("restore", "undo a degradation with an unconditional run (DDNM, training-free null-space method)")
+    r = command("restore", "undo a degradation: with an unconditional run by DDNM (training-free null-space method), "
+                           "with a run trained on pairs (ddpm train --task) by sampling with its condition")
     _add_run(r, "the run directory")
     r.add_argument("--input", required=True, help="degraded images at the degraded size: a PNG, a folder of PNGs or "
                                                   "an .npz of uint8 [N, h, w, C] under arr_0 (sr4 on 28x28: 7x7)")
-    r.add_argument("--out", required=True, help=".npz (uint8 [N, H, W, C] at the run's size) or .png")
-    r.add_argument("--task", choices=tasks, help="the degradation the input went through (as `ddpm degrade`)")
+    r.add_argument("--out", required=True, help=".npz (uint8 [N, H, W, C] at the run's size) or .png; an interrupted "
+                                                "restore continues from OUT.parts/")
+    r.add_argument("--task", choices=tasks, help="the degradation the input went through (as `ddpm degrade`); a run "
+                                                 "trained on pairs: its own task (default)")
     r.add_argument("--mask", help=mask_help)
     r.add_argument("--steps", type=int, help="network evaluations (uniform grid; default: 100, or every timestep "
-                                             "when the run has fewer)")
+                                             "when the run has fewer; a run trained on pairs: ancestral over every "
+                                             "timestep, --steps K: DDIM on K)")
     r.add_argument("--eta", type=float, default=1.0, help="DDIM's eta of each step (1: q(x_s | x_t, x0), DDNM's)")
     r.add_argument("--noise", type=float, default=0.0,
                    help="std of the noise in the input, in [-1, 1] units (DDNM+; 0: exact consistency)")

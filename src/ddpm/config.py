@@ -22,6 +22,7 @@ from ddpm.modes import (
     MeanType,
     Precision,
     Preview,
+    Task,
     TimestepSampler,
     VarType,
     check_diffusion_modes,
@@ -43,6 +44,7 @@ class ModelConfig:
     dropout: float = 0.1  # dropout inside the residual blocks
     resolution: int = 32  # image height = width
     num_classes: int | None = None  # class-conditional model (classifier-free guidance) when set
+    cond_channels: int = 0  # extra input channels: a condition image concatenated to x_t (SR3); data.task sets it
 
 
 @dataclass
@@ -66,6 +68,8 @@ class DataConfig:
     path: str | None = None  # where the data lies (not used for digits)
     hflip: bool = True  # random horizontal flips while training
     num_workers: int = 0  # DataLoader worker processes for decoded datasets
+    task: Task | None = None  # train on pairs (SR3): x0 with y = A x0 of this task (ddpm.restoration) as condition
+    mask: str | None = None  # data.task inpaint: the hidden region, center or half (one fixed mask)
 
 
 @dataclass
@@ -328,6 +332,7 @@ def check_model(m: ModelConfig, prefix: str = "model.") -> None:
          f"must be feature-map sizes of the levels, {sizes} for resolution {m.resolution}")
     need(0.0 <= m.dropout < 1.0, "dropout", "must lie in [0, 1)")
     need(m.num_classes is None or m.num_classes >= 1, "num_classes", "must be a positive integer or none")
+    need(m.cond_channels >= 0, "cond_channels", "must be >= 0 (0: no condition image)")
 
 
 def check_diffusion(d: DiffusionConfig) -> None:
@@ -351,6 +356,37 @@ def check_diffusion(d: DiffusionConfig) -> None:
          "must be eps with learned variances")
 
 
+TASK_MASKS = ("center", "half")  # the named masks of ddpm.restoration.MASKS (a test holds them equal)
+
+
+def check_task(cfg: Config) -> None:
+    """A run trained on pairs: data.task (a string set directly is parsed) sets model.cond_channels to the image
+    channels (the condition A+ y has the clean image's shape, `ddpm.conditional`), and a contradictory explicit
+    value is refused; data.mask names the inpainting task's fixed mask; a pairs folder needs a task."""
+    d, m = cfg.data, cfg.model
+    if d.task is not None:
+        d.task = parse_enum(Task, d.task, "data.task", error=ConfigError)
+    if d.task is None:
+        _need(m.cond_channels == 0, "model.cond_channels", "is set by data.task (a condition image needs a task to "
+              "make it); without one it must be 0", m.cond_channels)
+        _need(d.dataset is not DatasetKind.PAIRS, "data.task", "is needed by data.dataset 'pairs' (the degradation "
+              "its input/ images went through, e.g. sr4)", None)
+        _need(d.mask is None, "data.mask", "applies to data.task 'inpaint' only", d.mask)
+        return
+    if m.cond_channels == 0:
+        m.cond_channels = m.in_channels
+    _need(m.cond_channels == m.in_channels, "model.cond_channels", f"must be model.in_channels ({m.in_channels}) "
+          f"with data.task {d.task.value!r}: the condition A+ y has the image's channels (or leave it 0 to have it "
+          "set)", m.cond_channels)
+    if d.task is Task.INPAINT:
+        _need(d.mask in TASK_MASKS, "data.mask", f"must be one of {', '.join(TASK_MASKS)} with data.task 'inpaint'",
+              d.mask)
+        _need(not (d.hflip and d.dataset is DatasetKind.PAIRS), "data.hflip", "must be false for inpainting pairs "
+              "(a flipped input/ image no longer matches the fixed mask)", d.hflip)
+    else:
+        _need(d.mask is None, "data.mask", "applies to data.task 'inpaint' only", d.mask)
+
+
 def validate(cfg: Config) -> None:
     """Range checks that need no model; raises ConfigError naming the field. Mode strings set directly
     (`cfg.diffusion.var_type = "fixedsmall"`) are turned into their enum members here."""
@@ -359,6 +395,7 @@ def validate(cfg: Config) -> None:
         setattr(getattr(cfg, section), key, parse_enum(enum_cls, _get(cfg, name), name, error=ConfigError))
     check_model(cfg.model)
     check_diffusion(cfg.diffusion)
+    check_task(cfg)
     t = cfg.train
 
     def need(ok: bool, name: str, why: str) -> None:

@@ -420,6 +420,56 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise ValueError(f"cannot read image {self.files[i]}: {e}") from None
 
 
+class PairedFolderDataset(TensorImageDataset):
+    """Training pairs for a conditional run (SR3): `root`/input/ holds the degraded images y, at the task's
+    degraded size (`input_shape` (c, h, w), e.g. 7x7 for sr4 on 28x28, as `ddpm degrade` writes them), and
+    `root`/target/ the clean ones at [channels, resolution, resolution], under the same file names. Nothing is
+    resized or cropped: a name on one side only, or an image of another size, is a ValueError naming the file.
+    Both are read into memory: `images` uint8 [N, C, R, R] (the targets), `inputs` uint8 [N, c, h, w], labels -1;
+    files in sorted name order. Colours as `ImageFolderDataset` (one channel: the ITU-R 601 luma)."""
+
+    def __init__(self, root: str | Path, resolution: int, channels: int, input_shape: tuple[int, int, int]):
+        from PIL import Image
+
+        root = Path(root)
+        sides = {}
+        for side in ("input", "target"):
+            folder = root / side
+            if not folder.is_dir():
+                raise FileNotFoundError(f"paired data {root}: no folder {folder} (pairs are input/ and target/ "
+                                        "images under the same file names)")
+            sides[side] = {p.name: p for p in folder.iterdir()
+                           if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")}
+        for side, other in (("input", "target"), ("target", "input")):
+            lone = sorted(set(sides[side]) - set(sides[other]))
+            if lone:
+                more = f" (and {len(lone) - 1} more)" if len(lone) > 1 else ""
+                raise ValueError(f"paired data: {sides[side][lone[0]]} has no {other} of the same name in "
+                                 f"{root / other}{more}")
+        names = sorted(sides["target"])
+        if not names:
+            raise NoImagesError(f"paired data {root}: no images in {root / 'target'}")
+
+        def read(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
+            try:
+                with Image.open(path) as img:
+                    img.load()
+                    rgb = to_rgb8(img)
+            except (OSError, ValueError, SyntaxError) as e:
+                raise ValueError(f"cannot read image {path}: {e}") from None
+            c, h, w = shape
+            if rgb.shape[:2] != (h, w):
+                raise ValueError(f"paired data: {path} is {rgb.shape[0]}x{rgb.shape[1]}, but {path.parent.name}/ "
+                                 f"images must be {h}x{w} (H x W; nothing is resized)")
+            return to_channels(rgb, c)
+
+        targets = [read(sides["target"][n], (channels, resolution, resolution)) for n in names]
+        inputs = [read(sides["input"][n], tuple(input_shape)) for n in names]
+        super().__init__(torch.stack(targets))
+        self.inputs = torch.stack(inputs)
+        self.names = names
+
+
 # LMDB refuses a second open of the same files in one process, and an environment must not be used across
 # a fork; so each process keeps one read-only environment per LMDB, shared by all datasets and threads.
 _LMDB_ENVS: dict[str, tuple[int, object]] = {}  # real path -> (pid that opened it, lmdb.Environment)
@@ -487,14 +537,16 @@ class LmdbImageDataset(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------------------------- choosing one
 
 def build_dataset(
-    name: DatasetKind | str, path: str | None, resolution: int, split: str = "train", channels: int = 3
+    name: DatasetKind | str, path: str | None, resolution: int, split: str = "train", channels: int = 3,
+    input_shape: tuple[int, int, int] | None = None,
 ) -> torch.utils.data.Dataset:
     """The dataset a run trains on; each item is (uint8 image [C, H, W], int label, -1 when none).
 
     "digits": the bundled 8x8 digits (`path` and `resolution` ignored, [1, 8, 8]); "cifar10": `load_cifar10`
     ([3, 32, 32], `split` "train" or "test"); "idx": `load_idx` (MNIST-like [1, 28, 28] with labels, `split`
     "train" or "test"); "folder": `ImageFolderDataset`; "lmdb": `LmdbImageDataset`, or `ImageFolderDataset`
-    when `path` is a folder of images rather than an LMDB.
+    when `path` is a folder of images rather than an LMDB; "pairs": `PairedFolderDataset` (its input/ images
+    [input_shape], the training split only).
     """
     kind = parse_enum(DatasetKind, name, "data.dataset")
     if kind is DatasetKind.DIGITS:
@@ -517,6 +569,12 @@ def build_dataset(
                              f"{resolution})")
         return TensorImageDataset(images, labels)
     p = Path(path)
+    if kind is DatasetKind.PAIRS:
+        if split != "train":
+            raise ValueError(f"paired data {p} (input/ and target/) is a training set: it has no {split} split")
+        if input_shape is None:
+            raise ValueError("paired data needs the input/ images' shape: data.task's degraded size")
+        return PairedFolderDataset(p, resolution, channels, input_shape)
     if kind is DatasetKind.LMDB and not (p / "data.mdb").is_file() and p.is_dir():
         try:
             return ImageFolderDataset(p, resolution, channels)

@@ -1,9 +1,12 @@
 """Generating many samples from a run: seeded per sample, batched, streamed to disk, resumable, and shared
-across torchrun ranks, so that the images are the same whatever the batch size or the number of ranks.
+across torchrun ranks, so that the images are the same whatever the batch size or the number of ranks. The
+same machinery restores degraded images (`restore_to_file`): with DDNM for an unconditional run, by sampling
+with the condition concatenated for a run trained on pairs (`ddpm.conditional`).
 
 Each finished batch is written at once as `<out>.parts/part_<start>_<end>.npy` (atomically); an interrupted
 run skips the parts already on disk, and the final file is assembled from the parts without holding all of
-them in memory.
+them in memory. A restore also writes `<out>.parts/job.json` (its run, inputs and options) and refuses to
+continue parts of another job.
 
 One writer per output: rank 0 holds `<out>.lock` (`ddpm.lock.RunLock`) while the parts and the file are
 written, so a second run on the same `out` is refused instead of sharing `<out>.parts/`; `sample_to_file`
@@ -12,6 +15,9 @@ holds it from the first sample to the assembled file.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import zipfile
 from collections.abc import Callable
@@ -22,10 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddpm.conditional import concatenated, condition
+from ddpm.data import to_model_range
 from ddpm.images import save_grid, to_nhwc_uint8
 from ddpm.nn.compiled import compile_network
+from ddpm.restoration import Operator, ddnm
 from ddpm.run import DistInfo, Run, amp_dtype, lock_for_writing, sample_generator
-from ddpm.sampling import check_sampler, run_sampler
+from ddpm.sampling import check_sampler, run_sampler, timestep_grid
 
 
 @dataclass
@@ -134,8 +143,27 @@ def generate_to_parts(run: Run, n: int, out: str | Path, seed: int = 0, batch_si
 def _generate_parts(run: Run, n: int, out: Path, seed: int, batch_size: int, opts: SampleOptions,
                     device: torch.device, rank: int, world: int, progress: bool) -> Path:
     check_options(run, opts, device)
+    compiled = []  # compiled once, on the first batch still to make
+
+    def make(b: range) -> torch.Tensor:
+        if opts.compile and not compiled:
+            compiled.append(compile_network(run.model, sampling=True))
+        return sample_batch(run, b, seed, opts, device, net=compiled[0] if compiled else None)
+
+    return _make_parts(n, out, make, batch_size, rank, world, progress, "samples")
+
+
+def _make_parts(n: int, out: Path, make: Callable[[range], torch.Tensor], batch_size: int, rank: int = 0,
+                world: int = 1, progress: bool = False, desc: str = "samples", job: dict | None = None) -> Path:
+    """Images 0..n-1 into `<out>.parts/`, one part a batch: `make(indices)` -> [b, C, H, W] in [-1, 1] for the
+    batches b with b % world == rank that are not there yet. `job` (one process only): a description of the
+    work, kept as job.json; parts of another job are refused (ValueError) rather than mixed in."""
     parts = _parts_dir(out)
+    if job is not None:
+        _claim_parts(parts, job)
     parts.mkdir(parents=True, exist_ok=True)
+    if job is not None and not (parts / "job.json").exists():
+        (parts / "job.json").write_text(json.dumps(job, indent=1) + "\n")
     batches = [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     mine = [b for i, b in enumerate(batches) if i % world == rank]
     todo = [b for b in mine if not (parts / f"part_{b.start:09d}_{b.stop:09d}.npy").exists()]
@@ -143,16 +171,28 @@ def _generate_parts(run: Run, n: int, out: Path, seed: int, batch_size: int, opt
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, initial=n - sum(len(b) for b in todo) * world, desc="samples", dynamic_ncols=True)
-    net = compile_network(run.model, sampling=True) if opts.compile and todo else None
+        bar = tqdm(total=n, initial=n - sum(len(b) for b in todo) * world, desc=desc, dynamic_ncols=True)
     for b in todo:
-        x = sample_batch(run, b, seed, opts, device, net=net)
+        x = make(b)
         _atomic_save_npy(parts / f"part_{b.start:09d}_{b.stop:09d}.npy", to_nhwc_uint8(x))
         if bar is not None:
             bar.update(len(b) * world)
     if bar is not None:
         bar.close()
     return parts
+
+
+def _claim_parts(parts: Path, job: dict) -> None:
+    """Refuse a parts folder left by another job (another run, input or option): its images would be mixed in."""
+    if not parts.exists():
+        return
+    try:
+        old = json.loads((parts / "job.json").read_text())
+    except (OSError, ValueError):
+        old = None
+    if old != job:
+        what = "no job.json" if old is None else ", ".join(k for k in job if old.get(k) != job[k]) + " differ"
+        raise ValueError(f"{parts} holds the parts of another job ({what}): delete it, or write another --out")
 
 
 def assemble(parts: Path, n: int, out: str | Path) -> Path:
@@ -189,5 +229,89 @@ def _assemble(parts: Path, n: int, out: Path) -> Path:
     os.replace(tmp, out)
     for p in files:
         p.unlink()
+    (parts / "job.json").unlink(missing_ok=True)
     parts.rmdir()
     return out
+
+
+# ---------------------------------------------------------------------------------------------- restoring
+
+
+@dataclass
+class RestoreOptions:
+    steps: int | None = None  # grid points (uniform); None: DDNM 100 (or T), a run trained on pairs all T (ancestral)
+    eta: float = 1.0  # DDIM's eta of each step (DDNM, and a run trained on pairs with steps set)
+    sigma_y: float = 0.0  # DDNM+: the std of the noise in y, [-1, 1] units (unconditional runs only)
+    travel_length: int = 1  # DDNM's time travel (unconditional runs only)
+    travel_repeat: int = 1
+
+
+@dataclass
+class RestoreReport:
+    path: Path  # the file written
+    n: int  # images in it
+    restored: int  # of them made by this call (the others were parts on disk from an interrupted one)
+    worst: float | None  # max |A x - y| over those, before the 8-bit rounding (None: none made)
+
+
+def restore_batch(run: Run, op: Operator, y: torch.Tensor, indices: range, seed: int, opts: RestoreOptions,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x [b, C, H, W] in [-1, 1], the y it was made consistent with) for degraded images y [b, *op.degraded_shape]
+    in [-1, 1], image i's noise from (seed, "restore", indices[i]) alone.
+
+    An unconditional run: DDNM (`ddpm.restoration.ddnm`) on `opts.steps` uniform grid points with y's part in
+    the range of A, A A+ y (an inpainting input's 8-bit mid-gray hidden pixels are 1/255, not 0; a blurred
+    image's lost frequencies). A run trained on pairs (`Run.task`): its network with the condition of y
+    concatenated at every call (`ddpm.conditional`), ancestral over all T (steps None) or DDIM with eta."""
+    gens = sample_generator(seed, "restore", indices, device)
+    y = y.to(device)
+    if run.task is None:
+        y = op.A(op.pinv(y))
+        grid = timestep_grid(run.diffusion, opts.steps)
+        x = ddnm(run.diffusion, run.conditioned(batch=y.shape[0]), y, op, grid, generator=gens, sigma_y=opts.sigma_y,
+                 eta=opts.eta, travel_length=opts.travel_length, travel_repeat=opts.travel_repeat)
+        return x, y
+    model = concatenated(run.model, condition(op, y))
+    x_T = gens.randn((y.shape[0], *op.shape), device)
+    if opts.steps is None:
+        x = run_sampler("ancestral", run.diffusion, model, x_T, generator=gens)
+    else:
+        x = run_sampler("ddim", run.diffusion, model, x_T, steps=opts.steps, eta=opts.eta, generator=gens)
+    return x, y
+
+
+def restore_to_file(run: Run, op: Operator, images: torch.Tensor, out: str | Path, seed: int = 0,
+                    batch_size: int = 64, opts: RestoreOptions | None = None, device: str | torch.device = "cpu",
+                    progress: bool = True) -> RestoreReport:
+    """`restore_batch` over degraded uint8 images [N, *op.degraded_shape], batch by batch into `<out>.parts/`
+    (resumable: a second call after an interruption makes only the missing batches, the same images), then
+    `out` (.npz uint8 [N, H, W, C] under arr_0, or .png), under the output's lock. The parts' job.json holds the
+    run, its step, the inputs' digest and the options: parts of another job are refused."""
+    out, opts, device = Path(out), opts or RestoreOptions(), torch.device(device)
+    n = images.shape[0]
+    job = {"run": str(Path(run.path).resolve()), "step": run.step, "task": str(run.task or "ddnm"),
+           "operator": _describe(op), "inputs": hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest(),
+           "shape": list(images.shape), "seed": seed, "options": dataclasses.asdict(opts)}
+    worst, made = [], []
+
+    def make(b: range) -> torch.Tensor:
+        x, y = restore_batch(run, op, to_model_range(images[b.start : b.stop]), b, seed, opts, device)
+        worst.append(float((op.A(x) - y).abs().max()))
+        made.append(len(b))
+        return x
+
+    with _output_lock(out, 0, 1):
+        parts = _make_parts(n, out, make, batch_size, progress=progress, desc="restore", job=job)
+        _assemble(parts, n, out)
+    return RestoreReport(path=out, n=n, restored=sum(made), worst=max(worst) if worst else None)
+
+
+def _describe(op: Operator) -> str:
+    """An operator's fields as text, its tensors (a mask, a blur's multipliers) by digest, for job.json."""
+    fields = []
+    for f in dataclasses.fields(op):
+        v = getattr(op, f.name)
+        if isinstance(v, torch.Tensor):
+            v = hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+        fields.append(f"{f.name}={v}")
+    return f"{type(op).__name__}({', '.join(fields)})"

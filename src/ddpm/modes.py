@@ -66,6 +66,7 @@ class DatasetKind(Mode):
     FOLDER = "folder"  # a folder of image files, center-cropped and resized
     LMDB = "lmdb"  # an LSUN LMDB (or a folder of images in its place)
     IDX = "idx"  # a folder of the four IDX files of MNIST, Fashion-MNIST or KMNIST, [1, 28, 28] with labels
+    PAIRS = "pairs"  # a folder with input/ (degraded, data.task's size) and target/ (clean) images, same names
 
 
 class Precision(Mode):

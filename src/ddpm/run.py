@@ -27,8 +27,9 @@ from ddpm import checkpoint as ckpt
 from ddpm.config import Config, ConfigError
 from ddpm.diffusion import GaussianDiffusion, Model, StackedGenerator
 from ddpm.lock import LockedError, RunLock
-from ddpm.modes import Precision, VarType, parse_enum
+from ddpm.modes import Precision, Task, VarType, parse_enum
 from ddpm.nn import UNet
+from ddpm.restoration import Operator, operator
 from ddpm.runtime import cpu_has_native_bf16
 from ddpm.schedule import beta_schedule, rescale_zero_terminal_snr
 
@@ -54,6 +55,19 @@ def build_model(cfg: Config) -> UNet:
     m = cfg.model
     out = 2 * m.in_channels if cfg.diffusion.var_type == VarType.LEARNED_RANGE else m.in_channels
     return UNet.from_config(m, out_channels=out)
+
+
+def build_operator(cfg: Config) -> Operator | None:
+    """The degradation A of a run trained on pairs (data.task, with data.mask for inpainting) for its images
+    [in_channels, resolution, resolution]; None for an unconditional run. A task the images cannot take (sr8 of
+    28 x 28, colorizing one channel) is a ConfigError naming data.task."""
+    m, d = cfg.model, cfg.data
+    if d.task is None:
+        return None
+    try:
+        return operator(d.task, (m.in_channels, m.resolution, m.resolution), d.mask)
+    except ValueError as e:
+        raise ConfigError(f"data.task {d.task.value}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- devices, precision
@@ -177,7 +191,8 @@ def with_labels(net: Callable[..., torch.Tensor], y: torch.Tensor) -> Model:
 
 def conditioned(net: Callable[..., torch.Tensor], num_classes: int | None, label: int | None = None,
                 guidance: float = 1.0, batch: int = 1, device: torch.device | str = "cpu") -> Model:
-    """The callable the samplers see for a network trained with `num_classes` (None: unconditional).
+    """The callable the samplers see for a network trained with `num_classes` (None: unconditional), without a
+    condition image (a run trained on pairs takes one through `ddpm.conditional.concatenated`).
 
     label None on a class-conditional network draws unconditionally (the null label, index num_classes); a
     label with guidance != 1 is classifier-free guidance (`ddpm.guidance`). A label for an unconditional
@@ -215,10 +230,17 @@ class Run:
     step: int
     path: Path
 
+    @property
+    def task(self) -> Task | None:
+        """The task of a run trained on pairs (data.task): its network needs a condition image; None: unconditional."""
+        return self.config.data.task
+
     def conditioned(self, label: int | None = None, guidance: float = 1.0, batch: int = 1,
                     net: Callable[..., torch.Tensor] | None = None) -> Model:
         """The run's network (or `net`, a compiled or low-precision form of it) as a `model(x, t)` callable,
-        conditioned and guided as asked (see `conditioned`)."""
+        conditioned and guided as asked (see `conditioned`). A run trained on pairs is refused (NeedsCondition)."""
+        if self.task is not None:
+            raise NeedsCondition(needs_condition_message(self.path, self.task))
         device = next(self.model.parameters()).device
         return conditioned(self.model if net is None else net, self.config.model.num_classes, label, guidance,
                            batch, device)
@@ -261,14 +283,28 @@ def split_state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
 
 
-def load_run(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> Run:
+class NeedsCondition(ValueError):
+    """A run trained on pairs (data.task) asked to generate without a condition image."""
+
+
+def needs_condition_message(run_dir: str | Path, task: Task) -> str:
+    return (f"run {run_dir} was trained on {task.value} pairs (data.task): its network needs a condition image, so "
+            f"it cannot generate unconditionally; use `ddpm restore --run {run_dir} --input LOW --out OUT`")
+
+
+def load_run(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu",
+             conditional: bool = False) -> Run:
     """Load the newest complete checkpoint of a run directory. The sampler settings (schedule, variance type)
-    always come from the run's own configuration."""
+    always come from the run's own configuration. A run trained on pairs (`Run.task`) is loaded only with
+    `conditional` (the caller gives the network its condition, `ddpm.conditional`); else NeedsCondition says to
+    use `ddpm restore`, so that no unconditional command runs its network on a missing condition."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory: {cfg_path} is missing")
     cfg = Config.load(cfg_path)
+    if cfg.data.task is not None and not conditional:
+        raise NeedsCondition(needs_condition_message(run_dir, cfg.data.task))
     path = ckpt.latest_checkpoint(run_dir / "checkpoints")
     if path is None:
         raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}")

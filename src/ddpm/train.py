@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ddpm import checkpoint as ckpt
+from ddpm.conditional import concatenated, condition, condition_from_clean
 from ddpm.config import Config, ConfigError, diff_configs
 from ddpm.data import build_dataset, check_enough, to_model_range
 from ddpm.diffusion import randn
@@ -36,6 +37,7 @@ from ddpm.run import (
     amp_dtype,
     build_diffusion,
     build_model,
+    build_operator,
     checkpoint_contents,
     conditioned,
     derived_seed,
@@ -52,7 +54,7 @@ from ddpm.sampling import run_sampler
 # Changing these makes old weights or optimizer state meaningless for the run: refuse such a resume.
 INCOMPATIBLE_ON_RESUME = (
     "model.in_channels", "model.ch", "model.ch_mult", "model.num_res_blocks", "model.attn_resolutions",
-    "model.resolution", "model.num_classes", "diffusion.schedule", "diffusion.num_timesteps",
+    "model.resolution", "model.num_classes", "model.cond_channels", "data.task", "data.mask", "diffusion.schedule", "diffusion.num_timesteps",
     "diffusion.beta_start", "diffusion.beta_end", "diffusion.mean_type", "diffusion.var_type",
     "diffusion.zero_terminal_snr",
     "train.batch_size",
@@ -115,26 +117,29 @@ class BatchOrder:
 
 
 class Batches:
-    """uint8 images [b, C, H, W] and labels for a list of indices; in-memory data is indexed directly."""
+    """uint8 images [b, C, H, W], labels and (paired data: `PairedFolderDataset.inputs`, else None) the degraded
+    inputs [b, c, h, w] for a list of indices; in-memory data is indexed directly."""
 
     def __init__(self, dataset, num_workers: int):
         self.dataset = dataset
         self.images = getattr(dataset, "images", None)
         self.labels = getattr(dataset, "labels", None)
+        self.inputs = getattr(dataset, "inputs", None)
         self.pool = None
         if self.images is None and num_workers > 0:
             from concurrent.futures import ThreadPoolExecutor
 
             self.pool = ThreadPoolExecutor(num_workers)
 
-    def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        inputs = None if self.inputs is None else self.inputs[idx]
         if self.images is not None:
             labels = self.labels[idx] if self.labels is not None else torch.full((len(idx),), -1)
-            return self.images[idx], labels
+            return self.images[idx], labels, inputs
         items = list(self.pool.map(self.dataset.__getitem__, idx.tolist())) if self.pool else [
             self.dataset[i] for i in idx.tolist()
         ]
-        return torch.stack([im for im, _ in items]), torch.tensor([int(y) for _, y in items])
+        return torch.stack([im for im, _ in items]), torch.tensor([int(y) for _, y in items]), inputs
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -182,7 +187,10 @@ class Trainer:
         self._prepare_run_dir(resume, force)
 
         data = cfg.data
-        self.dataset = build_dataset(data.dataset, data.path, cfg.model.resolution, "train", cfg.model.in_channels)
+        self.op = build_operator(cfg)  # trained on pairs: the task's degradation A (None: unconditional)
+        pairs = None if self.op is None else self.op.degraded_shape(self.op.shape)
+        self.dataset = build_dataset(data.dataset, data.path, cfg.model.resolution, "train", cfg.model.in_channels,
+                                     input_shape=pairs)
         check_enough(self.dataset, self.micro_global, data.path or data.dataset)
         self.order = BatchOrder(len(self.dataset), self.micro_global, t.seed)
         self.batches = Batches(self.dataset, data.num_workers)
@@ -305,17 +313,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _micro_batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Micro-batch k of the whole run: this rank's x0 [b, C, H, W] in [-1, 1], t [b], noise, labels."""
+    def _micro_batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                            torch.Tensor | None]:
+        """Micro-batch k of the whole run: this rank's x0 [b, C, H, W] in [-1, 1], t [b], noise, labels, and for a
+        run trained on pairs the condition [b, C, H, W] (`ddpm.conditional`: of the paired input, else of A x0)."""
         cfg, B = self.cfg, self.micro_global
         idx = self.order.indices(k)
         lo, hi = self.dist.rank * self.per_rank, (self.dist.rank + 1) * self.per_rank
-        images, labels = self.batches.get(idx[lo:hi])
+        images, labels, inputs = self.batches.get(idx[lo:hi])
         x0 = to_model_range(images)
-        if cfg.data.hflip:
-            flip = torch.rand(B, generator=generator(cfg.train.seed, "flip", k))[lo:hi] < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        y_in = None if inputs is None else to_model_range(inputs)
+        if cfg.data.hflip:  # a pair is flipped together (A commutes with the flip: blocks, channels, a symmetric blur)
+            flip = (torch.rand(B, generator=generator(cfg.train.seed, "flip", k))[lo:hi] < 0.5)[:, None, None, None]
+            x0 = torch.where(flip, x0.flip(-1), x0)
+            y_in = None if y_in is None else torch.where(flip, y_in.flip(-1), y_in)
         x0 = x0.to(self.device, non_blocking=True)
+        cond = None
+        if self.op is not None:
+            cond = (condition_from_clean(self.op, x0) if y_in is None
+                    else condition(self.op, y_in.to(self.device, non_blocking=True)))
         g = generator(cfg.train.seed, "diffusion", k)
         t = (torch.randint(0, self.diffusion.num_timesteps, (B,), generator=g) if self.importance is None
              else self.importance.sample(B, g))[lo:hi].to(self.device)
@@ -324,7 +340,7 @@ class Trainer:
         if cfg.model.num_classes is not None:
             drop = torch.rand(B, generator=generator(cfg.train.seed, "class_dropout", k))[lo:hi] < cfg.train.class_dropout
             y = torch.where(drop, torch.full_like(labels, cfg.model.num_classes), labels).to(self.device)
-        return x0, t, noise, y
+        return x0, t, noise, y, cond
 
     def train_step(self) -> dict:
         """One optimizer step over train.grad_accum micro-batches; a non-finite loss or gradient is skipped."""
@@ -337,11 +353,12 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
-            x0, t, noise, y = self._micro_batch(self.step * cfg.grad_accum + micro)
+            x0, t, noise, y, cond = self._micro_batch(self.step * cfg.grad_accum + micro)
             sync = micro == cfg.grad_accum - 1 or self.dist.world == 1
             ctx = self.ddp.no_sync() if not sync and self.ddp is not None else _null()
             with ctx, torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 fn = self.net if y is None else with_labels(self.net, y)
+                fn = fn if cond is None else concatenated(fn, cond)  # SR3: x_t and the condition stacked
                 losses = self.diffusion.training_losses(fn, x0, t=t, noise=noise)
                 if self.importance is not None:
                     losses = self._importance_weighted(t, losses)
@@ -479,6 +496,14 @@ class Trainer:
         n = n if self.cfg.model.resolution <= 32 else 16
         m = self.cfg.model
         fn = conditioned(self.ema, m.num_classes, batch=n, device=self.device)  # the null label: unconditional
+        shown = []
+        if self.op is not None:  # trained on pairs: restore the first training images, shown beside it
+            n = min(n // 4, len(self.dataset))
+            images, _, inputs = self.batches.get(torch.arange(n))
+            x0 = to_model_range(images).to(self.device)
+            cond = condition_from_clean(self.op, x0) if inputs is None else condition(
+                self.op, to_model_range(inputs).to(self.device))
+            fn, shown = concatenated(fn, cond), [cond, x0]
         g = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
         rng_state = torch.get_rng_state()
         x_T = randn((n, m.in_channels, m.resolution, m.resolution), g, self.device)
@@ -490,7 +515,7 @@ class Trainer:
             x = run_sampler("ddim", self.diffusion, fn, x_T, steps=steps, eta=1.0, generator=g)
         torch.set_rng_state(rng_state)
         path = self.run_dir / "grids" / f"step_{self.step:09d}.png"
-        save_grid(x, path)
+        save_grid(torch.cat([*shown[:1], x, *shown[1:]]), path, nrow=n if shown else None)  # pairs: c, x, x0 rows
         return path
 
 

@@ -159,6 +159,8 @@ class UNet(nn.Module):
         dropout: dropout in the residual blocks.
         resolution: input height = width.
         out_channels: defaults to in_channels (2 x in_channels for learned variances).
+        cond_channels: extra input channels (SR3's conditioning by concatenation): forward takes x [B, in_channels +
+            cond_channels, H, W], the noisy image and the condition stacked; the output keeps out_channels.
         num_classes: when set, a class embedding (num_classes + 1 rows; the last is "no class", for
             classifier-free guidance) is added to the time embedding; forward takes y [B] (None -> no class).
         channels_last: on the CPU in float32 or bfloat16 (autocast included), run the network on a
@@ -178,13 +180,13 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int = 3, ch: int = 128, ch_mult: tuple[int, ...] = (1, 2, 2, 2),
                  num_res_blocks: int = 2, attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1,
                  resolution: int = 32, out_channels: int | None = None, num_classes: int | None = None,
-                 channels_last: bool = True, winograd: bool = True, fused_norm: bool = True):
+                 channels_last: bool = True, winograd: bool = True, fused_norm: bool = True, cond_channels: int = 0):
         super().__init__()
         ch_mult = tuple(int(c) for c in ch_mult)
         attn_resolutions = tuple(int(r) for r in attn_resolutions)
         self.config = ModelConfig(in_channels=in_channels, ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
                                   attn_resolutions=attn_resolutions, dropout=dropout, resolution=resolution,
-                                  num_classes=num_classes)
+                                  num_classes=num_classes, cond_channels=cond_channels)
         check_model(self.config, prefix="")  # the rules a run's configuration is validated by
         out_channels = in_channels if out_channels is None else out_channels
         if out_channels < 1:
@@ -198,7 +200,7 @@ class UNet(nn.Module):
 
         self.temb = _Temb(ch, temb_ch)
         self.label_emb = nn.Embedding(num_classes + 1, temb_ch) if num_classes is not None else None
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels + cond_channels, ch, 3, padding=1)
 
         in_mult = (1,) + ch_mult
         res = resolution
@@ -247,7 +249,7 @@ class UNet(nn.Module):
         `net.config` is a copy: changing `cfg` afterwards does not change it."""
         return cls(in_channels=cfg.in_channels, ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks,
                    attn_resolutions=cfg.attn_resolutions, dropout=cfg.dropout, resolution=cfg.resolution,
-                   out_channels=out_channels, num_classes=cfg.num_classes)
+                   out_channels=out_channels, num_classes=cfg.num_classes, cond_channels=cfg.cond_channels)
 
     def _takes_channels_last(self, x: torch.Tensor) -> bool:
         """Channels-last on the CPU in float32 and bf16 (autocast included), training and inference: it
@@ -286,7 +288,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, C, H, W], t [B] (int or float timesteps; a scalar applies to the whole batch), y [B] int64
+        """x [B, C (+ cond_channels), H, W], t [B] (int or float timesteps; a scalar applies to the whole batch), y [B] int64
         class labels or None (the null class) -> [B, out_channels, H, W]."""
         B, _, H, W = x.shape
         f = 2 ** (self.num_levels - 1)
