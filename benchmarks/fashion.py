@@ -5,7 +5,7 @@ real training images, precision and recall, k = 3).
 
     .venv/bin/python benchmarks/fashion.py [--out benchmarks/out/fashion] [--data /usr/share/datasets/fashion-mnist]
         [--steps N | --minutes 10 20 30] [--n 1000] [--set section.field=value ...] [--skip-train]
-        [--samplers ancestral ddim]
+        [--samplers ancestral ddim ...: see SAMPLERS]
 
 Prints one markdown row per sampler for benchmarks/RESULTS.md (with the CPU's lscpu model and vector flags) and
 writes result.json in --out. A smoke run: `--steps 2 --n 16 --set diffusion.num_timesteps=50`.
@@ -24,7 +24,15 @@ from pathlib import Path
 import numpy as np
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")  # the ones the kernels use
-SAMPLERS = {"ancestral": [], "ddim": ["--sampler", "ddim", "--steps", "50", "--eta", "1"]}  # 1000 and 50 steps
+# name -> `ddpm sample` options; the number is the network evaluations (heun: 2 steps - 1)
+SAMPLERS = {"ancestral": [], "ddim": ["--sampler", "ddim", "--steps", "50", "--eta", "1"],
+            "ddim-eta0": ["--sampler", "ddim", "--steps", "50", "--eta", "0"],
+            "dpmpp2m": ["--sampler", "dpmpp2m", "--steps", "50"],
+            "heun": ["--sampler", "heun", "--steps", "25"],
+            "ddim-20": ["--sampler", "ddim", "--steps", "20", "--eta", "1"],
+            "ddim-eta0-20": ["--sampler", "ddim", "--steps", "20", "--eta", "0"],
+            "dpmpp2m-20": ["--sampler", "dpmpp2m", "--steps", "20"],
+            "heun-20": ["--sampler", "heun", "--steps", "10"]}
 
 
 def cpu() -> str:
@@ -51,7 +59,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=250, help="samples per network call")
     p.add_argument("--set", action="append", default=[], help="a training override, as ddpm train --set")
     p.add_argument("--skip-train", action="store_true", help="reuse the run in --out/run")
-    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
+    p.add_argument("--samplers", nargs="+", default=["ancestral", "ddim"], choices=list(SAMPLERS))
     args = p.parse_args()
     out = Path(args.out)
     run = out / "run"
