@@ -175,7 +175,8 @@ def test_the_fashion_and_mnist_presets(tmp_path, capsys):
     assert main(["train", "--preset", "fashion", "--data", str(root), "--run", str(run), "--steps", "2",
                  "--batch-size", "4", "--set", "train.sample_every=0", "--quiet"]) == 0
     saved = json.loads((run / "config.json").read_text())
-    assert saved["data"] == {"dataset": "idx", "path": str(root), "hflip": False, "num_workers": 0}
+    assert saved["data"] == {"dataset": "idx", "path": str(root), "hflip": False, "num_workers": 0, "task": None,
+                             "mask": None}
     # mnist has no default folder: the error says what to pass
     capsys.readouterr()
     assert main(["train", "--preset", "mnist", "--run", str(tmp_path / "m"), "--steps", "1", "--quiet"]) == 2
