@@ -108,6 +108,11 @@ def test_interrupted_sampling_continues_where_it_stopped(tmp_path, monkeypatch):
         main(["sample", "--run", str(run), "--n", "7", "--batch-size", "2", "--out", str(part), "--quiet"])
     assert len(list((tmp_path / "part.npz.parts").glob("part_*.npy"))) == 2 and not part.exists()
     calls.clear()
+    # the parts of another job (here another --seed, or another sampler) are refused, not mixed in, and kept
+    for other in (["--seed", "1"], ["--sampler", "ddim", "--steps", "4"]):
+        assert main(["sample", "--run", str(run), "--n", "7", "--batch-size", "2", "--out", str(part), "--quiet",
+                     *other]) == 2
+    assert not calls and len(list((tmp_path / "part.npz.parts").glob("part_*.npy"))) == 2
     monkeypatch.setattr(gen, "sample_batch", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     assert main(["sample", "--run", str(run), "--n", "7", "--batch-size", "2", "--out", str(part), "--quiet"]) == 0
     assert len(calls) == 2  # only the two missing batches

@@ -150,20 +150,29 @@ def _generate_parts(run: Run, n: int, out: Path, seed: int, batch_size: int, opt
             compiled.append(compile_network(run.model, sampling=True))
         return sample_batch(run, b, seed, opts, device, net=compiled[0] if compiled else None)
 
-    return _make_parts(n, out, make, batch_size, rank, world, progress, "samples")
+    job = {"run": str(Path(run.path).resolve()), "step": run.step, "seed": seed,
+           "options": {k: v for k, v in dataclasses.asdict(opts).items() if k != "compile"}}
+    return _make_parts(n, out, make, batch_size, rank, world, progress, "samples", job=job)
 
 
 def _make_parts(n: int, out: Path, make: Callable[[range], torch.Tensor], batch_size: int, rank: int = 0,
                 world: int = 1, progress: bool = False, desc: str = "samples", job: dict | None = None) -> Path:
     """Images 0..n-1 into `<out>.parts/`, one part a batch: `make(indices)` -> [b, C, H, W] in [-1, 1] for the
-    batches b with b % world == rank that are not there yet. `job` (one process only): a description of the
-    work, kept as job.json; parts of another job are refused (ValueError) rather than mixed in."""
+    batches b with b % world == rank that are not there yet. `job`: a description of the work (the same on
+    every rank), kept as job.json; parts of another job are refused (ValueError, on every rank alike) rather
+    than mixed in."""
     parts = _parts_dir(out)
+    together = world > 1 and torch.distributed.is_initialized()
     if job is not None:
-        _claim_parts(parts, job)
-    parts.mkdir(parents=True, exist_ok=True)
-    if job is not None and not (parts / "job.json").exists():
-        (parts / "job.json").write_text(json.dumps(job, indent=1) + "\n")
+        _claim_parts(parts, job)  # every rank reads the same folder, so every rank refuses alike
+    if together:
+        torch.distributed.barrier()  # every rank has checked before rank 0 writes job.json
+    if rank == 0:
+        parts.mkdir(parents=True, exist_ok=True)
+        if job is not None and not (parts / "job.json").exists():
+            (parts / "job.json").write_text(json.dumps(job, indent=1) + "\n")
+    if together:
+        torch.distributed.barrier()
     batches = [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     mine = [b for i, b in enumerate(batches) if i % world == rank]
     todo = [b for b in mine if not (parts / f"part_{b.start:09d}_{b.stop:09d}.npy").exists()]
