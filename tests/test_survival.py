@@ -176,3 +176,21 @@ def test_minutes_stop_training_on_time_and_resume_goes_on(tmp_path):
     assert load_run(run).step > first
     with pytest.raises(ConfigError, match="train.minutes"):
         apply_overrides(preset("digits"), ["train.minutes=-1"])
+
+
+def test_ema_warmup_forgets_the_start(tmp_path):
+    """train.ema_warmup: update n uses min(ema_decay, (1 + n) / (10 + n)); after one step the EMA is 0.1 of the
+    initial weights and 0.9 of the new ones (without it, ema_decay of the initial ones)."""
+    from ddpm.train import ema_decay
+
+    assert [ema_decay(0.999, True, n) for n in (0, 90, 10**6)] == [0.1, 0.91, 0.999]
+    assert ema_decay(0.999, False, 0) == 0.999
+    for warm, decay in ((True, 0.1), (False, 0.999)):
+        trainer = Trainer(_cfg(steps=1, ema_warmup=warm, ema_decay=0.999), tmp_path / f"run{warm}")
+        start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        trainer.train(progress=False)
+        now = trainer.model.state_dict()
+        for k, v in trainer.ema.state_dict().items():
+            if v.is_floating_point():
+                torch.testing.assert_close(v, decay * start[k] + (1 - decay) * now[k], rtol=1e-5, atol=1e-6)
+        assert any((now[k] - start[k]).abs().max() > 1e-4 for k in now)  # the step moved the weights

@@ -82,6 +82,7 @@ class TrainConfig:
     adam_eps: float = 1e-8  # Adam epsilon
     grad_clip: float = 1.0  # global gradient-norm clip (<= 0: off)
     ema_decay: float = 0.9999  # EMA of the weights, updated every step
+    ema_warmup: bool = False  # after n updates use min(ema_decay, (1 + n) / (10 + n)): a short run's EMA forgets its start
     seed: int = 0  # seeds weights, data order, flips, t and noise
     grad_accum: int = 1  # micro-batches per optimizer step (per rank)
     precision: Precision = Precision.FP32  # the network's arithmetic (autocast)

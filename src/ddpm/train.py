@@ -81,6 +81,13 @@ def build_optimizer(params, lr: float, eps: float, device: torch.device) -> torc
 
 
 @torch.no_grad()
+def ema_decay(decay: float, warmup: bool, updates: int) -> float:
+    """The EMA decay of update number `updates` (0-based): `decay`, or with warm-up min(decay, (1 + n) / (10 + n))
+    (TensorFlow's ExponentialMovingAverage with num_updates), so that after n steps the average spans about
+    n / 10 of them instead of holding (decay ** n) of the initial weights: 0.999 ** 1500 is still 22%."""
+    return min(decay, (1 + updates) / (10 + updates)) if warmup else decay
+
+
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, for every parameter; buffers are copied."""
     e_params = [p for p in ema.parameters()]
@@ -376,7 +383,7 @@ class Trainer:
         if finite:
             self.scaler.step(self.opt)
             self.scaler.update()
-            ema_update(self.ema, self.model, cfg.ema_decay)
+            ema_update(self.ema, self.model, ema_decay(cfg.ema_decay, cfg.ema_warmup, self.step))
             self.bad_in_a_row = 0
         else:
             # weights, EMA and optimizer are left untouched; fp16's scaler lowers its scale and tries again
