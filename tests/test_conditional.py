@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from test_fashion import FASHION, fake_idx_folder, needs_fashion
+from tiny import dies_after
 
 from ddpm.cli import main
 from ddpm.conditional import concatenated, condition, condition_from_clean
@@ -221,15 +222,8 @@ def test_an_interrupted_restore_continues_with_the_same_images(conditional, sr4_
     full = tmp_path / "full.npz"
     assert _cli(argv + ["--out", str(full)], capsys)[0] == 0
     real, calls = gen.restore_batch, []
-
-    def dies_after_two(*a, **k):
-        calls.append(1)
-        if len(calls) > 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
     part = tmp_path / "part.npz"
-    monkeypatch.setattr(gen, "restore_batch", dies_after_two)
+    monkeypatch.setattr(gen, "restore_batch", dies_after(2, real, calls))
     with pytest.raises(KeyboardInterrupt):
         main(argv + ["--out", str(part)])
     parts = tmp_path / "part.npz.parts"

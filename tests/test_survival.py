@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from tiny import dies_after
 
 from ddpm.checkpoint import latest_checkpoint, load_checkpoint
 from ddpm.cli import main
@@ -95,15 +96,8 @@ def test_interrupted_sampling_continues_where_it_stopped(tmp_path, monkeypatch):
     import ddpm.generate as gen
 
     real, calls = gen.sample_batch, []
-
-    def dies_after_two(*a, **k):
-        calls.append(1)
-        if len(calls) > 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
     part = tmp_path / "part.npz"
-    monkeypatch.setattr(gen, "sample_batch", dies_after_two)
+    monkeypatch.setattr(gen, "sample_batch", dies_after(2, real, calls))
     with pytest.raises(KeyboardInterrupt):
         main(["sample", "--run", str(run), "--n", "7", "--batch-size", "2", "--out", str(part), "--quiet"])
     assert len(list((tmp_path / "part.npz.parts").glob("part_*.npy"))) == 2 and not part.exists()

@@ -27,6 +27,18 @@ def losses(run: Path) -> list[float]:
     return [e["loss"] for e in train_log(run)]
 
 
+def dies_after(n: int, real, calls: list):
+    """`real` that counts its calls in `calls` and raises KeyboardInterrupt on call n + 1 (an interrupted job)."""
+
+    def fn(*a, **k):
+        calls.append(1)
+        if len(calls) > n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    return fn
+
+
 def perturbed(net: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
     """`net` with noise added to every parameter in place: a trained-looking network (the zero-initialised last
     layers of a fresh one would make every output 0)."""

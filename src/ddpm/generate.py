@@ -5,8 +5,8 @@ with the condition concatenated for a run trained on pairs (`ddpm.conditional`).
 
 Each finished batch is written at once as `<out>.parts/part_<start>_<end>.npy` (atomically); an interrupted
 run skips the parts already on disk, and the final file is assembled from the parts without holding all of
-them in memory. A restore also writes `<out>.parts/job.json` (its run, inputs and options) and refuses to
-continue parts of another job.
+them in memory. The parts folder also holds `job.json` (the run, its step, the seed and options; a restore's
+inputs too), and parts of another job are refused rather than continued.
 
 One writer per output: rank 0 holds `<out>.lock` (`ddpm.lock.RunLock`) while the parts and the file are
 written, so a second run on the same `out` is refused instead of sharing `<out>.parts/`; `sample_to_file`
@@ -150,8 +150,7 @@ def _generate_parts(run: Run, n: int, out: Path, seed: int, batch_size: int, opt
             compiled.append(compile_network(run.model, sampling=True))
         return sample_batch(run, b, seed, opts, device, net=compiled[0] if compiled else None)
 
-    job = {"run": str(Path(run.path).resolve()), "step": run.step, "seed": seed,
-           "options": {k: v for k, v in dataclasses.asdict(opts).items() if k != "compile"}}
+    job = _job(run, seed, options={k: v for k, v in dataclasses.asdict(opts).items() if k != "compile"})
     return _make_parts(n, out, make, batch_size, rank, world, progress, "samples", job=job)
 
 
@@ -189,6 +188,11 @@ def _make_parts(n: int, out: Path, make: Callable[[range], torch.Tensor], batch_
     if bar is not None:
         bar.close()
     return parts
+
+
+def _job(run: Run, seed: int, **what) -> dict:
+    """The job.json of a parts folder: the run (resolved path and step), the seed and `what` else decides the images."""
+    return {"run": str(Path(run.path).resolve()), "step": run.step, "seed": seed, **what}
 
 
 def _claim_parts(parts: Path, job: dict) -> None:
@@ -298,9 +302,9 @@ def restore_to_file(run: Run, op: Operator, images: torch.Tensor, out: str | Pat
     run, its step, the inputs' digest and the options: parts of another job are refused."""
     out, opts, device = Path(out), opts or RestoreOptions(), torch.device(device)
     n = images.shape[0]
-    job = {"run": str(Path(run.path).resolve()), "step": run.step, "task": str(run.task or "ddnm"),
-           "operator": _describe(op), "inputs": hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest(),
-           "shape": list(images.shape), "seed": seed, "options": dataclasses.asdict(opts)}
+    job = _job(run, seed, task=str(run.task or "ddnm"), operator=_describe(op),
+               inputs=hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest(), shape=list(images.shape),
+               options=dataclasses.asdict(opts))
     worst, made = [], []
 
     def make(b: range) -> torch.Tensor:
