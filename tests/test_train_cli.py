@@ -65,6 +65,23 @@ def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "cifar-10-python.tar.gz" in err
+    assert not (tmp_path / "r" / "config.json").exists()  # the failed start left no run to refuse the next try
+
+
+def test_a_data_set_that_fails_to_load_changes_no_run(tmp_path, capsys):
+    """--force with a data set that cannot load leaves the run it would replace as it was; the fixed command
+    then replaces it."""
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--steps", "2", "--batch-size", "16", *TINY]) == 0
+    before = sorted(p.relative_to(run) for p in run.rglob("*") if p.name != ".lock")
+    missing = tmp_path / "nowhere"
+    code = main(["train", "--preset", "folder", "--out", str(run), "--data", str(missing), "--steps", "1",
+                 "--force", "--quiet"])
+    assert code == 2 and str(missing) in capsys.readouterr().err
+    assert sorted(p.relative_to(run) for p in run.rglob("*") if p.name != ".lock") == before
+    assert not (run / "replaced").exists() and load_run(run).step == 2
+    assert main(["train", "--out", str(run), "--steps", "1", "--batch-size", "16", "--force", *TINY]) == 0
+    assert load_run(run).step == 1 and (run / "replaced" / "checkpoints").is_dir()
 
 
 def test_resume_with_a_different_setup_is_refused(tmp_path, capsys):

@@ -191,7 +191,7 @@ class Trainer:
     def _setup(self, resume: bool, force: bool, weights_only: bool) -> None:
         """The run directory, data, networks, optimizer and resumed state (under the lock)."""
         cfg, t = self.cfg, self.cfg.train
-        self._prepare_run_dir(resume, force)
+        self._check_run_dir(resume, force)
 
         data = cfg.data
         self.op = build_operator(cfg)  # trained on pairs: the task's degradation A (None: unconditional)
@@ -199,6 +199,7 @@ class Trainer:
         self.dataset = build_dataset(data.dataset, data.path, cfg.model.resolution, "train", cfg.model.in_channels,
                                      input_shape=pairs)
         check_enough(self.dataset, self.micro_global, data.path or data.dataset)
+        self._write_run_dir(resume, force)  # only now: a data set that fails to load leaves the directory as it was
         self.order = BatchOrder(len(self.dataset), self.micro_global, t.seed)
         self.batches = Batches(self.dataset, data.num_workers)
 
@@ -236,7 +237,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ run directory
 
-    def _prepare_run_dir(self, resume: bool, force: bool) -> None:
+    def _check_run_dir(self, resume: bool, force: bool) -> None:
+        """Refuse, before anything is loaded, what the run directory cannot take."""
         cfg_path = self.run_dir / "config.json"
         if self.dist.main:
             if cfg_path.exists() and not (resume or force):
@@ -249,6 +251,10 @@ class Trainer:
                 changed = diff_configs(old, self.cfg, INCOMPATIBLE_ON_RESUME)
                 if changed:
                     raise TrainingError(f"cannot resume {self.run_dir} with a different set-up:\n  " + "\n  ".join(changed))
+
+    def _write_run_dir(self, resume: bool, force: bool) -> None:
+        """Move a replaced run aside (--force) and write config.json, once the data set has loaded."""
+        if self.dist.main:
             if force and not resume:  # the old run's files go aside (replacing an older aside), not mixed in
                 aside = self.run_dir / "replaced"
                 olds = [self.run_dir / n for n in ("checkpoints", "log.jsonl", "tb", "grids", "config.json")]
@@ -259,7 +265,7 @@ class Trainer:
                         if p.exists():
                             p.rename(aside / p.name)
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.cfg.save(cfg_path)
+            self.cfg.save(self.run_dir / "config.json")
         if self.dist.world > 1:
             dist.barrier()
 
