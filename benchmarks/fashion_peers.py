@@ -19,7 +19,8 @@ machine's cores, their EMA weights kept at each snapshot time (default 10, 20 an
   Inception weights) and no sample grids (every 1000 steps it would draw 25 samples at 1000 steps). Sampled by
   its own DDIM with `sampling_timesteps=50`, `ddim_sampling_eta=1`.
 
-Prints one markdown row per snapshot and writes result.json in --out/PEER.
+Prints one markdown row per scored snapshot and writes result.json in --out/PEER; the EMA weights of every
+snapshot are kept in --out/PEER/snapshots.pt.
 """
 
 from __future__ import annotations
@@ -201,6 +202,9 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--peer", required=True, choices=["diffusers", "lucidrains"])
     p.add_argument("--minutes", type=float, nargs="+", default=[10, 20, 30], help="snapshot times of training")
+    p.add_argument("--score", type=float, nargs="+",
+                   help="score only the snapshots at these minutes (default: all); every one is saved to "
+                        "--out/PEER/snapshots.pt")
     p.add_argument("--n", type=int, default=1000, help="samples per snapshot")
     p.add_argument("--batch-size", type=int, default=250, help="samples per network call")
     p.add_argument("--out", default="benchmarks/out/fashion_peers")
@@ -209,10 +213,13 @@ def main() -> int:
     out = Path(args.out) / args.peer
     out.mkdir(parents=True, exist_ok=True)
     snaps, log, sampler = (train_diffusers if args.peer == "diffusers" else train_lucidrains)(args, out)
+    torch.save({"log": log, "snapshots": snaps}, out / "snapshots.pt")
     from ddpm.metrics.fashion import evaluate_fashion
 
     rows = []
     for entry in log:
+        if args.score and entry["minutes"] not in args.score:
+            continue
         t0 = time.perf_counter()
         images = sampler(snaps[entry["minutes"]], args.n, seed=1)
         sample_s = time.perf_counter() - t0
