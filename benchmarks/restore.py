@@ -1,0 +1,185 @@
+"""Image-to-image on Fashion-MNIST test images: each task's degradation y = A x (8-bit, as `ddpm degrade` writes
+it), then the baselines, the training-free restorer (DDNM, `ddpm restore` on an unconditional run) at several
+step counts, and models trained on pairs (`ddpm train --task`), scored against the truth.
+
+    .venv/bin/python benchmarks/restore.py --run RUN [--cond sr4=RUN_SR4 ...] [--n 500] [--steps 20 100]
+        [--long-n 200 --long-steps 1000 --long-tasks sr4 inpaint-center] [--tasks sr4 sr2 inpaint-center inpaint-half deblur]
+        [--out benchmarks/out/restore] [--data /usr/share/datasets/fashion-mnist]
+
+The images: the first --n of the 10,000 test images (the same for every method). Per method:
+- PSNR and SSIM against the truth (torchmetrics, images in [0, 1], per image then averaged; SSIM with its 11x11
+  Gaussian window, sigma 1.5),
+- consistency: the mean and the largest |A x_hat - A A+ y| over every degraded pixel, in [-1, 1] units, before
+  the output is rounded to 8 bits (A A+ y is y's part in the range of A: y itself for super-resolution, y with
+  the hidden pixels' 8-bit mid-gray 1/255 set to 0 for inpainting, y without the blur's lost frequencies),
+- the fashion evaluation of the 8-bit outputs (`ddpm.metrics.fashion`): Frechet distance against the test set and
+  its floor at the same n (real training images), and the classifier's accuracy on the outputs against the true
+  labels (its accuracy on the clean test images is the truth row's),
+- the wall time.
+Baselines: super-resolution by nearest and bicubic upsampling of y; inpainting by A+ y (the hidden pixels
+mid-gray); deblurring by y itself and by the regularised inverse A+ y. The long row (--long-steps) runs on the
+first --long-n images only, and its rows say so.
+
+Writes result.json, one markdown table per task, and a comparison PNG per task (rows: the input upsampled by
+nearest neighbour, the bicubic or A+ y baseline, the training-free restorer at its most steps, each model
+trained on pairs, the truth) in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fashion import cpu  # noqa: E402
+
+from ddpm.data import load_idx, to_model_range, to_uint8  # noqa: E402
+from ddpm.generate import RestoreOptions, restore_batch  # noqa: E402
+from ddpm.restoration import operator  # noqa: E402
+
+TASKS = {"sr4": ("sr4", None), "sr2": ("sr2", None), "inpaint-center": ("inpaint", "center"),
+         "inpaint-half": ("inpaint", "half"), "deblur": ("deblur", None)}
+
+
+def baselines(task: str, op, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The methods that need no model, each x_hat [N, 1, 28, 28] in [-1, 1] from y in [-1, 1]."""
+    kind = TASKS[task][0]
+    if kind.startswith("sr"):
+        size = op.shape[1:]
+        return {"nearest": F.interpolate(y, size=size, mode="nearest"),
+                "bicubic": F.interpolate(y, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)}
+    if kind == "inpaint":
+        return {"A+ y (hidden pixels mid-gray)": op.pinv(y)}
+    return {"y itself": y, "A+ y (regularised inverse)": op.pinv(y).clamp(-1, 1)}
+
+
+def scores(x: torch.Tensor, truth: torch.Tensor, y: torch.Tensor, op, labels: np.ndarray, data: str) -> dict:
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    from ddpm.metrics.fashion import classifier, evaluate_fashion, fashion_outputs
+
+    a, b = (x.double() + 1) / 2, (truth.double() + 1) / 2
+    psnr = peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    ssim = structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
+    gap = (op.A(x.double()) - op.A(op.pinv(y.double()))).abs()  # against A A+ y: what DDNM keeps
+    x8 = to_uint8(x)
+    _, probs = fashion_outputs(x8, classifier(data))
+    out = {"psnr": float(psnr.mean()), "ssim": float(ssim.mean()), "consistency_mean": float(gap.mean()),
+           "consistency_max": float(gap.max()), "accuracy": float((probs.argmax(1) == labels).mean())}
+    rep = evaluate_fashion(x8, data)
+    return {**out, "frechet": rep.frechet, "floor": rep.floor}
+
+
+def restore(run, op, y: torch.Tensor, steps: int | None, batch: int, seed: int = 0) -> torch.Tensor:
+    out = []
+    for s in range(0, len(y), batch):
+        x, _ = restore_batch(run, op, y[s : s + batch], range(s, min(s + batch, len(y))), seed,
+                             RestoreOptions(steps=steps), torch.device("cpu"))
+        out.append(x)
+    return torch.cat(out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--run", required=True, help="an unconditional fashion run (the training-free restorer's model)")
+    p.add_argument("--cond", action="append", default=[], metavar="TASK=RUN",
+                   help="a run trained on pairs of TASK (`ddpm train --task`), sampled with --cond-steps")
+    p.add_argument("--cond-steps", type=int, default=100, help="DDIM steps (eta 1) of the models trained on pairs")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--n", type=int, default=500, help="test images per method")
+    p.add_argument("--steps", type=int, nargs="*", default=[20, 100], help="DDNM step counts on all --n images")
+    p.add_argument("--long-n", type=int, default=200)
+    p.add_argument("--long-steps", type=int, nargs="*", default=[1000], help="DDNM step counts on --long-n images")
+    p.add_argument("--long-tasks", nargs="*", default=["sr4", "inpaint-center"], choices=list(TASKS),
+                   help="the tasks that get the --long-steps rows")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--out", default="benchmarks/out/restore")
+    p.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
+    args = p.parse_args()
+    from ddpm.run import load_run
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = load_run(args.run)
+    conds = {}
+    for spec in args.cond:
+        task, _, path = spec.partition("=")
+        conds[task] = load_run(path, conditional=True)
+    images, labels = load_idx(args.data, "test")
+    truth_all, labels_all = to_model_range(images), labels.numpy()
+    result = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu(), "threads": torch.get_num_threads(), "run": args.run,
+              "step": run.step, "n": args.n, "long_n": args.long_n, "rows": []}
+    for task in args.tasks:
+        kind, mask = TASKS[task]
+        op = operator(kind, (1, 28, 28), mask)
+        methods = []  # (name, n, make)
+        truth, lab = truth_all[: args.n], labels_all[: args.n]
+        y = to_model_range(to_uint8(op.A(truth)))  # the 8-bit degraded images `ddpm degrade` writes
+        for name, x in baselines(task, op, y).items():
+            methods.append((name, args.n, lambda x=x: x))
+        for k in args.steps:
+            methods.append((f"DDNM, {k} steps", args.n, lambda k=k, op=op, y=y: restore(run, op, y, k, args.batch_size)))
+        for k in args.long_steps if task in args.long_tasks else []:
+            methods.append((f"DDNM, {k} steps (first {args.long_n})", args.long_n,
+                            lambda k=k, op=op, y=y: restore(run, op, y[: args.long_n], k, args.batch_size)))
+        if task in conds:
+            methods.append((f"trained on pairs (step {conds[task].step}), DDIM {args.cond_steps}", args.n,
+                            lambda c=conds[task], op=op, y=y: restore(c, op, y, args.cond_steps, args.batch_size)))
+        methods.append(("truth", args.n, lambda truth=truth: truth))
+        shown = {}
+        for name, n, make in methods:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                x = make()
+            seconds = time.perf_counter() - t0
+            row = {"task": task, "method": name, "n": n, "seconds": seconds,
+                   **scores(x, truth[:n], y[:n], op, lab[:n], args.data)}
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            shown[name] = x[:8]
+        (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        picture(task, op, y[:8], shown, out / f"restore_{task}.png")
+    print(table(result))
+    return 0
+
+
+def picture(task: str, op, y: torch.Tensor, shown: dict[str, torch.Tensor], path: Path) -> None:
+    """Rows: y upsampled by nearest neighbour (inpainting: as given), the strongest baseline, the training-free
+    restorer at its most steps, each model trained on pairs, the truth."""
+    from ddpm.images import save_grid
+
+    size = op.shape[1:]
+    rows = [F.interpolate(y, size=size, mode="nearest") if y.shape[-1] != size[-1] else y]
+    names = list(shown)
+    baseline = [m for m in names if m.startswith(("bicubic", "A+ y"))]
+    ddnm = [m for m in names if m.startswith("DDNM")]
+    rows += [shown[m] for m in baseline[-1:] + ddnm[-1:]]
+    rows += [shown[m] for m in names if m.startswith("trained on pairs")]
+    rows.append(shown["truth"])
+    save_grid(torch.cat(rows), path, nrow=8)
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['date']}, {result['cpu']}, {result['threads']} threads; run {result['run']} at step "
+             f"{result['step']}", ""]
+    for task in dict.fromkeys(r["task"] for r in result["rows"]):
+        lines += [f"**{task}**", "", "| method | n | PSNR | SSIM | consistency mean / max | Frechet (floor) | "
+                  "accuracy | time |", "|---|---|---|---|---|---|---|---|"]
+        for r in result["rows"]:
+            if r["task"] == task:
+                lines.append(f"| {r['method']} | {r['n']} | {r['psnr']:.2f} | {r['ssim']:.3f} | "
+                             f"{r['consistency_mean']:.1e} / {r['consistency_max']:.1e} | {r['frechet']:.2f} "
+                             f"({r['floor']:.2f}) | {r['accuracy']:.3f} | {r['seconds']:.0f} s |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
