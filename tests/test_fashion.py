@@ -165,6 +165,8 @@ def test_the_fashion_and_mnist_presets(tmp_path, capsys):
             1000, "linear", MeanType.EPS, VarType.FIXED_LARGE, LossType.SIMPLE)
         assert apply_overrides(preset(name), ["model.num_classes=10"]).model.num_classes == 10
         assert cfg.train.sample_every == cfg.train.steps  # one grid, after the last step
+        # 30 minutes on any CPU: stopped by the clock, with an EMA that is good wherever it stops
+        assert (cfg.train.minutes, cfg.train.ema_warmup) == (29.0, True)
     assert preset("fashion").data.path == str(FASHION) and preset("mnist").data.path is None
     with pytest.raises(ConfigError, match="attn_resolutions"):
         apply_overrides(preset("fashion"), ["model.attn_resolutions=8"])

@@ -174,26 +174,31 @@ def _idx(name: str, path: str | None) -> Config:
     """MNIST-like 1-channel 28x28 images with their labels (`--set model.num_classes=10` makes the run class-
     conditional), the paper's diffusion unchanged (T = 1000, linear betas, eps, L_simple, fixedlarge).
 
-    A starting recipe for `ddpm train` in about 30 minutes on 2 CPU cores, to be tuned with longer runs
-    (benchmarks/fashion.py; benchmarks/RESULTS.md, "Fashion-MNIST"): a training step of this network at batch 64
-    took 0.63 s of one core on the project's AMD EPYC (about 0.4 s on two, estimated), ch 64 2.2 s, attention
-    at 14x14 too 0.90 s; so ch 32, 28 -> 14 -> 7 with attention at 7x7, and 3,500 steps (about 23 minutes),
-    then one grid of 64 EMA samples (1000 network calls at batch 64, about 2 minutes) and no preview grid before
-    it. Only ~4 epochs: no dropout, and EMA 0.999 (0.9995 would still hold 17% of the first weights at the end).
-    For long runs: model.ch=64, model.dropout=0.1, train.ema_decay=0.9995, more train.steps.
+    Sized for `ddpm train` in 30 minutes on 2 CPU cores, whatever the CPU: training stops after 29 minutes of
+    wall time (train.minutes; or at 50,000 steps, which a GPU reaches first), checkpoints and draws its grid of
+    64 EMA samples (DDIM, 50 steps: seconds). The step count depends on the machine (4,912 in 30 minutes on the
+    project's AMD EPYC with AVX-512; an AVX2-only CPU does fewer), so the recipe must give its best at any
+    stopping point. Measured there (benchmarks/RESULTS.md, "Thirty minutes side by side"; Frechet distance of
+    1,000 DDIM-50 samples on the fashion evaluation):
+    - the network: a training step at batch 64 took 0.63 s of one core; ch 64 took 2.2 s, attention at 14x14
+      too 0.90 s; so ch 32, 28 -> 14 -> 7 with attention at 7x7 (1.6M parameters).
+    - the EMA: 0.999 with warm-up (train.ema_warmup: the decay of update n is min(0.999, (1 + n) / (10 + n))):
+      31.7, 12.9 and 10.3 at 10, 20 and 30 minutes, against 360.6, 49.3 and 8.9 without the warm-up, whose
+      EMA still holds 24% of the initial weights after 10 minutes (0.999 ** 1442). Only ~5 epochs: no dropout.
+    For long runs: model.ch=64, model.dropout=0.1, train.ema_decay=0.9995, train.minutes=0 and more train.steps;
+    for a fixed number of steps, train.minutes=0 and --steps N.
 
     No flips: Fashion-MNIST's sandals, sneakers and ankle boots all point their toes to the left (the mean
     image's right half is 1.7x to 2.5x brighter than its left for those classes), so a flip makes a shoe the
     data never shows; and digits are not mirror-symmetric.
     """
-    steps = 3500  # fills the 30 minutes with the final grid; see the docstring
     return Config(
         preset=name,
         model=ModelConfig(in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(7,),
                           dropout=0.0, resolution=28),
         data=DataConfig(dataset=DatasetKind.IDX, path=path, hflip=False),
-        train=TrainConfig(steps=steps, batch_size=64, lr=1e-3, warmup=200, ema_decay=0.999, log_every=25,
-                          sample_every=steps, ckpt_every=500),
+        train=TrainConfig(steps=50_000, minutes=29.0, batch_size=64, lr=1e-3, warmup=200, ema_decay=0.999,
+                          ema_warmup=True, log_every=25, sample_every=50_000, ckpt_every=500),
     )
 
 
