@@ -4,7 +4,7 @@ step counts, and models trained on pairs (`ddpm train --task`), scored against t
 
     .venv/bin/python benchmarks/restore.py --run RUN [--cond sr4=RUN_SR4 ...] [--n 500] [--steps 20 100]
         [--long-n 200 --long-steps 1000 --long-tasks sr4 inpaint-center] [--tasks sr4 sr2 inpaint-center inpaint-half deblur]
-        [--out benchmarks/out/restore] [--data /usr/share/datasets/fashion-mnist]
+        [--sigma-y 0.0023] [--out benchmarks/out/restore] [--data /usr/share/datasets/fashion-mnist]
 
 The images: the first --n of the 10,000 test images (the same for every method). Per method:
 - PSNR and SSIM against the truth (torchmetrics, images in [0, 1], per image then averaged; SSIM with its 11x11
@@ -77,11 +77,12 @@ def scores(x: torch.Tensor, truth: torch.Tensor, y: torch.Tensor, op, labels: np
     return {**out, "frechet": rep.frechet, "floor": rep.floor}
 
 
-def restore(run, op, y: torch.Tensor, steps: int | None, batch: int, seed: int = 0) -> torch.Tensor:
+def restore(run, op, y: torch.Tensor, steps: int | None, batch: int, seed: int = 0,
+            sigma_y: float = 0.0) -> torch.Tensor:
     out = []
     for s in range(0, len(y), batch):
         x, _ = restore_batch(run, op, y[s : s + batch], range(s, min(s + batch, len(y))), seed,
-                             RestoreOptions(steps=steps), torch.device("cpu"))
+                             RestoreOptions(steps=steps, sigma_y=sigma_y), torch.device("cpu"))
         out.append(x)
     return torch.cat(out)
 
@@ -95,6 +96,9 @@ def main() -> int:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--n", type=int, default=500, help="test images per method")
     p.add_argument("--steps", type=int, nargs="*", default=[20, 100], help="DDNM step counts on all --n images")
+    p.add_argument("--sigma-y", type=float, nargs="*", default=[],
+                   help="also DDNM+ with these noise levels of y ([-1, 1] units; 8-bit rounding: about 0.0023) at "
+                        "each of --steps")
     p.add_argument("--long-n", type=int, default=200)
     p.add_argument("--long-steps", type=int, nargs="*", default=[1000], help="DDNM step counts on --long-n images")
     p.add_argument("--long-tasks", nargs="*", default=["sr4", "inpaint-center"], choices=list(TASKS),
@@ -126,6 +130,10 @@ def main() -> int:
             methods.append((name, args.n, lambda x=x: x))
         for k in args.steps:
             methods.append((f"DDNM, {k} steps", args.n, lambda k=k, op=op, y=y: restore(run, op, y, k, args.batch_size)))
+        for sy in args.sigma_y:
+            for k in args.steps:
+                methods.append((f"DDNM+, sigma_y {sy:g}, {k} steps", args.n,
+                                lambda k=k, op=op, y=y, sy=sy: restore(run, op, y, k, args.batch_size, sigma_y=sy)))
         for k in args.long_steps if task in args.long_tasks else []:
             methods.append((f"DDNM, {k} steps (first {args.long_n})", args.long_n,
                             lambda k=k, op=op, y=y: restore(run, op, y[: args.long_n], k, args.batch_size)))
