@@ -80,7 +80,6 @@ def build_optimizer(params, lr: float, eps: float, device: torch.device) -> torc
     return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
 
 
-@torch.no_grad()
 def ema_decay(decay: float, warmup: bool, updates: int) -> float:
     """The EMA decay of update number `updates` (0-based): `decay`, or with warm-up min(decay, (1 + n) / (10 + n))
     (TensorFlow's ExponentialMovingAverage with num_updates), so that after n steps the average spans about
@@ -88,6 +87,7 @@ def ema_decay(decay: float, warmup: bool, updates: int) -> float:
     return min(decay, (1 + updates) / (10 + updates)) if warmup else decay
 
 
+@torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, for every parameter; buffers are copied."""
     e_params = [p for p in ema.parameters()]
