@@ -8,7 +8,8 @@ then a pass to scale) this part took 30% of a bf16 training step. Fused: bf16 tr
 (benchmarks/RESULTS.md).
 
 The kernel is C (`_fused_cpu.c`), compiled on first use with the machine's C compiler for the machine's own
-instruction set (`-O3 -march=native -fopenmp`, 512-bit vectors on x86-64; about a second), cached under
+instruction set (`-O3 -march=native -fopenmp`, 512-bit vectors on x86-64; about a second; `-march=haswell` when
+`ATEN_CPU_CAPABILITY=avx2` holds torch's own kernels to AVX2), cached under
 `$DDPM_CACHE_DIR/kernels` or `~/.cache/ddpm/kernels`, and loaded through ctypes. Its OpenMP threads are
 torch's own (torch ships libgomp.so.1, and the library resolves to the copy already loaded). With no compiler,
 or `DDPM_FUSED_CPU=0`, or anything but a float32/bfloat16 channels-last tensor on the CPU, `group_norm_act`
@@ -49,10 +50,25 @@ import torch.nn.functional as F
 from torch import nn
 
 _SOURCE = Path(__file__).with_name("_fused_cpu.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
-if platform.machine().lower() in ("x86_64", "amd64"):
-    # gcc's default for AVX-512 machines is 256-bit vectors; the full width measured 1.1-1.4x faster here
-    _FLAGS.append("-mprefer-vector-width=512")
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+# ATEN_CPU_CAPABILITY (torch's own switch) holding torch's kernels below the machine's instruction set holds
+# this one there too, so that an AVX-512 machine can stand in for an AVX2 one (benchmarks/RESULTS.md)
+_HELD = {"avx2": "-march=haswell", "default": "-march=x86-64"}
+
+
+def _flags() -> list[str]:
+    held = _HELD.get(os.environ.get("ATEN_CPU_CAPABILITY", "").lower()) if _X86 else None
+    arch = [held] if held else ["-march=native"]
+    if _X86 and not held:
+        # gcc's default for AVX-512 machines is 256-bit vectors; the full width measured 1.1-1.4x faster here
+        arch.append("-mprefer-vector-width=512")
+    # -fno-trapping-math: without AVX-512's masks gcc vectorises none of the loops with a compare or a
+    # conversion unless it may ignore floating-point exception flags (which nothing here reads; the results are
+    # the same): an AVX2 build ran 5-25x slower than torch's operators without it (benchmarks/RESULTS.md)
+    return ["-O3", *arch, "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+
+
+_FLAGS = _flags()
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _ERRORS = {-1: "arguments refused", -2: "out of memory for its buffers"}
 
@@ -60,14 +76,16 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def _cache_dir() -> Path:
+def cache_dir(name: str = "kernels") -> Path:
+    """`$DDPM_CACHE_DIR/<name>`, else `~/.cache/ddpm/<name>` (XDG_CACHE_HOME honoured): what the CPU kernels
+    keep per machine (this kernel's builds; `ddpm.nn.winograd`'s measurements)."""
     if os.environ.get("DDPM_CACHE_DIR"):
-        return Path(os.environ["DDPM_CACHE_DIR"]) / "kernels"
+        return Path(os.environ["DDPM_CACHE_DIR"]) / name
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ddpm" / "kernels"
+    return Path(base) / "ddpm" / name
 
 
-def _cpu_key() -> str:
+def cpu_key() -> str:
     """What -march=native depends on: the machine's architecture and CPU flags."""
     flags = ""
     try:
@@ -84,8 +102,8 @@ def _compile(compiler: list[str]) -> Path:
     source = _SOURCE.read_bytes()
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
-                                     _cpu_key().encode()])).hexdigest()[:16]
-    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"ddpm-kernels-{os.getuid()}"):
+                                     cpu_key().encode()])).hexdigest()[:16]
+    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"ddpm-kernels-{os.getuid()}"):
         target = folder / f"fused_cpu-{key}.so"
         if target.exists():
             return target
@@ -105,7 +123,7 @@ def _compile(compiler: list[str]) -> Path:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    raise RuntimeError(f"no writable folder for the compiled kernel ({_cache_dir()})")
+    raise RuntimeError(f"no writable folder for the compiled kernel ({cache_dir()})")
 
 
 def _load() -> ctypes.CDLL | None:
@@ -137,7 +155,7 @@ def _load() -> ctypes.CDLL | None:
                                                  i64, i64, ctypes.c_int, ctypes.c_uint32, f32, ctypes.c_uint64,
                                                  ctypes.c_int]
             lib.ddpm_gn_act_forward.restype = lib.ddpm_gn_act_backward.restype = ctypes.c_int
-            why = "compiled kernel loaded"
+            why = f"compiled kernel loaded ({' '.join(f for f in _FLAGS if f.startswith('-m'))})"
         elif not why.startswith("turned off"):
             warnings.warn(f"ddpm: the fused CPU group-norm kernel is off ({why}); torch's operators run instead "
                           "(the same function, slower on the CPU). DDPM_FUSED_CPU=0 silences this.",
