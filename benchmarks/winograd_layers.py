@@ -24,6 +24,7 @@ SHAPES = [
     (16, 256, 256, 4, "CIFAR level 3"), (64, 128, 128, 32, "CIFAR level 0, sampling"),
     (64, 256, 256, 16, "CIFAR level 1, sampling"), (64, 32, 32, 8, "digits level 0"), (64, 64, 32, 8, "digits level 0, up"),
     (64, 64, 64, 4, "digits level 1"), (64, 128, 64, 4, "digits level 1, up"),
+    (64, 32, 32, 28, "fashion level 0"), (64, 64, 32, 28, "fashion level 0, up"), (64, 64, 64, 28, "fashion ch 64 level 0"),
     (16, 64, 64, 32, "width 64 at 32x32"), (16, 128, 64, 32, "width 64 at 32x32, up"), (64, 96, 96, 16, "width 96 at 16x16"),
 ]
 

@@ -1,6 +1,8 @@
 """Winograd F(4x4, 3x3) convolution: the same function and gradients as F.conv2d(padding=1) to float64
 rounding, float32 within its stated error, batch chunks invisible, and Conv3x3's choice of path."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -228,3 +230,35 @@ def test_training_with_winograd_stays_as_close_to_float64_as_the_direct_kernels(
         dev_wino += (wino - exact).abs().mean().item()
         dev_direct += (direct - exact).abs().mean().item()
     assert dev_wino < 3 * dev_direct, (dev_wino, dev_direct)
+
+
+def test_the_machine_decides_where_winograd_runs_and_keeps_its_answer(monkeypatch, tmp_path):
+    """`pays`: measured once per machine (the cache folder), then read back; each resolution and mode by its
+    own measurement; DDPM_WINOGRAD forces either answer without measuring."""
+    monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("DDPM_WINOGRAD")
+    monkeypatch.setattr(winograd, "_measured", {})
+    calls = []
+    table = {"train": {32: 1.3, 16: 0.8, 8: 1.1, 4: 0.5}, "inference": {32: 0.9, 16: 1.2, 8: 1.0, 4: 1.5}}
+    monkeypatch.setattr(winograd, "measure_speedups", lambda: calls.append(1) or table)
+    assert [winograd.pays(True, h) for h in (64, 32, 16, 8, 4, 2)] == [True, True, False, True, False, False]
+    assert [winograd.pays(False, h) for h in (32, 16, 8, 4)] == [False, True, False, True]
+    assert calls == [1]  # once
+    monkeypatch.setattr(winograd, "_measured", {})  # a new process: read from disk, not measured
+    assert winograd.pays(True, 32) and not winograd.pays(True, 16) and calls == [1]
+    conv, x = Conv3x3(128, 128), torch.randn(2, 128, 16, 16)
+    assert not conv.uses_winograd(x)  # training at 16x16 measured 0.8x
+    with torch.no_grad():
+        assert conv.uses_winograd(x)  # inference there 1.2x
+    monkeypatch.setenv("DDPM_WINOGRAD", "1")
+    assert conv.uses_winograd(x) and winograd.pays(True, 4)
+    monkeypatch.setenv("DDPM_WINOGRAD", "0")
+    assert not winograd.pays(False, 16)
+    assert calls == [1]
+
+
+def test_the_machine_measurement_times_both_kernels_at_each_resolution(monkeypatch):
+    monkeypatch.setattr(winograd, "CALIBRATION", ((128, 8), (128, 4)))  # small: the real one takes ~1 s
+    got = winograd.measure_speedups(reps=1, batch=2)
+    assert set(got) == {"train", "inference"} and all(set(v) == {8, 4} for v in got.values())
+    assert all(math.isfinite(r) and r > 0 for v in got.values() for r in v.values()), got  # times, not a stub

@@ -5,17 +5,34 @@ Each 6x6 input tile d gives a 4x4 output tile Y = A^T [(G g G^T) * (B^T d B)] A:
 method, at the price of transforms that read and write the tiles a few times. The result is the same function
 of x and the weights; only the rounding differs (a relative error about 1e-5 in float32 against 1e-6 for the
 direct kernels). The backward pass works in the same transformed domain. `conv3x3_winograd` is used by the
-U-Net's wide 3x3 convolutions on the CPU in float32 (see `Conv3x3`), where it measured faster than oneDNN's
-direct convolution; everywhere else nn.Conv2d's own kernel runs.
+U-Net's wide 3x3 convolutions on the CPU in float32 (see `Conv3x3`) where it measures faster than oneDNN's
+direct convolution on the machine at hand; everywhere else nn.Conv2d's own kernel runs.
+
+Whether it pays is a property of the machine, not of the method: its products run on torch's BLAS (MKL), the
+direct kernel on oneDNN, and their ratio moved from 1.2-1.7x per layer on an Intel Xeon with AMX to 0.6-0.9x on
+an AMD EPYC with AVX-512 (MKL's AMD path reached 190 GFLOP/s there, oneDNN's convolution 540) and back to
+1.3-1.8x with oneDNN held to AVX2 on that EPYC (benchmarks/RESULTS.md). So `pays` times both kernels once per
+machine on the paper's network's widest layers, one per resolution, for training and for inference, and keeps
+the answer on disk (`ddpm.nn.fused.cache_dir("winograd")`, keyed by the CPU's flags, torch's version, the
+thread count and the instruction-set switches), so that every process on the machine runs the same kernels.
+`DDPM_WINOGRAD=1` or `0` decides without measuring.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import tempfile
 import threading
+import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .fused import cache_dir, cpu_key
 
 _BT = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
        [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
@@ -221,11 +238,112 @@ def conv3x3_winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return _forward(x, u, bias)[0]
 
 
+# ---------------------------------------------------------------------- where it pays: measured per machine
+
+# (channels, height = width) of the paper's CIFAR-10 network's widest 3x3 layers, one per resolution, timed at
+# batch 16 in the channels-last layout the U-Net runs in; narrower layers lost everywhere measured (0.3-1.0x)
+CALIBRATION = ((128, 32), (256, 16), (256, 8), (256, 4))
+MIN_SPEEDUP = 1.05  # below it the direct kernel keeps its smaller rounding error
+_ISA_SWITCHES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE")
+_measured: dict[str, dict[str, dict[int, float]]] = {}
+_measure_lock = threading.Lock()
+
+
+def _best_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * min(times)
+
+
+def _backward_of(kernel, leaves: list[torch.Tensor], gy: torch.Tensor):
+    return lambda: torch.autograd.grad(kernel(*leaves), leaves, gy)
+
+
+def _call_of(kernel, args: tuple[torch.Tensor, ...]):
+    return lambda: kernel(*args)
+
+
+def measure_speedups(reps: int = 3, batch: int = 16) -> dict[str, dict[int, float]]:
+    """{"train" | "inference": {height: direct time / Winograd time}} on this machine, now: the CALIBRATION
+    layers, forward + backward (x, weight, bias) for training and forward alone for inference, the two kernels
+    interleaved, best of `reps` each."""
+    out: dict[str, dict[int, float]] = {"train": {}, "inference": {}}
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode(False), torch.autocast("cpu", enabled=False):
+        for C, H in CALIBRATION:
+            x = torch.randn(batch, C, H, H, generator=g).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(C, C, 3, 3, generator=g) / (3 * C**0.5)
+            b = torch.randn(C, generator=g)
+            gy = torch.randn(batch, C, H, H, generator=g).contiguous(memory_format=torch.channels_last)
+            kernels = (lambda *a: F.conv2d(*a, padding=1), conv3x3_winograd)
+            leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+            with torch.enable_grad():
+                ms = [_best_ms(_backward_of(k, leaves, gy), reps) for k in kernels]
+            out["train"][H] = ms[0] / ms[1]
+            with torch.no_grad():
+                ms = [_best_ms(_call_of(k, (x, w, b)), reps) for k in kernels]
+            out["inference"][H] = ms[0] / ms[1]
+    release_scratch()
+    return out
+
+
+def _machine_key() -> str:
+    parts = [cpu_key(), torch.__version__, str(torch.get_num_threads()), repr(CALIBRATION),
+             *(f"{k}={os.environ.get(k, '')}" for k in _ISA_SWITCHES)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def machine_speedups() -> dict[str, dict[int, float]]:
+    """`measure_speedups()` for this machine, measured once and kept on disk (then read back by every process);
+    measured again where no cache folder is writable (once per process)."""
+    key = _machine_key()
+    if key in _measured:
+        return _measured[key]
+    with _measure_lock:
+        if key in _measured:
+            return _measured[key]
+        path = cache_dir("winograd") / f"speedups-{key}.json"
+        found = None
+        try:
+            found = {mode: {int(h): float(r) for h, r in v.items()} for mode, v in json.loads(path.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            pass
+        if found is None or set(found) != {"train", "inference"}:
+            found = measure_speedups()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+                with os.fdopen(fd, "w") as f:
+                    json.dump(found, f)
+                os.replace(tmp, path)  # atomic: a process beside this one reads a whole file or none
+            except OSError:
+                pass
+        _measured[key] = found
+        return found
+
+
+def pays(training: bool, height: int) -> bool:
+    """Whether Winograd is the faster kernel on this machine for a wide layer of this height (the measured
+    resolution nearest to it in octaves) in training (autograd on) or inference. DDPM_WINOGRAD=1 / 0: yes / no
+    without measuring."""
+    forced = os.environ.get("DDPM_WINOGRAD", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    table = machine_speedups()["train" if training else "inference"]
+    nearest = min(table, key=lambda h: abs(math.log2(max(height, 1) / h)))
+    return table[nearest] >= MIN_SPEEDUP
+
+
 class Conv3x3(nn.Conv2d):
     """nn.Conv2d(in_ch, out_ch, 3, padding=1) (same parameters, same state dict) that runs
-    `conv3x3_winograd` where it measured faster than the direct kernel (`benchmarks/winograd_layers.py`,
-    RESULTS.md): on the CPU in float32 outside autocast, both widths >= 128 (narrower layers ran 0.4-1.0x),
-    height and width multiples of 4, outside torch.compile (Inductor gets the direct convolution). Set
+    `conv3x3_winograd` where it is faster than the direct kernel (`benchmarks/winograd_layers.py`,
+    RESULTS.md): on the CPU in float32 outside autocast, both widths >= 128 (narrower layers ran 0.3-1.0x on
+    every machine measured), height and width multiples of 4, outside torch.compile (Inductor gets the direct
+    convolution), and where this machine measured it faster at that resolution (`pays`). Set
     `winograd = False` for the direct kernel everywhere."""
 
     MIN_CHANNELS = 128
@@ -238,7 +356,8 @@ class Conv3x3(nn.Conv2d):
         return (self.winograd and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
                 and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
                 and min(self.in_channels, self.out_channels) >= self.MIN_CHANNELS
-                and x.shape[2] % 4 == 0 and x.shape[3] % 4 == 0 and not torch.compiler.is_compiling())
+                and x.shape[2] % 4 == 0 and x.shape[3] % 4 == 0 and not torch.compiler.is_compiling()
+                and pays(torch.is_grad_enabled(), x.shape[2]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_winograd(x):
