@@ -42,6 +42,9 @@ def test_sample_generator_rows_depend_on_their_index_alone():
         seed = derived_seed(7, "sample", i)
         want = torch.randn(2, 3, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(x[row], want)
+    x64 = sample_generator(7, "sample", range(3, 8)).randn((5, 2, 3), dtype=torch.float64)  # filled in place
+    assert torch.equal(x64[4], torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(
+        derived_seed(7, "sample", 7))))
     # the same index in another batch draws the same noise; randn_like and ddpm.diffusion.randn agree
     assert torch.equal(sample_generator(7, "sample", [5]).randn((1, 2, 3))[0], x[2])
     assert torch.equal(sample_generator(7, "sample", range(3, 8)).randn_like(x), x)

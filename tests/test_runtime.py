@@ -45,3 +45,12 @@ def test_freed_memory_is_reused_without_page_faults():
 def test_it_can_be_turned_off():
     assert not _probe("keep", DDPM_KEEP_FREED_MEMORY="0")["applied"]
     assert not _probe("keep", GLIBC_TUNABLES="glibc.malloc.trim_threshold=1000000")["applied"]
+
+
+def test_the_default_batch_size_follows_the_image_size_and_the_threads():
+    from ddpm.runtime import default_batch_size
+
+    assert default_batch_size(8 * 8, "cpu", threads=2) == 256  # digits: 1.38x the img-steps/s of batch 64
+    assert [default_batch_size(r * r, "cpu", threads=2) for r in (28, 32, 256)] == [64, 64, 64]
+    assert default_batch_size(8 * 8, "cpu", threads=16) == 1024 and default_batch_size(28 * 28, "cpu", threads=16) == 128
+    assert [default_batch_size(r * r, "cuda") for r in (8, 32, 64, 256)] == [256, 256, 64, 64]

@@ -108,8 +108,9 @@ def test_interrupted_sampling_continues_where_it_stopped(tmp_path, monkeypatch):
                      *other]) == 2
     assert not calls and len(list((tmp_path / "part.npz.parts").glob("part_*.npy"))) == 2
     monkeypatch.setattr(gen, "sample_batch", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    assert main(["sample", "--run", str(run), "--n", "7", "--batch-size", "2", "--out", str(part), "--quiet"]) == 0
-    assert len(calls) == 2  # only the two missing batches
+    # resumed at another batch size (the default is the machine's): the parts made count, only 4..6 is drawn
+    assert main(["sample", "--run", str(run), "--n", "7", "--batch-size", "3", "--out", str(part), "--quiet"]) == 0
+    assert len(calls) == 2  # [4, 6) (the rest of batch [3, 6)) and [6, 7)
     np.testing.assert_array_equal(np.load(part)["arr_0"], np.load(full)["arr_0"])
 
 

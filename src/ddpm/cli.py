@@ -144,7 +144,7 @@ def _sample(args: argparse.Namespace) -> int:
         return 0
     opts = _sample_options(args)
     check_options(run, opts, device)
-    sample_to_file(run, args.n, out, seed=args.seed, batch_size=args.batch_size, opts=opts, device=device,
+    sample_to_file(run, args.n, out, seed=args.seed, batch_size=_batch_size(args, run, device), opts=opts, device=device,
                    rank=d.rank, world=d.world, progress=not args.quiet)  # under OUT.lock: one writer per output
     if d.main:
         print(f"wrote {args.n} samples from {args.run} (step {run.step}, {opts.sampler}) to {out}")
@@ -161,7 +161,8 @@ def _eval_bound(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     run = load_run(args.run, device=device)
     fn = evaluate.eval_bpd if args.metric == "bpd" else evaluate.eval_rate_distortion
-    report = fn(run, out_dir / args.metric, split=args.split, n=args.n, batch_size=args.batch_size, seed=args.seed,
+    report = fn(run, out_dir / args.metric, split=args.split, n=args.n, batch_size=_batch_size(args, run, device),
+                seed=args.seed,
                 device=device, data_path=args.data, progress=not args.quiet)
     print(json.dumps(report, indent=2))
     return 0
@@ -195,7 +196,8 @@ def _eval_fid(args: argparse.Namespace) -> int:
         samples_path = out_dir / f"samples_{args.n}_seed{args.seed}.npz"
         if not samples_path.exists():
             out_dir.mkdir(parents=True, exist_ok=True)
-            sample_to_file(run, args.n, samples_path, seed=args.seed, batch_size=args.batch_size, opts=opts,
+            sample_to_file(run, args.n, samples_path, seed=args.seed, batch_size=_batch_size(args, run, device),
+                           opts=opts,
                            device=device, progress=not args.quiet)
     try:
         samples = np.load(samples_path)["arr_0"]
@@ -223,7 +225,7 @@ def _eval_fid(args: argparse.Namespace) -> int:
         from ddpm.metrics.inception import fidelity_metrics
 
         rep = fidelity_metrics(samples, args.ref, inception_weights=args.inception_weights,
-                               cache_dir=out_dir / "ref_stats", batch_size=args.batch_size, device=str(device))
+                               cache_dir=out_dir / "ref_stats", batch_size=args.batch_size or 64, device=str(device))
         report = {"samples": str(samples_path), "ref": args.ref, **_asdict(rep)}
         name = "fid.json"
     (out_dir / name).write_text(json.dumps(report, indent=2) + "\n")
@@ -394,7 +396,7 @@ def _restore(args: argparse.Namespace) -> int:
     src = _need_file(args.input, "--input", "degraded images: a PNG, a folder of PNGs or an .npz of uint8 "
                                            "[N, h, w, C] at the degraded size")
     out = _images_out(args.out)
-    for name, v in (("--batch-size", args.batch_size), ("--travel-length", args.travel_length),
+    for name, v in (("--travel-length", args.travel_length),
                     ("--travel-repeat", args.travel_repeat)):
         if v < 1:
             raise UsageError(f"{name} must be >= 1; got {v}")
@@ -439,8 +441,8 @@ def _restore(args: argparse.Namespace) -> int:
     run = load_run(args.run, device=device, conditional=True)
     opts = RestoreOptions(steps=steps, eta=args.eta, sigma_y=args.noise, travel_length=args.travel_length,
                           travel_repeat=args.travel_repeat)
-    report = restore_to_file(run, op, images, out, seed=args.seed, batch_size=args.batch_size, opts=opts,
-                             device=device, progress=not args.quiet)
+    report = restore_to_file(run, op, images, out, seed=args.seed, batch_size=_batch_size(args, run, device),
+                             opts=opts, device=device, progress=not args.quiet)
     how = f"DDNM, {steps} steps" if trained is None else \
         f"conditional, {'ancestral, ' + str(T) if steps is None else 'DDIM, ' + str(steps)} steps"
     tail = "" if report.worst is None else \
@@ -464,6 +466,29 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 def _add_run(p: argparse.ArgumentParser, what: str, *extra: str, required: bool = True) -> None:
     p.add_argument("--run", "--run-dir", *extra, dest="run", required=required, metavar="RUN",
                    help=f"{what} (under torchrun spell it --run-dir: torchrun takes --run for its own --run-path)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number; got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {v}")
+    return v
+
+
+BATCH_HELP = ("images per network call (default: chosen for the machine and the image size, "
+              "ddpm.runtime.default_batch_size: 256 for 8x8 images on 2 CPU threads, 64 from 28x28 up)")
+
+
+def _batch_size(args: argparse.Namespace, run, device) -> int:
+    """--batch-size, or the machine's default for the run's images."""
+    from ddpm.runtime import default_batch_size
+
+    if args.batch_size is not None:
+        return args.batch_size
+    return default_batch_size(run.config.model.resolution ** 2, device)
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -529,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help=".png (a grid) or .npz (uint8 [N, H, W, C] under arr_0); with "
                                                 "--progressive or --share-from a folder")
     s.add_argument("--seed", type=int, default=0, help="sample i's noise depends on (seed, i) alone")
-    s.add_argument("--batch-size", type=int, default=64, help="samples per network call")
+    s.add_argument("--batch-size", type=_positive_int, help=BATCH_HELP)
     _add_sampler(s)
     s.add_argument("--class", dest="class_label", type=int, help="class to draw (class-conditional runs)")
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale, with --class "
@@ -563,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "recall; needs no --ref)")
     f.add_argument("--data", help="fashion features: the Fashion-MNIST IDX folder (default: the run's data.path)")
     f.add_argument("--out", help="output folder (default: RUN/eval, or eval/ beside --samples)")
-    f.add_argument("--batch-size", type=int, default=64, help="images per network call")
+    f.add_argument("--batch-size", type=_positive_int, help=BATCH_HELP)
     f.add_argument("--seed", type=int, default=0, help="with --run: the sampling seed")
     _add_sampler(f, "with --run: ")
     f.add_argument("--compile", action="store_true", help="with --run: " + COMPILE_HELP)
@@ -580,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--n", "--num-samples", dest="n", type=int, help="the first N images (default: all)")
         b.add_argument("--data", help="dataset path when it differs from the run's data.path")
         b.add_argument("--out", help="output folder (default: RUN/eval)")
-        b.add_argument("--batch-size", type=int, default=64, help="images per network call")
+        b.add_argument("--batch-size", type=_positive_int, help=BATCH_HELP)
         b.add_argument("--seed", type=int, default=0, help="image i's noise depends on (seed, i) alone")
         _add_device(b)
         b.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -651,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--travel-length", type=int, default=1, help="time travel: jump back this many grid points")
     r.add_argument("--travel-repeat", type=int, default=1, help="time travel: walk each stretch this many times")
     r.add_argument("--seed", type=int, default=0, help="image i's noise depends on (seed, i) alone")
-    r.add_argument("--batch-size", type=int, default=64, help="images per network call")
+    r.add_argument("--batch-size", type=_positive_int, help=BATCH_HELP)
     _add_device(r)
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_restore)

@@ -174,7 +174,8 @@ def _make_parts(n: int, out: Path, make: Callable[[range], torch.Tensor], batch_
         torch.distributed.barrier()
     batches = [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     mine = [b for i, b in enumerate(batches) if i % world == rank]
-    todo = [b for b in mine if not (parts / f"part_{b.start:09d}_{b.stop:09d}.npy").exists()]
+    done = sorted((int(f.stem.split("_")[1]), int(f.stem.split("_")[2])) for f in parts.glob("part_*.npy"))
+    todo = [r for b in mine for r in _uncovered(b, done)]  # parts of an earlier batch size count as made
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -188,6 +189,20 @@ def _make_parts(n: int, out: Path, make: Callable[[range], torch.Tensor], batch_
     if bar is not None:
         bar.close()
     return parts
+
+
+def _uncovered(b: range, done: list[tuple[int, int]]) -> list[range]:
+    """The stretches of b that no part [start, stop) in `done` (sorted) holds."""
+    out, start = [], b.start
+    for lo, hi in done:
+        if hi <= start or lo >= b.stop:
+            continue
+        if lo > start:
+            out.append(range(start, lo))
+        start = max(start, hi)
+    if start < b.stop:
+        out.append(range(start, b.stop))
+    return out
 
 
 def _job(run: Run, seed: int, **what) -> dict:
