@@ -5,7 +5,7 @@ real training images, precision and recall, k = 3).
 
     .venv/bin/python benchmarks/fashion.py [--out benchmarks/out/fashion] [--data /usr/share/datasets/fashion-mnist]
         [--steps N | --minutes 10 20 30] [--n 1000] [--set section.field=value ...] [--skip-train]
-        [--samplers ancestral ddim ...: see SAMPLERS]
+        [--samplers ancestral ddim ...: see SAMPLERS] [--seed S]
 
 Prints one markdown row per sampler for benchmarks/RESULTS.md (with the CPU's lscpu model and vector flags) and
 writes result.json in --out. A smoke run: `--steps 2 --n 16 --set diffusion.num_timesteps=50`.
@@ -33,6 +33,11 @@ SAMPLERS = {"ancestral": [], "ddim": ["--sampler", "ddim", "--steps", "50", "--e
             "ddim-eta0-20": ["--sampler", "ddim", "--steps", "20", "--eta", "0"],
             "dpmpp2m-20": ["--sampler", "dpmpp2m", "--steps", "20"],
             "heun-20": ["--sampler", "heun", "--steps", "10"]}
+# Heun with EDM's churn: S_tmin, S_tmax and S_noise as EDM's ImageNet-64 example (0.05, 50, 1.003), two amounts
+for churn in (10, 40):
+    for name, steps in ((f"heun-churn{churn}", "25"), (f"heun-churn{churn}-20", "10")):
+        SAMPLERS[name] = ["--sampler", "heun", "--steps", steps, *(x for o in (
+            f"S_churn={churn}", "S_tmin=0.05", "S_tmax=50", "S_noise=1.003") for x in ("--sampler-option", o))]
 
 
 def cpu() -> str:
@@ -59,6 +64,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=250, help="samples per network call")
     p.add_argument("--set", action="append", default=[], help="a training override, as ddpm train --set")
     p.add_argument("--skip-train", action="store_true", help="reuse the run in --out/run")
+    p.add_argument("--seed", type=int, default=0, help="the sampling seed (ddpm sample --seed)")
     p.add_argument("--samplers", nargs="+", default=["ancestral", "ddim"], choices=list(SAMPLERS))
     args = p.parse_args()
     out = Path(args.out)
@@ -83,14 +89,16 @@ def main() -> int:
             train_s = time.perf_counter() - t0 + (train_s or 0.0)
         step = json.loads((run / "log.jsonl").read_text().splitlines()[-1])["step"]
         for name in args.samplers:
-            samples = out / f"samples_{name}_{args.n}{'' if mark is None else f'_{mark:g}min'}.npz"
+            seed = "" if args.seed == 0 else f"_seed{args.seed}"
+            samples = out / f"samples_{name}_{args.n}{'' if mark is None else f'_{mark:g}min'}{seed}.npz"
             samples.unlink(missing_ok=True)  # ddpm sample would take a file of the same name as work to resume
             t0 = time.perf_counter()
             subprocess.run([*ddpm, "sample", "--run", str(run), "--n", str(args.n), "--out", str(samples),
-                            "--batch-size", str(args.batch_size), "--quiet", *SAMPLERS[name]], check=True)
+                            "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--quiet", *SAMPLERS[name]],
+                           check=True)
             sample_s = time.perf_counter() - t0
             rep = evaluate_fashion(np.load(samples)["arr_0"], args.data)
-            rows.append({"minutes": mark, "steps": step, "train_seconds": train_s, "sampler": name,
+            rows.append({"minutes": mark, "steps": step, "train_seconds": train_s, "sampler": name, "seed": args.seed,
                          "sample_seconds": sample_s, **dataclasses.asdict(rep)})
             print(json.dumps(rows[-1]), flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu(), "overrides": args.set, "n": args.n, "rows": rows}
