@@ -15,6 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ddpm.nn.winograd import best_ms as _best_ms
 from ddpm.nn.winograd import conv3x3_winograd
 
 # (batch, C_in, C_out, H = W, where): CIFAR-10 at the training batch 16 and the sampling batch 64; digits at 64
@@ -30,14 +31,7 @@ SHAPES = [
 
 
 def best_ms(fn, reps: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * min(times)
+    return _best_ms(fn, reps, warmup=2)
 
 
 def time_kernel(conv, x, w, b, gy, train: bool, reps: int) -> float:

@@ -249,8 +249,10 @@ _measured: dict[str, dict[str, dict[int, float]]] = {}
 _measure_lock = threading.Lock()
 
 
-def _best_ms(fn, reps: int) -> float:
-    fn()
+def best_ms(fn, reps: int, warmup: int = 1) -> float:
+    """The fastest of `reps` timed calls of fn() in milliseconds, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -282,10 +284,10 @@ def measure_speedups(reps: int = 3, batch: int = 16) -> dict[str, dict[int, floa
             kernels = (lambda *a: F.conv2d(*a, padding=1), conv3x3_winograd)
             leaves = [t.clone().requires_grad_() for t in (x, w, b)]
             with torch.enable_grad():
-                ms = [_best_ms(_backward_of(k, leaves, gy), reps) for k in kernels]
+                ms = [best_ms(_backward_of(k, leaves, gy), reps) for k in kernels]
             out["train"][H] = ms[0] / ms[1]
             with torch.no_grad():
-                ms = [_best_ms(_call_of(k, (x, w, b)), reps) for k in kernels]
+                ms = [best_ms(_call_of(k, (x, w, b)), reps) for k in kernels]
             out["inference"][H] = ms[0] / ms[1]
     release_scratch()
     return out
