@@ -162,8 +162,7 @@ def _eval_bound(args: argparse.Namespace) -> int:
     run = load_run(args.run, device=device)
     fn = evaluate.eval_bpd if args.metric == "bpd" else evaluate.eval_rate_distortion
     report = fn(run, out_dir / args.metric, split=args.split, n=args.n, batch_size=_batch_size(args, run, device),
-                seed=args.seed,
-                device=device, data_path=args.data, progress=not args.quiet)
+                seed=args.seed, device=device, data_path=args.data, progress=not args.quiet)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -197,8 +196,7 @@ def _eval_fid(args: argparse.Namespace) -> int:
         if not samples_path.exists():
             out_dir.mkdir(parents=True, exist_ok=True)
             sample_to_file(run, args.n, samples_path, seed=args.seed, batch_size=_batch_size(args, run, device),
-                           opts=opts,
-                           device=device, progress=not args.quiet)
+                           opts=opts, device=device, progress=not args.quiet)
     try:
         samples = np.load(samples_path)["arr_0"]
     except (OSError, ValueError, KeyError) as e:

@@ -34,6 +34,7 @@ as eager does would break the graph at every layer).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -85,8 +86,10 @@ def cache_dir(name: str = "kernels") -> Path:
     return Path(base) / "ddpm" / name
 
 
+@functools.cache
 def cpu_key() -> str:
-    """What -march=native depends on: the machine's architecture and CPU flags."""
+    """What -march=native depends on: the machine's architecture and CPU flags (read once per process: the
+    Winograd choice asks for it on every wide convolution)."""
     flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
