@@ -101,7 +101,9 @@ def _tiny_argv(argv: list[str], paths: dict[str, str], tmp: Path) -> list[str] |
         i += 1
     if out[0] == "train":  # the image presets keep their levels (the README may set them): only narrower
         own_levels = "folder" in out or "fashion" in out
-        out += ["--steps", "2", "--batch-size", "4", "--quiet",
+        # no line names a timestep of these runs (only the fixture's run, at T = 1000), so T = 100: their
+        # samplers' defaults, all T steps, were most of this test's time
+        out += ["--steps", "2", "--batch-size", "4", "--quiet", "--set", "diffusion.num_timesteps=100",
                 *(["--set", "model.ch=32", "--set", "train.sample_every=0"] if own_levels else TINY_NET)]
     if out[0] == "sample" and "--n" not in out:
         out += ["--n", "2"]

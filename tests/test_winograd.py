@@ -193,10 +193,11 @@ def test_unet_with_winograd_is_the_same_network():
 
 
 def _training_losses(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """30 Adam steps of a 128-channel U-Net (every residual-block conv on the Winograd path) from one start:
-    float32 with Winograd, float32 with the direct kernels, float64 as the reference. Their losses per step."""
+    """30 Adam steps of a 64-channel U-Net (every residual-block conv on the Winograd path: the caller lowers
+    Conv3x3.MIN_CHANNELS) from one start: float32 with Winograd, float32 with the direct kernels, float64 as the
+    reference. Their losses per step."""
     torch.manual_seed(seed)
-    nets = [UNet(3, 128, (1, 2), 1, (4,), 0.0, 8, winograd=w) for w in (True, False, False)]
+    nets = [UNet(3, 64, (1, 2), 1, (4,), 0.0, 8, winograd=w) for w in (True, False, False)]
     for net in nets[1:]:
         net.load_state_dict(nets[0].state_dict())
     nets[2].double()
@@ -217,19 +218,23 @@ def _training_losses(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return tuple(torch.tensor(v, dtype=torch.float64) for v in losses)
 
 
-def test_training_with_winograd_stays_as_close_to_float64_as_the_direct_kernels():
-    # Training amplifies any rounding difference step by step (chaotically: one run's deviation from float64
-    # after 30 steps ranged 3e-4 to 2.5e-2 over seeds, and the two float32 runs' ratio 0.1 to 6, with the same
-    # kernels), so the float32 runs drift from float64 whatever the kernel. Summed over three starts,
-    # Winograd's larger rounding (1e-5 against 1e-6) must not make its runs drift measurably further.
+def test_training_with_winograd_stays_as_close_to_float64_as_the_direct_kernels(monkeypatch):
+    # At 64 channels this training is not chaotic (at 128 it was: one run's deviation from float64 after 30
+    # steps ranged 3e-4 to 2.5e-2 over seeds whatever the kernel), so each float32 run stays at rounding distance
+    # from float64: over seeds 0-6 the mean deviation of the losses was 1.0-2.4e-7 with Winograd, 0.3-0.9e-7
+    # with the direct kernels. A Winograd transform that lost precision (bf16, a larger tile) would drift by 1e-4
+    # or more.
+    monkeypatch.setattr(Conv3x3, "MIN_CHANNELS", 64)
     dev_wino = dev_direct = 0.0
-    for seed in range(3):
+    for seed in range(2):
         wino, direct, exact = _training_losses(seed)
-        assert exact[-5:].mean() < 0.7 * exact[:5].mean()  # it learned something
-        assert (wino[:5] - exact[:5]).abs().max() < 1e-4  # the first steps agree to float32 rounding
-        dev_wino += (wino - exact).abs().mean().item()
+        assert exact[-5:].mean() < 0.5 * exact[:5].mean()  # it learned something (measured 0.35)
+        assert (wino[:5] - exact[:5]).abs().max() < 1e-6  # the first steps agree to float32 rounding
+        dev = (wino - exact).abs().mean().item()
+        assert dev < 2e-6, (seed, dev)
+        dev_wino += dev
         dev_direct += (direct - exact).abs().mean().item()
-    assert dev_wino < 3 * dev_direct, (dev_wino, dev_direct)
+    assert dev_wino < 10 * dev_direct, (dev_wino, dev_direct)  # measured 2.3x over these two seeds
 
 
 def test_the_machine_decides_where_winograd_runs_and_keeps_its_answer(monkeypatch, tmp_path):
