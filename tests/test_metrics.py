@@ -1,6 +1,8 @@
 """Frechet distance against closed forms; the digits feature network; FID/IS/KID plumbing through torch-fidelity
 with a stand-in weights file (nothing is downloaded)."""
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -56,28 +58,29 @@ def test_frechet_distance_singular_and_invalid():
     A = np.random.default_rng(3).normal(size=(6, 2))
     s = A @ A.T
     assert abs(frechet_distance(np.zeros(6), s, np.zeros(6), s)) < 1e-6 * np.trace(s)
-    # a product whose square root is imaginary (a covariance that is not PSD) is an error, never dropped
-    with pytest.raises(ValueError, match="imaginary"):
+    # diag(0, 1) diag(1, 0) = 0: a singular product's root is 0, exactly, with no offset (sqrtm needed one)
+    assert frechet_distance(np.zeros(2), np.diag([0.0, 1.0]), np.zeros(2), np.diag([1.0, 0.0])) == 2.0
+    # a covariance that is not PSD is an error naming it, never clipped into an answer
+    with pytest.raises(ValueError, match="sigma2 is not positive semi-definite"):
         frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), -np.eye(2))
+    with pytest.raises(ValueError, match="sigma1 has values that are not finite"):
+        frechet_distance(np.zeros(2), np.full((2, 2), np.nan), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match="shape"):
         frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
 
 
-def test_frechet_distance_retries_with_eps_when_the_root_is_not_finite(monkeypatch):
-    """diag(0, 1) diag(1, 0) = 0; if sqrtm fails on it (non-finite), eps I is added to both covariances:
-    sqrt((S1 + eps)(S2 + eps)) = sqrt(eps (1 + eps)) I."""
-    real_sqrtm, calls = scipy.linalg.sqrtm, []
-
-    def flaky_sqrtm(m, *args, **kwargs):
-        calls.append(m.copy())
-        return np.full_like(m, np.nan) if len(calls) == 1 else real_sqrtm(m, *args, **kwargs)
-
-    monkeypatch.setattr(scipy.linalg, "sqrtm", flaky_sqrtm)
-    eps = 1e-6
-    got = frechet_distance(np.zeros(2), np.diag([0.0, 1.0]), np.zeros(2), np.diag([1.0, 0.0]), eps=eps)
-    assert len(calls) == 2
-    np.testing.assert_allclose(calls[1], np.diag([eps * (1 + eps)] * 2), rtol=1e-12)
-    assert got == pytest.approx(2 - 4 * np.sqrt(eps * (1 + eps)), rel=1e-9)
+@pytest.mark.parametrize("n", [2000, 40])  # full rank; rank 39 of 256
+def test_frechet_distance_is_scipys_sqrtm_formula(n):
+    """The eigenvalue route gives the trace of scipy's sqrtm(S1 S2) (pytorch-fid's formula), to rounding."""
+    rng = np.random.default_rng(n)
+    mix = rng.normal(size=(256, 256)) / 16
+    a, b = rng.normal(size=(n, 256)) @ mix, rng.normal(size=(n, 256)) @ mix * 1.5 + 0.2
+    (m1, s1), (m2, s2) = feature_stats(a), feature_stats(b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        root = scipy.linalg.sqrtm(s1 @ s2)
+    want = (m1 - m2) @ (m1 - m2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(root).real
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(want, rel=1e-12 if n > 256 else 1e-6)
 
 
 def test_feature_stats_recover_a_known_gaussian():

