@@ -15,8 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ddpm.nn.winograd import best_ms as _best_ms
-from ddpm.nn.winograd import conv3x3_winograd
+from ddpm.nn.winograd import best_ms, conv3x3_winograd
 
 # (batch, C_in, C_out, H = W, where): CIFAR-10 at the training batch 16 and the sampling batch 64; digits at 64
 SHAPES = [
@@ -30,16 +29,12 @@ SHAPES = [
 ]
 
 
-def best_ms(fn, reps: int) -> float:
-    return _best_ms(fn, reps, warmup=2)
-
-
 def time_kernel(conv, x, w, b, gy, train: bool, reps: int) -> float:
     if train:
         leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-        return best_ms(lambda: torch.autograd.grad(conv(*leaves), leaves, gy), reps)
+        return best_ms(lambda: torch.autograd.grad(conv(*leaves), leaves, gy), reps, warmup=2)
     with torch.no_grad():
-        return best_ms(lambda: conv(x, w, b), reps)
+        return best_ms(lambda: conv(x, w, b), reps, warmup=2)
 
 
 def main() -> None:
