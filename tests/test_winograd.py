@@ -222,8 +222,8 @@ def test_training_with_winograd_stays_as_close_to_float64_as_the_direct_kernels(
     # At 64 channels this training is not chaotic (at 128 it was: one run's deviation from float64 after 30
     # steps ranged 3e-4 to 2.5e-2 over seeds whatever the kernel), so each float32 run stays at rounding distance
     # from float64: over seeds 0-6 the mean deviation of the losses was 1.0-2.4e-7 with Winograd, 0.3-0.9e-7
-    # with the direct kernels. A Winograd transform that lost precision (bf16, a larger tile) would drift by 1e-4
-    # or more.
+    # with the direct kernels. A transform fed bf16 inputs fails the first-steps bound already (tried once by
+    # hand).
     monkeypatch.setattr(Conv3x3, "MIN_CHANNELS", 64)
     dev_wino = dev_direct = 0.0
     for seed in range(2):
