@@ -418,9 +418,10 @@ def _restore(args: argparse.Namespace) -> int:
                              f"restores {trained} inputs only (an unconditional run restores any task with DDNM)")
         ddnm_only = [o for o, v, d in (("--noise", args.noise, 0.0), ("--travel-length", args.travel_length, 1),
                                        ("--travel-repeat", args.travel_repeat, 1)) if v != d]
-        if ddnm_only:
-            raise UsageError(f"{', '.join(ddnm_only)}: DDNM's options, for unconditional runs; --run {args.run} was "
-                             f"trained on {trained} pairs and samples with its condition (--steps, --eta)")
+        if ddnm_only and not args.consistent:
+            raise UsageError(f"{', '.join(ddnm_only)}: DDNM's options, for unconditional runs or with --consistent; "
+                             f"--run {args.run} was trained on {trained} pairs and samples with its condition "
+                             "(--steps, --eta)")
         if args.mask is not None and args.mask != cfg.data.mask:
             raise UsageError(f"--mask {args.mask}: --run {args.run} was trained with the mask {cfg.data.mask!r} "
                              "(data.mask) and restores with that one only")
@@ -438,11 +439,17 @@ def _restore(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     run = load_run(args.run, device=device, conditional=True)
     opts = RestoreOptions(steps=steps, eta=args.eta, sigma_y=args.noise, travel_length=args.travel_length,
-                          travel_repeat=args.travel_repeat)
+                          travel_repeat=args.travel_repeat, consistent=args.consistent and trained is not None)
     report = restore_to_file(run, op, images, out, seed=args.seed, batch_size=_batch_size(args, run, device),
                              opts=opts, device=device, progress=not args.quiet)
     how = f"DDNM, {steps} steps" if trained is None else \
+        f"conditional with DDNM's steps, {T if steps is None else steps} steps" if args.consistent else \
         f"conditional, {'ancestral, ' + str(T) if steps is None else 'DDIM, ' + str(steps)} steps"
+    if opts.travel_length > 1 or opts.travel_repeat > 1:
+        from ddpm.restoration import travel_moves
+
+        evals = sum(q < p for p, q in travel_moves(T if steps is None else steps, opts.travel_length, opts.travel_repeat))
+        how += f" with time travel: {evals} network evaluations"
     tail = "" if report.worst is None else \
         f"; max |A x - y| = {report.worst:.2e} before rounding to 8 bits (over the {report.restored} made now)"
     print(f"wrote {report.n} restored images ({task}, {how}) to {report.path}{tail}")
@@ -673,6 +680,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="std of the noise in the input, in [-1, 1] units (DDNM+; 0: exact consistency)")
     r.add_argument("--travel-length", type=int, default=1, help="time travel: jump back this many grid points")
     r.add_argument("--travel-repeat", type=int, default=1, help="time travel: walk each stretch this many times")
+    r.add_argument("--consistent", action="store_true",
+                   help="a run trained on pairs: sample with DDNM's steps (its x0 projected onto A x = y at every "
+                        "step), so that the output agrees with the input; DDNM's --noise and time travel apply. "
+                        "An unconditional run is always consistent")
     r.add_argument("--seed", type=int, default=0, help="image i's noise depends on (seed, i) alone")
     r.add_argument("--batch-size", type=_positive_int, help=BATCH_HELP)
     _add_device(r)

@@ -269,9 +269,10 @@ def _assemble(parts: Path, n: int, out: Path) -> Path:
 class RestoreOptions:
     steps: int | None = None  # grid points (uniform); None: DDNM 100 (or T), a run trained on pairs all T (ancestral)
     eta: float = 1.0  # DDIM's eta of each step (DDNM, and a run trained on pairs with steps set)
-    sigma_y: float = 0.0  # DDNM+: the std of the noise in y, [-1, 1] units (unconditional runs only)
-    travel_length: int = 1  # DDNM's time travel (unconditional runs only)
+    sigma_y: float = 0.0  # DDNM+: the std of the noise in y, [-1, 1] units (DDNM's steps only)
+    travel_length: int = 1  # DDNM's time travel (DDNM's steps only)
     travel_repeat: int = 1
+    consistent: bool = False  # a run trained on pairs: DDNM's steps with its network, A x = y (unconditional: always)
 
 
 @dataclass
@@ -290,14 +291,17 @@ def restore_batch(run: Run, op: Operator, y: torch.Tensor, indices: range, seed:
     An unconditional run: DDNM (`ddpm.restoration.ddnm`) on `opts.steps` uniform grid points with y's part in
     the range of A, A A+ y (an inpainting input's 8-bit mid-gray hidden pixels are 1/255, not 0; a blurred
     image's lost frequencies). A run trained on pairs (`Run.task`): its network with the condition of y
-    concatenated at every call (`ddpm.conditional`), ancestral over all T (steps None) or DDIM with eta."""
+    concatenated at every call (`ddpm.conditional`), ancestral over all T (steps None) or DDIM with eta; with
+    `opts.consistent`, DDNM's steps with that network (every step's x0 projected onto A x = A A+ y, so the
+    output agrees with y as an unconditional run's does), on `opts.steps` grid points (None: all T)."""
     gens = sample_generator(seed, "restore", indices, device)
     y = y.to(device)
-    if run.task is None:
+    if run.task is None or opts.consistent:
+        model = run.conditioned(batch=y.shape[0]) if run.task is None else concatenated(run.model, condition(op, y))
         y = op.A(op.pinv(y))
         grid = timestep_grid(run.diffusion, opts.steps)
-        x = ddnm(run.diffusion, run.conditioned(batch=y.shape[0]), y, op, grid, generator=gens, sigma_y=opts.sigma_y,
-                 eta=opts.eta, travel_length=opts.travel_length, travel_repeat=opts.travel_repeat)
+        x = ddnm(run.diffusion, model, y, op, grid, generator=gens, sigma_y=opts.sigma_y, eta=opts.eta,
+                 travel_length=opts.travel_length, travel_repeat=opts.travel_repeat)
         return x, y
     model = concatenated(run.model, condition(op, y))
     x_T = gens.randn((y.shape[0], *op.shape), device)
