@@ -4,7 +4,8 @@ step counts, and models trained on pairs (`ddpm train --task`), scored against t
 
     .venv/bin/python benchmarks/restore.py --run RUN [--cond sr4=RUN_SR4 ...] [--n 500] [--steps 20 100]
         [--long-n 200 --long-steps 1000 --long-tasks sr4 inpaint-center] [--tasks sr4 sr2 inpaint-center inpaint-half deblur]
-        [--sigma-y 0.0023] [--out benchmarks/out/restore] [--data /usr/share/datasets/fashion-mnist]
+        [--sigma-y 0.0023] [--travel L R] [--cond-consistent] [--out benchmarks/out/restore]
+        [--data /usr/share/datasets/fashion-mnist]
 
 The images: the first --n of the 10,000 test images (the same for every method). Per method:
 - PSNR and SSIM against the truth (torchmetrics, images in [0, 1], per image then averaged; SSIM with its 11x11
@@ -77,12 +78,11 @@ def scores(x: torch.Tensor, truth: torch.Tensor, y: torch.Tensor, op, labels: np
     return {**out, "frechet": rep.frechet, "floor": rep.floor}
 
 
-def restore(run, op, y: torch.Tensor, steps: int | None, batch: int, seed: int = 0,
-            sigma_y: float = 0.0) -> torch.Tensor:
+def restore(run, op, y: torch.Tensor, steps: int | None, batch: int, seed: int = 0, **options) -> torch.Tensor:
     out = []
     for s in range(0, len(y), batch):
         x, _ = restore_batch(run, op, y[s : s + batch], range(s, min(s + batch, len(y))), seed,
-                             RestoreOptions(steps=steps, sigma_y=sigma_y), torch.device("cpu"))
+                             RestoreOptions(steps=steps, **options), torch.device("cpu"))
         out.append(x)
     return torch.cat(out)
 
@@ -93,6 +93,10 @@ def main() -> int:
     p.add_argument("--cond", action="append", default=[], metavar="TASK=RUN",
                    help="a run trained on pairs of TASK (`ddpm train --task`), sampled with --cond-steps")
     p.add_argument("--cond-steps", type=int, default=100, help="DDIM steps (eta 1) of the models trained on pairs")
+    p.add_argument("--cond-consistent", action="store_true",
+                   help="also each model trained on pairs with DDNM's steps (ddpm restore --consistent)")
+    p.add_argument("--travel", type=int, nargs=2, metavar=("L", "R"),
+                   help="also DDNM with time travel (length L, repeat R) at every --steps")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--n", type=int, default=500, help="test images per method")
     p.add_argument("--steps", type=int, nargs="*", default=[20, 100], help="DDNM step counts on all --n images")
@@ -134,12 +138,20 @@ def main() -> int:
             for k in args.steps:
                 methods.append((f"DDNM+, sigma_y {sy:g}, {k} steps", args.n,
                                 lambda k=k, op=op, y=y, sy=sy: restore(run, op, y, k, args.batch_size, sigma_y=sy)))
+        for k in args.steps if args.travel else []:
+            methods.append((f"DDNM, {k} steps, time travel L {args.travel[0]} r {args.travel[1]}", args.n,
+                            lambda k=k, op=op, y=y: restore(run, op, y, k, args.batch_size,
+                                                            travel_length=args.travel[0], travel_repeat=args.travel[1])))
         for k in args.long_steps if task in args.long_tasks else []:
             methods.append((f"DDNM, {k} steps (first {args.long_n})", args.long_n,
                             lambda k=k, op=op, y=y: restore(run, op, y[: args.long_n], k, args.batch_size)))
         if task in conds:
             methods.append((f"trained on pairs (step {conds[task].step}), DDIM {args.cond_steps}", args.n,
                             lambda c=conds[task], op=op, y=y: restore(c, op, y, args.cond_steps, args.batch_size)))
+            if args.cond_consistent:
+                methods.append((f"trained on pairs (step {conds[task].step}), DDNM's steps {args.cond_steps}", args.n,
+                                lambda c=conds[task], op=op, y=y: restore(c, op, y, args.cond_steps, args.batch_size,
+                                                                          consistent=True)))
         methods.append(("truth", args.n, lambda truth=truth: truth))
         shown = {}
         for name, n, make in methods:
