@@ -185,7 +185,7 @@ def test_restore_with_a_conditional_run(sr4_run, low, tmp_path, capsys):
         worst[name] = float(re.search(r"max \|A x - y\| = (\S+) before", err).group(1))
     # DDNM's steps with the pairs-trained network: its output agrees with y (A x = y) to float precision; its
     # plain DDIM samples do not (after 4 steps of training they hardly look at the condition)
-    assert "conditional with DDNM's steps, 5 steps with time travel: 7 network evaluations" in err
+    assert "conditional with DDNM's steps, 5 steps, time travel: 7 network evaluations" in err
     assert worst["consistent"] < 1e-5 and worst["travel"] < 1e-5 and worst["ddim"] > 1e-2, worst
 
 

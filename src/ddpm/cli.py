@@ -398,7 +398,7 @@ def _restore(args: argparse.Namespace) -> int:
                     ("--travel-repeat", args.travel_repeat)):
         if v < 1:
             raise UsageError(f"{name} must be >= 1; got {v}")
-    if args.noise < 0:
+    if args.noise is not None and args.noise < 0:
         raise UsageError(f"--noise must be >= 0; got {args.noise}")
     from ddpm.config import Config
 
@@ -416,7 +416,7 @@ def _restore(args: argparse.Namespace) -> int:
         if args.task is not None and args.task != trained:
             raise UsageError(f"--task {args.task}: --run {args.run} was trained on {trained} pairs (data.task) and "
                              f"restores {trained} inputs only (an unconditional run restores any task with DDNM)")
-        ddnm_only = [o for o, v, d in (("--noise", args.noise, 0.0), ("--travel-length", args.travel_length, 1),
+        ddnm_only = [o for o, v, d in (("--noise", args.noise, None), ("--travel-length", args.travel_length, 1),
                                        ("--travel-repeat", args.travel_repeat, 1)) if v != d]
         if ddnm_only and not args.consistent:
             raise UsageError(f"{', '.join(ddnm_only)}: DDNM's options, for unconditional runs or with --consistent; "
@@ -438,18 +438,22 @@ def _restore(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     run = load_run(args.run, device=device, conditional=True)
-    opts = RestoreOptions(steps=steps, eta=args.eta, sigma_y=args.noise, travel_length=args.travel_length,
+    from ddpm.restoration import default_noise, travel_moves
+
+    ddnm_steps = trained is None or args.consistent
+    noise = (default_noise(task) if args.noise is None else args.noise) if ddnm_steps else 0.0
+    opts = RestoreOptions(steps=steps, eta=args.eta, sigma_y=noise, travel_length=args.travel_length,
                           travel_repeat=args.travel_repeat, consistent=args.consistent and trained is not None)
     report = restore_to_file(run, op, images, out, seed=args.seed, batch_size=_batch_size(args, run, device),
                              opts=opts, device=device, progress=not args.quiet)
     how = f"DDNM, {steps} steps" if trained is None else \
         f"conditional with DDNM's steps, {T if steps is None else steps} steps" if args.consistent else \
         f"conditional, {'ancestral, ' + str(T) if steps is None else 'DDIM, ' + str(steps)} steps"
+    if noise > 0:
+        how += f", DDNM+ for input noise of std {noise:.2g}" + (" (8-bit rounding's)" if args.noise is None else "")
     if opts.travel_length > 1 or opts.travel_repeat > 1:
-        from ddpm.restoration import travel_moves
-
         evals = sum(q < p for p, q in travel_moves(T if steps is None else steps, opts.travel_length, opts.travel_repeat))
-        how += f" with time travel: {evals} network evaluations"
+        how += f", time travel: {evals} network evaluations"
     tail = "" if report.worst is None else \
         f"; max |A x - y| = {report.worst:.2e} before rounding to 8 bits (over the {report.restored} made now)"
     print(f"wrote {report.n} restored images ({task}, {how}) to {report.path}{tail}")
@@ -676,8 +680,10 @@ def build_parser() -> argparse.ArgumentParser:
                                              "when the run has fewer; a run trained on pairs: ancestral over every "
                                              "timestep, --steps K: DDIM on K)")
     r.add_argument("--eta", type=float, default=1.0, help="DDIM's eta of each step (1: q(x_s | x_t, x0), DDNM's)")
-    r.add_argument("--noise", type=float, default=0.0,
-                   help="std of the noise in the input, in [-1, 1] units (DDNM+; 0: exact consistency)")
+    r.add_argument("--noise", type=float,
+                   help="std of the noise in the input, in [-1, 1] units (DDNM+; 0: exact consistency). Default: "
+                        "for deblur the 8-bit rounding's, 0.0023, which the blur's inverse would amplify up to "
+                        "1000x; for the other tasks 0"),
     r.add_argument("--travel-length", type=int, default=1, help="time travel: jump back this many grid points")
     r.add_argument("--travel-repeat", type=int, default=1, help="time travel: walk each stretch this many times")
     r.add_argument("--consistent", action="store_true",

@@ -52,6 +52,22 @@ class Operator:
         """A+ A x [B, C, H, W]: the part of x that y = A x determines (the rest, x - project(x), is A's null space)."""
         return self.pinv(self.A(x))
 
+    # DDNM+'s hooks (`ddnm` with noisy y): the split of a step's noise, and the two uses of it. Here the noise of
+    # A+ y is counted as sigma_y per pixel, exact for A+ with orthogonal columns (sr, colorize, masks); `Blur`
+    # counts it per frequency.
+
+    def step_noise(self, sigma: float, c: float, sigma_y: float) -> StepNoise:
+        """`StepNoise` of a step with noise std `sigma` and x_0 coefficient `c` for y with noise std sigma_y."""
+        return step_noise(sigma, c, sigma_y)
+
+    def pinv_scaled(self, r: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
+        """A+ (lam r) for a residual r in y's space: lam * A+ r."""
+        return lam * self.pinv(r)
+
+    def shaped_noise(self, z: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
+        """The fresh noise of a step from white noise z [B, C, H, W]: gamma * z."""
+        return gamma * z
+
     def _check(self, x: torch.Tensor, shape: Shape, what: str) -> None:
         if x.ndim != 4 or tuple(x.shape[1:]) != tuple(shape):
             raise ValueError(f"{type(self).__name__}.{what} takes [B, {', '.join(map(str, shape))}]; "
@@ -122,6 +138,14 @@ class Mask(Operator):
 
 BLUR_SIGMA = 1.5  # the deblurring task's Gaussian std in pixels
 BLUR_CUTOFF = 1e-3  # frequencies whose gain is below this are treated as lost (below 8-bit levels after the blur)
+ROUNDING_STD = 2 / 255 / math.sqrt(12)  # 8-bit rounding's noise std in [-1, 1] units: uniform over one level
+
+
+def default_noise(task: Task | str) -> float:
+    """The sigma_y a restore assumes for 8-bit inputs of `task` unless told: the rounding's std for the blur,
+    whose A+ amplifies it up to 1 / cutoff times (measured on Fashion-MNIST: PSNR 14.3 dB at 0, 24.5 at this),
+    0 for the others, whose A+ does not amplify it (so their outputs keep A x = y exactly)."""
+    return ROUNDING_STD if parse_enum(Task, task, "task") is Task.DEBLUR else 0.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -172,6 +196,30 @@ class Blur(Operator):
 
     def degraded_shape(self, shape: Shape) -> Shape:
         return tuple(shape)
+
+    def step_noise(self, sigma: float, c: float, sigma_y: float) -> StepNoise:
+        """DDNM+'s split per frequency: white noise of std sigma_y in y is, in the orthonormal 2-D Fourier basis,
+        std sigma_y at every frequency f, and A+ multiplies it by K_pinv(f): up to 1 / cutoff = 1000 at the
+        frequencies the blur nearly removes. So lam(f) and gamma(f) are `step_noise`'s with sigma_y K_pinv(f) for
+        sigma_y: a frequency takes y's value only once the step's noise can hide what it brings. [H, W] tensors
+        (float64); noiseless y: the scalar split."""
+        if sigma_y <= 0:
+            return step_noise(sigma, c, sigma_y)
+        noise = c * sigma_y * self.K_pinv.abs()  # the x_0 correction's noise std per frequency at lam 1
+        lam = torch.where(noise > sigma, sigma / noise.clamp_min(1e-300), torch.ones_like(noise))
+        gamma = (sigma**2 - (lam * noise) ** 2).clamp_min(0).sqrt()
+        return StepNoise(lam=lam, gamma=gamma)
+
+    def pinv_scaled(self, r: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
+        if not isinstance(lam, torch.Tensor):
+            return super().pinv_scaled(r, lam)
+        self._check(r, self.shape, "pinv_scaled")
+        return self._filter(r, self.K_pinv * lam)
+
+    def shaped_noise(self, z: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
+        if not isinstance(gamma, torch.Tensor):
+            return super().shaped_noise(z, gamma)
+        return self._filter(z, gamma)  # gamma is even in f like K, so the filtered noise stays real
 
 
 MASKS = ("center", "half")  # the named masks of `named_mask`
@@ -260,8 +308,13 @@ class StepNoise:
     by lam so that the noise it brings, c lam sigma_y (c the step's coefficient of x_0), fits within the step's
     own noise sigma, and the fresh noise drawn is gamma = sqrt(sigma^2 - (c lam sigma_y)^2): the total stays sigma."""
 
-    lam: float  # lambda_t: 1 where sigma >= c sigma_y, else sigma / (c sigma_y)
-    gamma: float  # the std of the fresh noise drawn
+    lam: float | torch.Tensor  # lambda_t: 1 where sigma >= c sigma_y, else sigma / (c sigma_y); [H, W] per frequency
+    gamma: float | torch.Tensor  # the std of the fresh noise drawn (`Blur`: per frequency)
+
+    @property
+    def draws(self) -> bool:
+        """Whether the step draws fresh noise: gamma > 0 (anywhere)."""
+        return bool(torch.as_tensor(self.gamma).gt(0).any())
 
 
 def step_noise(sigma: float, c: float, sigma_y: float) -> StepNoise:
@@ -289,9 +342,10 @@ def ddnm(diffusion: GaussianDiffusion, model: Model, y: torch.Tensor, op: Operat
     DDIM's eq. 16 for `eta`: eta = 1 (the default) draws x_s from q(x_s | x_t, x0_c), the step of ancestral
     sampling with the posterior variance that DDNM takes; eta < 1 less noise (DDNM's code uses 0.85).
     Noiseless y (sigma_y 0): lam = 1 and gamma = sigma, and the output (x0_c of the last step) satisfies
-    A x = y to float precision. DDNM+ (sigma_y > 0): lam_t and gamma_t from `step_noise` (eq. 19), the noise
+    A x = y to float precision. DDNM+ (sigma_y > 0): lam_t and gamma_t from `op.step_noise` (eq. 19), the noise
     of A+ y counted as sigma_y per pixel (exact for sr, colorize and masks, whose A+ has orthogonal columns of
-    norm 1 up to the block size; approximate for the blur); at the last step sigma = 0, so lam = 0 there.
+    norm 1 up to the block size) or, for the blur, per frequency (`Blur.step_noise`: sigma_y times A+'s gain
+    there); at the last step sigma = 0, so lam = 0 there.
 
     Time travel (sec. 3.3): with travel_length L > 1 or travel_repeat r > 1, the grid is walked by
     `travel_moves`: at every L-th grid point x jumps back up L points with q(x_t' | x_t) =
@@ -319,12 +373,12 @@ def ddnm(diffusion: GaussianDiffusion, model: Model, y: torch.Tensor, op: Operat
         sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
         keep = math.sqrt(max(1 - a_s - sigma**2, 0.0))  # the coefficient of eps_c
         c = math.sqrt(a_s) - keep * math.sqrt(a_t / (1 - a_t))  # x_s's coefficient of x0_c (through eps_c too)
-        split = step_noise(sigma, c, sigma_y)
-        x0 = x0 - split.lam * op.pinv(op.A(x0) - y)  # the range of A+ A from y, its null space from the model
+        split = op.step_noise(sigma, c, sigma_y)
+        x0 = x0 - op.pinv_scaled(op.A(x0) - y, split.lam)  # the range of A+ A from y, its null space from the model
         if callback is not None:
             callback(t, x, x0)
         eps = diffusion.predict_eps_from_x0(x, tt, x0)
         x = math.sqrt(a_s) * x0 + keep * eps
-        if split.gamma > 0:
-            x = x + split.gamma * randn(tuple(x.shape), generator, x.device, x.dtype)
+        if split.draws:
+            x = x + op.shaped_noise(randn(tuple(x.shape), generator, x.device, x.dtype), split.gamma)
     return x
