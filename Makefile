@@ -23,7 +23,8 @@ demo: $(STAMP)
 	@echo "demo: run directory $(RUN) (config.json, checkpoints/, tb/, grids/), sample grid $(RUN)/samples.png"
 
 test: $(STAMP)
-	$(VPY) -m pytest -q tests
+	# two workers, one per core, each test file on one worker (its module fixtures built once)
+	$(VPY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: $(STAMP)
 	$(VPY) -m pip install -q ruff && $(VENV)/bin/ruff check src tests benchmarks
