@@ -207,7 +207,9 @@ def test_conditional_and_unconditional_commands_refuse_each_other(sr4_run, low, 
     code, err = _cli(base + ["--input", str(clean)], capsys)  # the clean 28x28 images, not the 7x7 inputs
     assert code == 2 and str(clean) in err and "[5, 28, 28, 1]" in err and "[N, 7, 7, 1]" in err
     code, err = _cli(base + ["--input", str(y_path), "--travel-repeat", "2"], capsys)
-    assert code == 2 and "--travel-repeat" in err and "DDNM" in err
+    assert code == 2 and "--travel-repeat" in err and "DDNM" in err and "--consistent" in err
+    code, err = _cli(base + ["--input", str(y_path), "--noise", "0.01"], capsys)
+    assert code == 2 and "--noise: DDNM's options" in err
     assert not (tmp_path / "x.npz").exists() and not (tmp_path / "x.npz.parts").exists()
 
 

@@ -416,7 +416,7 @@ def _restore(args: argparse.Namespace) -> int:
         if args.task is not None and args.task != trained:
             raise UsageError(f"--task {args.task}: --run {args.run} was trained on {trained} pairs (data.task) and "
                              f"restores {trained} inputs only (an unconditional run restores any task with DDNM)")
-        ddnm_only = [o for o, v, d in (("--noise", args.noise, None), ("--travel-length", args.travel_length, 1),
+        ddnm_only = [o for o, v, d in (("--noise", args.noise or 0.0, 0.0), ("--travel-length", args.travel_length, 1),
                                        ("--travel-repeat", args.travel_repeat, 1)) if v != d]
         if ddnm_only and not args.consistent:
             raise UsageError(f"{', '.join(ddnm_only)}: DDNM's options, for unconditional runs or with --consistent; "
