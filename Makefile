@@ -23,8 +23,7 @@ demo: $(STAMP)
 	@echo "demo: run directory $(RUN) (config.json, checkpoints/, tb/, grids/), sample grid $(RUN)/samples.png"
 
 test: $(STAMP)
-	# two workers, one per core, each test file on one worker (its module fixtures built once)
-	$(VPY) -m pytest -q -n 2 --dist loadfile tests
+	$(VPY) -m pytest -q tests
 
 lint: $(STAMP)
 	$(VPY) -m pip install -q ruff && $(VENV)/bin/ruff check src tests benchmarks
