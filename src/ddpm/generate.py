@@ -296,14 +296,13 @@ def restore_batch(run: Run, op: Operator, y: torch.Tensor, indices: range, seed:
     output agrees with y as an unconditional run's does), on `opts.steps` grid points (None: all T)."""
     gens = sample_generator(seed, "restore", indices, device)
     y = y.to(device)
+    model = run.conditioned(batch=y.shape[0]) if run.task is None else concatenated(run.model, condition(op, y))
     if run.task is None or opts.consistent:
-        model = run.conditioned(batch=y.shape[0]) if run.task is None else concatenated(run.model, condition(op, y))
         y = op.A(op.pinv(y))
         grid = timestep_grid(run.diffusion, opts.steps)
         x = ddnm(run.diffusion, model, y, op, grid, generator=gens, sigma_y=opts.sigma_y, eta=opts.eta,
                  travel_length=opts.travel_length, travel_repeat=opts.travel_repeat)
         return x, y
-    model = concatenated(run.model, condition(op, y))
     x_T = gens.randn((y.shape[0], *op.shape), device)
     if opts.steps is None:
         x = run_sampler("ancestral", run.diffusion, model, x_T, generator=gens)
