@@ -129,6 +129,28 @@ def test_digits_classifier_and_report():
     assert bad.ratio > 10 and bad.confident_fraction < 0.6 and sum(bad.class_histogram) == 400
 
 
+def test_the_digits_classifier_is_kept_on_disk_and_read_back_without_training(tmp_path, monkeypatch):
+    from ddpm.metrics import digits
+
+    test_images, _ = load_digits("test")
+    trained = digits.classifier()  # this process's (trained or read from the user's cache, held to golden values above)
+    monkeypatch.setattr(digits, "_fit", lambda *args: trained)
+    first = digits.build_classifier(tmp_path)
+    (saved,) = tmp_path.iterdir()
+    assert saved.name.startswith("classifier-") and saved.suffix == ".pt"
+    monkeypatch.setattr(digits, "_fit", lambda *args: pytest.fail("trained although the cache holds the weights"))
+    read = digits.build_classifier(tmp_path)
+    assert read is not trained and not read.training
+    x = test_images[:64].double() / 255
+    assert torch.equal(read.features(x), trained.features(x)) and torch.equal(read.head(read.features(x)),
+                                                                              first.head(first.features(x)))
+    saved.write_bytes(saved.read_bytes()[:100])  # damaged: rebuilt (by the stand-in) with a warning
+    monkeypatch.setattr(digits, "_fit", lambda *args: trained)
+    with pytest.warns(UserWarning, match="unreadable cached classifier"):
+        digits.build_classifier(tmp_path)
+    assert torch.equal(digits.build_classifier(tmp_path).features(x), trained.features(x))
+
+
 def test_digits_input_is_checked():
     from ddpm.metrics.digits import evaluate_digits
 

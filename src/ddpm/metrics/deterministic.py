@@ -5,6 +5,15 @@ stable)."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
+import json
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -39,3 +48,44 @@ def as_nchw_float(images, side: int, what: str) -> torch.Tensor:
     if x.ndim != 4 or tuple(x.shape[1:]) != (1, side, side):
         raise ValueError(f"{what} images must be [N, 1, {side}, {side}] or [N, {side}, {side}, 1]; got {tuple(x.shape)}")
     return x.to(torch.float64) / 255.0
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread inside: one summation order for every reduction whatever the core count, and on a
+    busy machine no second thread left waiting for a core (it measured 2-5x slower on the shared 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def weights_key(settings: dict, *tensors: torch.Tensor) -> str:
+    """A hash of a classifier's settings and of the training data it is built from (the decoded bytes)."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for t in tensors:
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def load_or_fit(path: Path, net: nn.Module, fit: Callable[[], nn.Module]) -> nn.Module:
+    """`net` with the weights of the file `path` when it is readable, else `fit()`'s network, written to `path`
+    (atomically: a concurrent build writes the same bytes); frozen in eval mode either way. A damaged file is
+    rebuilt with a warning, never trusted."""
+    if path.is_file():
+        try:
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return net.eval().requires_grad_(False)
+        except Exception as e:
+            warnings.warn(f"{path}: unreadable cached classifier ({e}); rebuilding it", stacklevel=3)
+    with one_thread(), torch.enable_grad():
+        net = fit()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()  # through a buffer, the archive names no temporary file: equal weights give equal bytes
+    torch.save(net.state_dict(), buf)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+    return net.eval().requires_grad_(False)

@@ -21,14 +21,8 @@ recall and Frechet distance do (benchmarks/RESULTS.md).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import hashlib
-import io
-import json
-import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +31,10 @@ import torch
 from torch import nn
 
 from ddpm.data import load_idx
-from ddpm.metrics.deterministic import as_nchw_float, init_default_scale
+from ddpm.metrics.deterministic import as_nchw_float, init_default_scale, load_or_fit, one_thread, weights_key
 from ddpm.metrics.frechet import feature_stats, frechet_distance
 from ddpm.metrics.manifold import K, precision_recall
+from ddpm.nn.fused import cache_dir as _cache_dir
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 CONFIDENT = 0.9  # a sample counts as confidently classified when its top class probability is at least this
@@ -112,59 +107,22 @@ def _fit(x: torch.Tensor, y: torch.Tensor, s: ClassifierSettings) -> _FashionNet
     return net
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """One intra-op thread inside: one summation order for every reduction whatever the core count, and on a
-    busy machine no second thread left waiting for a core (it measured 2-5x slower on the shared 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def cache_dir() -> Path:
     """Where the trained classifiers are kept: $DDPM_CACHE_DIR/fashion, else $XDG_CACHE_HOME/ddpm/fashion, else
     ~/.cache/ddpm/fashion (the kernels of ddpm.nn.fused live beside it)."""
-    if os.environ.get("DDPM_CACHE_DIR"):
-        return Path(os.environ["DDPM_CACHE_DIR"]) / "fashion"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ddpm" / "fashion"
-
-
-def _key(images: torch.Tensor, labels: torch.Tensor, s: ClassifierSettings) -> str:
-    """A hash of the settings and of the training data the classifier is built from."""
-    h = hashlib.sha256(json.dumps({"format": FORMAT, **dataclasses.asdict(s)}, sort_keys=True).encode())
-    h.update(images.contiguous().numpy().tobytes())
-    h.update(labels.contiguous().numpy().tobytes())
-    return h.hexdigest()[:24]
+    return _cache_dir("fashion")
 
 
 def build_classifier(data_dir: str | Path, settings: ClassifierSettings = SETTINGS,
                      cache: str | Path | None = None) -> _FashionNet:
     """The classifier for the Fashion-MNIST folder `data_dir`, frozen in eval mode: loaded from the cache
     folder (default `cache_dir()`) when it holds this key's file, else trained (float64, fixed seeds, one thread)
-    and written there (atomically: a concurrent build writes the same bytes)."""
+    and written there (`ddpm.metrics.deterministic.load_or_fit`)."""
     images, labels = load_idx(data_dir, "train")
-    path = Path(cache or cache_dir()) / f"classifier-{_key(images, labels, settings)}.pt"
-    net = _FashionNet(settings).double()
-    if path.is_file():
-        try:
-            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return net.eval().requires_grad_(False)
-        except Exception as e:  # a damaged cache file is rebuilt, never trusted
-            warnings.warn(f"{path}: unreadable cached classifier ({e}); rebuilding it", stacklevel=2)
+    key = weights_key({"format": FORMAT, **dataclasses.asdict(settings)}, images, labels)
     mine, _ = _split(len(images), settings)
-    with _one_thread(), torch.enable_grad():
-        net = _fit(as_nchw_float(images[mine], 28, "Fashion-MNIST"), labels[mine], settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()  # through a buffer, the archive names no temporary file: equal weights give equal bytes
-    torch.save(net.state_dict(), buf)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
-    return net.eval().requires_grad_(False)
+    return load_or_fit(Path(cache or cache_dir()) / f"classifier-{key}.pt", _FashionNet(settings).double(),
+                       lambda: _fit(as_nchw_float(images[mine], 28, "Fashion-MNIST"), labels[mine], settings))
 
 
 @functools.lru_cache(maxsize=2)
@@ -180,7 +138,7 @@ def fashion_outputs(images, net: _FashionNet) -> tuple[np.ndarray, np.ndarray]:
     assert not net.training
     x = as_nchw_float(images, 28, "Fashion-MNIST")
     feats, probs = [], []
-    with _one_thread():
+    with one_thread():
         for s in range(0, len(x), BATCH_EVAL):
             f = net.embed(x[s : s + BATCH_EVAL])
             feats.append(f)
