@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/oracle.py and other test
 # same kernels on every machine, as before the choice was measured; test_winograd covers the measured choice
 os.environ.setdefault("DDPM_WINOGRAD", "1")
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2` (by hand): one thread per worker, and
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test's `pytest -n 2`: one thread per worker, and
     os.environ["OMP_NUM_THREADS"] = "1"  # so the ddpm commands they start (a run trained in a subprocess must equal
     torch.set_num_threads(1)  # one trained in the test's process bit for bit: the same thread count, one sum order)
 

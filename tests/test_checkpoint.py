@@ -422,6 +422,7 @@ def zygote():
     z.close()
 
 
+@pytest.mark.alone  # beside a second xdist worker a killed child was once not reaped within 180 s (RESULTS)
 def test_kill_minus_nine_at_random_moments_never_loses_a_completed_checkpoint(tmp_path, zygote):
     root = tmp_path / "ckpts"
     rng = random.Random(0)
@@ -447,6 +448,7 @@ def test_kill_minus_nine_at_random_moments_never_loses_a_completed_checkpoint(tm
     assert mid_save >= 1  # some kills did land inside a save, leaving its temp folder behind
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("resave", [False, True], ids=["new-step", "same-step"])
 def test_kill_minus_nine_at_every_step_of_a_save(tmp_path, zygote, resave):
     """SIGKILL before each fsync, rename and folder deletion of a save in turn, with keep=1 (the old checkpoint
