@@ -41,7 +41,8 @@ for churn in (10, 40):
 
 
 def cpu() -> str:
-    """lscpu's model name and which of FLAGS it lists, e.g. "AMD EPYC, 2 CPUs (avx2 avx512f avx512_bf16)"."""
+    """lscpu's model name, family and model (three machines have all been "AMD EPYC") and which of FLAGS it
+    lists, e.g. "AMD EPYC family 26 model 2, 2 CPUs (avx2 avx512f avx512_bf16)"."""
     try:
         info = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True,
                                                                     check=True).stdout.splitlines() if ":" in line)
@@ -49,6 +50,8 @@ def cpu() -> str:
         return "unknown CPU (no lscpu)"
     flags = set(info.get("Flags", "").split())
     model = info.get("Model name", "?").strip()
+    if info.get("CPU family") and info.get("Model"):
+        model += f" family {info['CPU family'].strip()} model {info['Model'].strip()}"
     return f"{model}, {info.get('CPU(s)', '?').strip()} CPUs ({' '.join(f for f in FLAGS if f in flags) or 'no AVX2'})"
 
 
