@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +270,34 @@ def test_the_evaluation_scores_real_images_near_the_floor_and_noise_far_from_it(
     report = json.loads((tmp_path / "eval" / "fid_fashion.json").read_text())
     assert report["n"] == 100 and report["ratio"] < 1.5 and len(report["class_histogram"]) == 10
     assert Image.open(tmp_path / "eval" / "fid_fashion.png").size == (8 * 56 + 9 * 2,) * 2
+
+
+_RACE = """
+import sys, time, dataclasses
+from ddpm.metrics import fashion
+fit = fashion._fit
+def counted(*a):
+    print("trained", flush=True)
+    return fit(*a)
+fashion._fit = counted
+print("ready", flush=True)
+while time.time() < float(sys.argv[3]):  # both processes start building at the same moment
+    time.sleep(0.01)
+fashion.build_classifier(sys.argv[1], dataclasses.replace(fashion.SETTINGS, n_train=500, epochs=1), sys.argv[2])
+"""
+
+
+@needs_fashion
+def test_two_processes_that_need_the_classifier_at_once_train_it_once(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    start = time.time() + 5  # after both have imported torch (about 2 s each)
+    procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(FASHION), str(tmp_path / "c"), str(start)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    assert all("ready" in o for o, _ in outs)
+    assert sum(o.split().count("trained") for o, _ in outs) == 1  # the second waited on the lock, then read
+    assert len(list((tmp_path / "c").iterdir())) == 1
 
 
 _BUILD = """

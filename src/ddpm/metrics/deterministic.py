@@ -70,22 +70,41 @@ def weights_key(settings: dict, *tensors: torch.Tensor) -> str:
     return h.hexdigest()[:24]
 
 
+@contextlib.contextmanager
+def _exclusive(folder: Path):
+    """An exclusive lock on the folder (flock on its descriptor, where the platform has it; no file is added):
+    two processes that need a classifier at once (two test workers, two evaluations) train it once, and the
+    second reads the first's file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, at worst two builds that write the same bytes
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def load_or_fit(path: Path, net: nn.Module, fit: Callable[[], nn.Module]) -> nn.Module:
     """`net` with the weights of the file `path` when it is readable, else `fit()`'s network, written to `path`
-    (atomically: a concurrent build writes the same bytes); frozen in eval mode either way. A damaged file is
-    rebuilt with a warning, never trusted."""
-    if path.is_file():
-        try:
-            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return net.eval().requires_grad_(False)
-        except Exception as e:
-            warnings.warn(f"{path}: unreadable cached classifier ({e}); rebuilding it", stacklevel=3)
-    with one_thread(), torch.enable_grad():
-        net = fit()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()  # through a buffer, the archive names no temporary file: equal weights give equal bytes
-    torch.save(net.state_dict(), buf)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    (atomically, under a lock that a concurrent build waits on); frozen in eval mode either way. A damaged file
+    is rebuilt with a warning, never trusted."""
+    with _exclusive(path.parent):
+        if path.is_file():
+            try:
+                net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                return net.eval().requires_grad_(False)
+            except Exception as e:
+                warnings.warn(f"{path}: unreadable cached classifier ({e}); rebuilding it", stacklevel=4)
+        with one_thread(), torch.enable_grad():
+            net = fit()
+        buf = io.BytesIO()  # through a buffer, the archive names no temporary file: equal weights give equal bytes
+        torch.save(net.state_dict(), buf)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, path)
     return net.eval().requires_grad_(False)
