@@ -6,6 +6,7 @@ stable)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -72,15 +73,10 @@ def weights_key(settings: dict, *tensors: torch.Tensor) -> str:
 
 @contextlib.contextmanager
 def _exclusive(folder: Path):
-    """An exclusive lock on the folder (flock on its descriptor, where the platform has it; no file is added):
-    two processes that need a classifier at once (two test workers, two evaluations) train it once, and the
-    second reads the first's file."""
+    """An exclusive lock on the folder (flock on its descriptor, as `ddpm.lock` takes its locks; no file is
+    added): two processes that need a classifier at once (two test workers, two evaluations) train it once, and
+    the second reads the first's file."""
     folder.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, at worst two builds that write the same bytes
-        yield
-        return
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -99,7 +95,7 @@ def load_or_fit(path: Path, net: nn.Module, fit: Callable[[], nn.Module]) -> nn.
                 net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
                 return net.eval().requires_grad_(False)
             except Exception as e:
-                warnings.warn(f"{path}: unreadable cached classifier ({e}); rebuilding it", stacklevel=4)
+                warnings.warn(f"{path}: unreadable cached classifier ({e}); rebuilding it", stacklevel=3)  # the caller of build_classifier
         with one_thread(), torch.enable_grad():
             net = fit()
         buf = io.BytesIO()  # through a buffer, the archive names no temporary file: equal weights give equal bytes
