@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -77,3 +78,12 @@ def default_batch_size(pixels: int, device="cpu", threads: int | None = None) ->
     else:
         want, top = 1 << 18, 256
     return int(min(top, max(64, 2 ** round(math.log2(max(want / max(pixels, 1), 1))))))
+
+
+def cache_dir(name: str = "kernels") -> Path:
+    """`$DDPM_CACHE_DIR/<name>`, else `~/.cache/ddpm/<name>` (XDG_CACHE_HOME honoured): what ddpm keeps per machine
+    (`ddpm.nn.fused`'s kernel builds, `ddpm.nn.winograd`'s measurements, the feature classifiers' weights)."""
+    if os.environ.get("DDPM_CACHE_DIR"):
+        return Path(os.environ["DDPM_CACHE_DIR"]) / name
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ddpm" / name

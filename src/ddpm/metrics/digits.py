@@ -23,7 +23,7 @@ from torch import nn
 from ddpm.data import load_digits
 from ddpm.metrics.deterministic import as_nchw_float, init_default_scale, load_or_fit, weights_key
 from ddpm.metrics.frechet import feature_stats, frechet_distance
-from ddpm.nn.fused import cache_dir as _cache_dir
+from ddpm.runtime import cache_dir as _cache_dir
 
 CONFIDENT = 0.9  # a sample counts as confidently classified when its top class probability is at least this
 FEATURE_DIM = 128  # width of the hidden layer whose activations are the Frechet features

@@ -34,7 +34,7 @@ from ddpm.data import load_idx
 from ddpm.metrics.deterministic import as_nchw_float, init_default_scale, load_or_fit, one_thread, weights_key
 from ddpm.metrics.frechet import feature_stats, frechet_distance
 from ddpm.metrics.manifold import K, precision_recall
-from ddpm.nn.fused import cache_dir as _cache_dir
+from ddpm.runtime import cache_dir as _cache_dir
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 CONFIDENT = 0.9  # a sample counts as confidently classified when its top class probability is at least this

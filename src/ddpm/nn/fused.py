@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm.runtime import cache_dir
+
 _SOURCE = Path(__file__).with_name("_fused_cpu.c")
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 # ATEN_CPU_CAPABILITY (torch's own switch) holding torch's kernels below the machine's instruction set holds
@@ -75,15 +77,6 @@ _ERRORS = {-1: "arguments refused", -2: "out of memory for its buffers"}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
-
-
-def cache_dir(name: str = "kernels") -> Path:
-    """`$DDPM_CACHE_DIR/<name>`, else `~/.cache/ddpm/<name>` (XDG_CACHE_HOME honoured): what the CPU kernels
-    keep per machine (this kernel's builds; `ddpm.nn.winograd`'s measurements)."""
-    if os.environ.get("DDPM_CACHE_DIR"):
-        return Path(os.environ["DDPM_CACHE_DIR"]) / name
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ddpm" / name
 
 
 @functools.cache

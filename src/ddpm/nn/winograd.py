@@ -13,7 +13,7 @@ direct kernel on oneDNN, and their ratio moved from 1.2-1.7x per layer on an Int
 an AMD EPYC with AVX-512 (MKL's AMD path reached 190 GFLOP/s there, oneDNN's convolution 540) and back to
 1.3-1.8x with oneDNN held to AVX2 on that EPYC (benchmarks/RESULTS.md). So `pays` times both kernels once per
 machine on the paper's network's widest layers, one per resolution, for training and for inference, and keeps
-the answer on disk (`ddpm.nn.fused.cache_dir("winograd")`, keyed by the CPU's flags, torch's version, the
+the answer on disk (`ddpm.runtime.cache_dir("winograd")`, keyed by the CPU's flags, torch's version, the
 thread count and the instruction-set switches), so that every process on the machine runs the same kernels.
 `DDPM_WINOGRAD=1` or `0` decides without measuring.
 """
@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import cache_dir, cpu_key
+from ddpm.runtime import cache_dir
+
+from .fused import cpu_key
 
 _BT = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
        [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
