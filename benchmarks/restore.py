@@ -4,7 +4,7 @@ step counts, and models trained on pairs (`ddpm train --task`), scored against t
 
     .venv/bin/python benchmarks/restore.py --run RUN [--cond sr4=RUN_SR4 ...] [--n 500] [--steps 20 100]
         [--long-n 200 --long-steps 1000 --long-tasks sr4 inpaint-center] [--tasks sr4 sr2 inpaint-center inpaint-half deblur]
-        [--sigma-y 0.0023] [--travel L R] [--cond-consistent] [--out benchmarks/out/restore]
+        [--sigma-y 0.0023] [--travel L R] [--heun 25 50 --heun-churn 10] [--cond-consistent] [--out benchmarks/out/restore]
         [--data /usr/share/datasets/fashion-mnist]
 
 The images: the first --n of the 10,000 test images (the same for every method). Per method:
@@ -97,6 +97,11 @@ def main() -> int:
                    help="also each model trained on pairs with DDNM's steps (ddpm restore --consistent)")
     p.add_argument("--travel", type=int, nargs=2, metavar=("L", "R"),
                    help="also DDNM with time travel (length L, repeat R) at every --steps")
+    p.add_argument("--heun", type=int, nargs="*", default=[],
+                   help="also DDNM in EDM's Heun sampler (ddpm restore --sampler heun) on these many grid points "
+                        "(2 x points - 1 network evaluations)")
+    p.add_argument("--heun-churn", type=float, nargs="*", default=[10.0],
+                   help="its S_churn values (S_tmin 0.05, S_tmax 50, S_noise 1.003, as benchmarks/fashion.py)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--n", type=int, default=500, help="test images per method")
     p.add_argument("--steps", type=int, nargs="*", default=[20, 100], help="DDNM step counts on all --n images")
@@ -142,6 +147,12 @@ def main() -> int:
             methods.append((f"DDNM, {k} steps, time travel L {args.travel[0]} r {args.travel[1]}", args.n,
                             lambda k=k, op=op, y=y: restore(run, op, y, k, args.batch_size,
                                                             travel_length=args.travel[0], travel_repeat=args.travel[1])))
+        for k in args.heun:
+            for churn in args.heun_churn:
+                churned = {"S_churn": churn, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003} if churn else {}
+                methods.append((f"DDNM in Heun's sampler, {k} points ({2 * k - 1} evaluations), S_churn {churn:g}",
+                                args.n, lambda k=k, op=op, y=y, o=churned: restore(
+                                    run, op, y, k, args.batch_size, sampler="heun", sampler_options=o)))
         for k in args.long_steps if task in args.long_tasks else []:
             methods.append((f"DDNM, {k} steps (first {args.long_n})", args.long_n,
                             lambda k=k, op=op, y=y: restore(run, op, y[: args.long_n], k, args.batch_size)))

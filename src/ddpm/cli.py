@@ -70,16 +70,22 @@ def _run_dir(path: str, option: str = "--run") -> Path:
     return p
 
 
+def _parse_sampler_options(items: list[str] | None) -> dict[str, float]:
+    """--sampler-option NAME=NUMBER (repeatable) as {NAME: NUMBER}."""
+    options = {}
+    for item in items or []:
+        name, _, value = item.partition("=")
+        try:
+            options[name.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f"--sampler-option takes NAME=NUMBER, e.g. S_churn=40; got {item!r}") from None
+    return options
+
+
 def _sample_options(args: argparse.Namespace):
     from ddpm.generate import SampleOptions
 
-    extra = {}
-    for item in args.sampler_option or []:
-        name, _, value = item.partition("=")
-        try:
-            extra[name.strip()] = float(value)
-        except ValueError:
-            raise UsageError(f"--sampler-option takes NAME=NUMBER, e.g. S_churn=40; got {item!r}") from None
+    extra = _parse_sampler_options(args.sampler_option)
     return SampleOptions(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
                          class_label=getattr(args, "class_label", None), guidance=getattr(args, "guidance", 1.0),
                          compile=args.compile, precision=args.precision, extra=extra)
@@ -389,6 +395,29 @@ def _degrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _restore_sampler_options(args: argparse.Namespace) -> dict:
+    """`ddpm restore`'s --sampler-option NAME=NUMBER as heun's options, refusing them for DDNM's own steps and
+    refusing time travel with heun (usage errors naming the option)."""
+    from ddpm.sampling import check_sampler
+
+    options = _parse_sampler_options(args.sampler_option)
+    if args.sampler != "heun":
+        if options:
+            raise UsageError(f"--sampler-option {', '.join(options)}: options of --sampler heun (S_churn, S_tmin, "
+                             "S_tmax, S_noise); DDNM's own steps take --eta")
+        return options
+    try:
+        check_sampler("heun", options=options)
+    except ValueError as e:
+        raise UsageError(f"--sampler-option: {e}") from None
+    travel = [o for o, v in (("--travel-length", args.travel_length), ("--travel-repeat", args.travel_repeat)) if v != 1]
+    if travel:
+        raise UsageError(f"{', '.join(travel)}: time travel runs on DDNM's own steps (--sampler ddim), not heun")
+    if args.steps is not None and args.steps < 2:
+        raise UsageError(f"--steps {args.steps}: --sampler heun needs 2 or more grid points")
+    return options
+
+
 def _restore(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args.run)
     src = _need_file(args.input, "--input", "degraded images: a PNG, a folder of PNGs or an .npz of uint8 "
@@ -400,6 +429,7 @@ def _restore(args: argparse.Namespace) -> int:
             raise UsageError(f"{name} must be >= 1; got {v}")
     if args.noise is not None and args.noise < 0:
         raise UsageError(f"--noise must be >= 0; got {args.noise}")
+    sampler_options = _restore_sampler_options(args)
     from ddpm.config import Config
 
     cfg = Config.load(run_dir / "config.json")
@@ -442,13 +472,26 @@ def _restore(args: argparse.Namespace) -> int:
 
     ddnm_steps = trained is None or args.consistent
     noise = (default_noise(task) if args.noise is None else args.noise) if ddnm_steps else 0.0
+    heun = args.sampler == "heun"
+    if heun:
+        if noise > 0:
+            why = f"--noise {noise:.2g}" if args.noise is not None else \
+                f"--task {task} assumes the 8-bit rounding's noise ({noise:.2g}; --noise 0 to take y as exact)"
+            raise UsageError(f"--sampler heun takes noiseless inputs only, and {why}: DDNM+ for noisy inputs "
+                             "runs on DDNM's own steps (--sampler ddim)")
+        steps = args.steps if args.steps is not None else 50
     opts = RestoreOptions(steps=steps, eta=args.eta, sigma_y=noise, travel_length=args.travel_length,
-                          travel_repeat=args.travel_repeat, consistent=args.consistent and trained is not None)
+                          travel_repeat=args.travel_repeat, consistent=args.consistent and trained is not None,
+                          sampler=args.sampler, sampler_options=sampler_options)
     report = restore_to_file(run, op, images, out, seed=args.seed, batch_size=_batch_size(args, run, device),
                              opts=opts, device=device, progress=not args.quiet)
     how = f"DDNM, {steps} steps" if trained is None else \
         f"conditional with DDNM's steps, {T if steps is None else steps} steps" if args.consistent else \
         f"conditional, {'ancestral, ' + str(T) if steps is None else 'DDIM, ' + str(steps)} steps"
+    if heun:
+        churn = "".join(f", {k} {v:g}" for k, v in sampler_options.items())
+        how = ("DDNM" if trained is None else "conditional with DDNM's projection" if args.consistent else "conditional") \
+            + f" in Heun's sampler, {steps} grid points ({2 * steps - 1} network evaluations{churn})"
     if noise > 0:
         how += f", DDNM+ for input noise of std {noise:.2g}" + (" (8-bit rounding's)" if args.noise is None else "")
     if opts.travel_length > 1 or opts.travel_repeat > 1:
@@ -679,6 +722,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, help="network evaluations (uniform grid; default: 100, or every timestep "
                                              "when the run has fewer; a run trained on pairs: ancestral over every "
                                              "timestep, --steps K: DDIM on K)")
+    r.add_argument("--sampler", default="ddim", choices=("ddim", "heun"),
+                   help="ddim: DDNM's own steps (with --eta, --noise and time travel); heun: DDNM's projection inside "
+                        "EDM's Heun sampler on its Karras grid, --steps grid points (default 50) costing 2 x steps "
+                        "- 1 network evaluations, noiseless inputs only")
+    r.add_argument("--sampler-option", action="append", metavar="NAME=NUMBER",
+                   help="an option of --sampler heun: S_churn=10, S_tmin, S_tmax, S_noise (repeatable)")
     r.add_argument("--eta", type=float, default=1.0, help="DDIM's eta of each step (1: q(x_s | x_t, x0), DDNM's)")
     r.add_argument("--noise", type=float,
                    help="std of the noise in the input, in [-1, 1] units (DDNM+; 0: exact consistency). Default: "

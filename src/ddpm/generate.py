@@ -32,7 +32,7 @@ from ddpm.conditional import concatenated, condition
 from ddpm.data import to_model_range
 from ddpm.images import save_grid, to_nhwc_uint8
 from ddpm.nn.compiled import compile_network
-from ddpm.restoration import Operator, ddnm
+from ddpm.restoration import Operator, ddnm, ddnm_heun
 from ddpm.run import DistInfo, Run, amp_dtype, lock_for_writing, sample_generator
 from ddpm.sampling import check_sampler, run_sampler, timestep_grid
 
@@ -273,6 +273,8 @@ class RestoreOptions:
     travel_length: int = 1  # DDNM's time travel (DDNM's steps only)
     travel_repeat: int = 1
     consistent: bool = False  # a run trained on pairs: DDNM's steps with its network, A x = y (unconditional: always)
+    sampler: str = "ddim"  # ddim (DDNM's own steps, with eta) or heun (EDM's, 2 steps - 1 evaluations; noiseless y)
+    sampler_options: dict = field(default_factory=dict)  # heun's S_churn, S_tmin, S_tmax, S_noise
 
 
 @dataclass
@@ -293,18 +295,25 @@ def restore_batch(run: Run, op: Operator, y: torch.Tensor, indices: range, seed:
     image's lost frequencies). A run trained on pairs (`Run.task`): its network with the condition of y
     concatenated at every call (`ddpm.conditional`), ancestral over all T (steps None) or DDIM with eta; with
     `opts.consistent`, DDNM's steps with that network (every step's x0 projected onto A x = A A+ y, so the
-    output agrees with y as an unconditional run's does), on `opts.steps` grid points (None: all T)."""
+    output agrees with y as an unconditional run's does), on `opts.steps` grid points (None: all T).
+    `opts.sampler` heun: the same projection inside EDM's Heun sampler (`ddnm_heun`) on its Karras grid of
+    `opts.steps` points, or for a run trained on pairs without `consistent`, that sampler with the condition."""
     gens = sample_generator(seed, "restore", indices, device)
     y = y.to(device)
     model = run.conditioned(batch=y.shape[0]) if run.task is None else concatenated(run.model, condition(op, y))
     if run.task is None or opts.consistent:
         y = op.A(op.pinv(y))
+        if opts.sampler == "heun":
+            grid = timestep_grid(run.diffusion, opts.steps, "karras")
+            return ddnm_heun(run.diffusion, model, y, op, grid, generator=gens, **opts.sampler_options), y
         grid = timestep_grid(run.diffusion, opts.steps)
         x = ddnm(run.diffusion, model, y, op, grid, generator=gens, sigma_y=opts.sigma_y, eta=opts.eta,
                  travel_length=opts.travel_length, travel_repeat=opts.travel_repeat)
         return x, y
     x_T = gens.randn((y.shape[0], *op.shape), device)
-    if opts.steps is None:
+    if opts.sampler == "heun":
+        x = run_sampler("heun", run.diffusion, model, x_T, steps=opts.steps, generator=gens, **opts.sampler_options)
+    elif opts.steps is None:
         x = run_sampler("ancestral", run.diffusion, model, x_T, generator=gens)
     else:
         x = run_sampler("ddim", run.diffusion, model, x_T, steps=opts.steps, eta=opts.eta, generator=gens)

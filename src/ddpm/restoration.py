@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ddpm.diffusion import GaussianDiffusion, Generator, Model, randn
 from ddpm.modes import Task, parse_enum
-from ddpm.sampling import Callback, _abar, _full, _progress
+from ddpm.sampling import Callback, _abar, _full, _progress, heun
 
 Shape = tuple[int, int, int]  # (C, H, W) of one image
 
@@ -382,3 +382,26 @@ def ddnm(diffusion: GaussianDiffusion, model: Model, y: torch.Tensor, op: Operat
         if split.draws:
             x = x + op.shaped_noise(randn(tuple(x.shape), generator, x.device, x.dtype), split.gamma)
     return x
+
+
+def ddnm_heun(diffusion: GaussianDiffusion, model: Model, y: torch.Tensor, op: Operator, timesteps: list[int], *,
+              generator: Generator = None, clip_denoised: bool = True, progress: bool = False,
+              callback: Callback | None = None, S_churn: float = 0.0, S_tmin: float = 0.0, S_tmax: float = math.inf,
+              S_noise: float = 1.0, x_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Restore x [B, C, H, W] from noiseless y = A x [B, *op.degraded_shape]: DDNM's null-space step inside EDM's
+    Heun sampler with churn (`ddpm.sampling.heun`) instead of DDIM's step.
+
+    Every denoiser output D of the sampler (both evaluations of each step) is replaced by its projection onto
+    A x = y, D' = D - A+ (A D - y) = A+ y + (I - A+ A) D (DDNM eq. 13 with lam = 1), and d = (x~ - D') / sigma is
+    formed from it; the last step returns D', so the output satisfies A x = y to float precision. The null-space
+    part follows the unconditional sampler: with an isotropic prior's Bayes denoiser it is exactly the
+    unconditional Heun output's. K = len(timesteps) grid points cost 2K - 1 network evaluations, with EDM's
+    churn options as `heun` takes them. Noisy y (DDNM+) and time travel belong to `ddnm`'s DDIM steps only.
+    x_T defaults to N(0, I) noise shaped like A+ y."""
+    expected = (y.shape[0], *op.degraded_shape(op.shape))
+    if tuple(y.shape) != expected:
+        raise ValueError(f"y must be {list(expected)} for this operator; got {list(y.shape)}")
+    x = randn(tuple(y.shape[:1]) + tuple(op.shape), generator, y.device, y.dtype) if x_T is None else x_T
+    return heun(diffusion, model, x, timesteps, generator=generator, clip_denoised=clip_denoised, progress=progress,
+                callback=callback, S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise,
+                denoised_fn=lambda x0: x0 - op.pinv(op.A(x0) - y))

@@ -313,7 +313,7 @@ def dpmpp2m(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, times
 def heun(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, timesteps: list[int], *,
          generator: Generator = None, clip_denoised: bool = True, progress: bool = False,
          callback: Callback | None = None, S_churn: float = 0.0, S_tmin: float = 0.0, S_tmax: float = math.inf,
-         S_noise: float = 1.0) -> torch.Tensor:
+         S_noise: float = 1.0, denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """EDM's second-order sampler with churn (Karras et al. 2022, Algorithm 2) on this discrete VP schedule.
 
     In EDM's variables sigma_t = sqrt((1 - abar_t) / abar_t) and x~ = x_t / sqrt(abar_t); the denoiser
@@ -329,7 +329,11 @@ def heun(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, timestep
     second one of each step at the next grid point (EDM's 18 steps are 35). The defaults (S_churn 0) are the
     deterministic Heun sampler, which draws no noise. With zero terminal SNR sigma_T = inf: no churn there,
     and its step, x_{i+1} = D + sigma_{i+1} d (line 9 rewritten, finite), stays first order (2K - 2 evaluations).
-    Its default grid is EDM's (`karras_subset`)."""
+    Its default grid is EDM's (`karras_subset`).
+
+    `denoised_fn(D)`, when given, replaces every denoiser output D (both evaluations of a step) before d is
+    formed from it, d = (x~ - D') / sigma: the hook of a projection such as DDNM's onto A x = y
+    (`ddpm.restoration.ddnm_heun`). The last step returns D' itself."""
     kept = list(timesteps)
     K = len(kept)
     log_sigma = 0.5 * torch.log((1 - diffusion.alphas_cumprod) / diffusion.alphas_cumprod)  # [T], inf at abar = 0
@@ -347,12 +351,17 @@ def heun(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, timestep
             x_tilde = x / math.sqrt(_abar(diffusion, t)) + math.sqrt(sigma_hat**2 - sigma_t**2) * S_noise * z
             x = x_tilde * math.sqrt(_abar(diffusion, t_hat))
         d, denoised = _eps_and_x0(diffusion, model, x, _full(x, t_hat), clip_denoised)  # line 8
+        if denoised_fn is not None:
+            denoised = denoised_fn(denoised)
+            d = diffusion.predict_eps_from_x0(x, _full(x, t_hat), denoised)
         if callback is not None:
             callback(t_hat, x, denoised)
         x_next = denoised + sigma_s * d  # line 9, x^ + (sigma_{i+1} - sigma^) d with x^ = D + sigma^ d
         if sigma_s > 0 and math.isfinite(sigma_hat):  # lines 10-12: the second evaluation, at the next grid point
-            d_next, _ = _eps_and_x0(diffusion, model, x_next * math.sqrt(_abar(diffusion, s)), _full(x, s),
-                                    clip_denoised)
+            x_s = x_next * math.sqrt(_abar(diffusion, s))
+            d_next, denoised_next = _eps_and_x0(diffusion, model, x_s, _full(x, s), clip_denoised)
+            if denoised_fn is not None:
+                d_next = diffusion.predict_eps_from_x0(x_s, _full(x, s), denoised_fn(denoised_next))
             x_next = x / math.sqrt(_abar(diffusion, t_hat)) + (sigma_s - sigma_hat) * (d + d_next) / 2
         x = x_next * math.sqrt(_abar(diffusion, s))  # back to the model's scaling at s (the data itself at s = -1)
     return x
