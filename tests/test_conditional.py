@@ -176,17 +176,21 @@ def test_restore_with_a_conditional_run(sr4_run, low, tmp_path, capsys):
     code, err = _cli(["restore", "--run", str(sr4_run), "--input", str(y_path), "--out", str(ddim), "--steps", "5",
                       "--quiet"], capsys)
     assert code == 0 and "DDIM, 5 steps" in err and np.load(ddim)["arr_0"].shape == (5, 28, 28, 1)
-    worst = {}
+    worst, said = {}, {}
     for name, extra in (("ddim", []), ("consistent", ["--consistent"]),
-                        ("travel", ["--consistent", "--travel-length", "2", "--travel-repeat", "2"])):
+                        ("travel", ["--consistent", "--travel-length", "2", "--travel-repeat", "2"]),
+                        ("heun", ["--sampler", "heun"]), ("heun-consistent", ["--sampler", "heun", "--consistent"])):
         code, err = _cli(["restore", "--run", str(sr4_run), "--input", str(y_path), "--out", str(tmp_path / f"{name}.npz"),
                           "--steps", "5", "--quiet", *extra], capsys)
         assert code == 0, err
-        worst[name] = float(re.search(r"max \|A x - y\| = (\S+) before", err).group(1))
+        worst[name], said[name] = float(re.search(r"max \|A x - y\| = (\S+) before", err).group(1)), err
     # DDNM's steps with the pairs-trained network: its output agrees with y (A x = y) to float precision; its
     # plain DDIM samples do not (after 4 steps of training they hardly look at the condition)
-    assert "conditional with DDNM's steps, 5 steps, time travel: 7 network evaluations" in err
-    assert worst["consistent"] < 1e-5 and worst["travel"] < 1e-5 and worst["ddim"] > 1e-2, worst
+    assert "conditional with DDNM's steps, 5 steps, time travel: 7 network evaluations" in said["travel"]
+    assert "conditional in Heun's sampler, 5 grid points (9 network evaluations)" in said["heun"]
+    assert "conditional with DDNM's projection in Heun's sampler, 5 grid points" in said["heun-consistent"]
+    assert worst["consistent"] < 1e-5 and worst["travel"] < 1e-5 and worst["heun-consistent"] < 1e-5, worst
+    assert worst["ddim"] > 1e-2 and worst["heun"] > 1e-2, worst
 
 
 def test_conditional_and_unconditional_commands_refuse_each_other(sr4_run, low, tmp_path, capsys):
