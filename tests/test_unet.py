@@ -8,6 +8,7 @@ import torch
 
 from ddpm.config import ConfigError, ModelConfig, preset, validate
 from ddpm.nn import UNet, timestep_embedding
+from ddpm.nn.imageconv import ImageConv3x3
 from ddpm.nn.unet import AttnBlock
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
@@ -95,6 +96,51 @@ def test_attention_is_the_single_head_formula():
     w = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(32), dim=-1)  # [B, HW_q, HW_k]
     a = torch.einsum("bij,bcj->bci", w, v).reshape(2, 32, 4, 5)
     torch.testing.assert_close(attn(x), x + attn.proj_out(a), rtol=1e-12, atol=1e-12)
+    # a channels-last input takes the matrix products on its [B, HW, C] memory: the same formula, that layout out
+    out = attn(x.contiguous(memory_format=torch.channels_last))
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    torch.testing.assert_close(out, x + attn.proj_out(a), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("in_ch, out_ch", [(32, 1), (64, 3), (16, 8), (3, 32)])
+def test_image_convolution_is_conv2d_forward_and_backward(in_ch, out_ch):
+    conv = ImageConv3x3(in_ch, out_ch).double()
+    ref = torch.nn.Conv2d(in_ch, out_ch, 3, padding=1).double()
+    ref.load_state_dict(conv.state_dict())
+    assert conv._applies(torch.zeros(1, in_ch, 4, 4)) == (out_ch <= 8 < in_ch)  # float32: few outputs only
+    conv._applies = lambda x: out_ch <= 8 < in_ch  # float64 too, for the comparison at 1e-12
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, in_ch, 5, 7, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+        g = torch.randn(2, out_ch, 5, 7, dtype=torch.float64)
+        outs = []
+        for m in (conv, ref):
+            m.zero_grad()
+            x.grad = None
+            y = m(x)
+            y.backward(g)
+            outs.append((y, x.grad, m.weight.grad, m.bias.grad))
+        for a, b in zip(*outs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    x = torch.randn(3, in_ch, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 as nn.Conv2d answers it, to bf16's rounding
+        y, y_ref = conv.float()(x), ref.float()(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.05, atol=0.05)
+
+
+def test_a_one_channel_image_enters_the_network_channels_last():
+    torch.manual_seed(2)
+    net = _randomise(_tiny(), std=0.1)
+    plain = _tiny(channels_last=False)
+    plain.load_state_dict(net.state_dict())
+    layouts = []
+    net.conv_in.register_forward_hook(lambda m, args, out: layouts.append(
+        (args[0].stride(1), out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous())))
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999])
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x, t), plain(x, t), rtol=1e-5, atol=1e-5)
+    # channel stride 1: oneDNN reads it as NHWC and answers channels-last (with the contiguous strides: NCHW)
+    assert layouts == [(1, True)]
 
 
 def test_output_channels_and_class_embedding():

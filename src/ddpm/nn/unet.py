@@ -18,6 +18,7 @@ from torch import nn
 from ddpm.config import ModelConfig, check_model
 
 from .fused import group_norm_act
+from .imageconv import ImageConv3x3
 from .winograd import Conv3x3
 
 
@@ -37,6 +38,18 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x in the channels-last layout, which every later layer keeps. A one-channel tensor's strides fit both
+    layouts, and torch keeps the contiguous ones: oneDNN then reads it as NCHW, answers with a contiguous output
+    and runs conv_in slower (1.4 against 0.93 ms for the fashion network's at batch 64 in a warm process, 5.7
+    against 0.94 in a fresh one; benchmarks/RESULTS.md). Its channel stride set to 1 makes it channels-last
+    unambiguously: the same memory, the same values."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    if x.shape[1] == 1 and x.stride(1) != 1:
+        x = x.as_strided(x.shape, (x.stride(0), 1, x.stride(2), x.stride(3)))
+    return x
 
 
 class ResnetBlock(nn.Module):
@@ -83,6 +96,17 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = group_norm_act(x, self.norm, silu=False, fused=self.fused_norm)
+        if h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous():
+            # channels-last h is [B, HW, C] in memory: q, k and v as one matrix product on it, and proj_out on
+            # the attention's [B, HW, C] output, with no layout copies (1.15x this block's forward on the
+            # fashion network, benchmarks/RESULTS.md). The same products as the 1x1 convolutions below.
+            hf = h.permute(0, 2, 3, 1).reshape(B, 1, H * W, C)
+            w = torch.cat([self.q.weight, self.k.weight, self.v.weight]).view(3 * C, C)
+            q, k, v = F.linear(hf, w, torch.cat([self.q.bias, self.k.bias, self.v.bias])).chunk(3, dim=-1)
+            a = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
+            out = F.linear(a, self.proj_out.weight.view(C, C), self.proj_out.bias)
+            out = out.view(B, H, W, C).permute(0, 3, 1, 2)  # channels-last [B, C, H, W]
+            return out.add_(x) if not torch.is_grad_enabled() else x + out
         q = self.q(h).reshape(B, 1, C, H * W).transpose(-1, -2)  # (B, 1 head, HW, C)
         k = self.k(h).reshape(B, 1, C, H * W).transpose(-1, -2)
         v = self.v(h).reshape(B, 1, C, H * W).transpose(-1, -2)
@@ -238,7 +262,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(ups)  # up[i] works at the resolution of down[i]
 
         self.norm_out = _norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
+        self.conv_out = ImageConv3x3(block_in, out_channels)
         self.reset_parameters()
         self.set_winograd(winograd)
         self.set_fused_norm(fused_norm)
@@ -259,7 +283,7 @@ class UNet(nn.Module):
 
     def set_winograd(self, enabled: bool) -> None:
         """Turns the Winograd path of every Conv3x3 (the residual blocks' and upsamplers' 3x3 convolutions)
-        on or off; off runs nn.Conv2d's direct kernel everywhere (the same function, other rounding)."""
+        on or off; off runs nn.Conv2d's direct kernel in them (the same function, other rounding)."""
         for m in self.modules():
             if isinstance(m, Conv3x3):
                 m.winograd = bool(enabled)
@@ -312,9 +336,8 @@ class UNet(nn.Module):
         temb_act = F.silu(temb)  # every block's temb_proj takes swish(temb): computed once here
         cl = self._takes_channels_last(x)
 
-        hs = [self.conv_in(x.contiguous(memory_format=torch.channels_last) if cl else x)]
-        if cl:  # every later layer keeps the layout. A one-channel input's layout is ambiguous (its strides
-            # fit both), and conv_in answers it with a contiguous output: made channels-last here
+        hs = [self.conv_in(_channels_last(x) if cl else x)]
+        if cl:  # every later layer keeps the layout (a no-op where conv_in answered channels-last)
             hs[0] = hs[0].contiguous(memory_format=torch.channels_last)
         for i, level in enumerate(self.down):
             for j, block in enumerate(level.block):
