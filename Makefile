@@ -24,7 +24,7 @@ demo: $(STAMP)
 
 # two workers (pytest-xdist; each test file on one, one thread each), then the tests marked `alone` by themselves
 test: $(STAMP)
-	$(VPY) -m pytest -q -n 2 --dist loadfile -m "not alone" tests
+	$(VPY) -m pytest -q -n 2 --dist loadfile --durations=15 -m "not alone" tests
 	$(VPY) -m pytest -q -m alone tests
 
 lint: $(STAMP)

@@ -89,7 +89,8 @@ def restore(run, op, y: torch.Tensor, steps: int | None, batch: int, seed: int =
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--run", required=True, help="an unconditional fashion run (the training-free restorer's model)")
+    p.add_argument("--run", help="an unconditional fashion run (the training-free restorer's model; needed for "
+                   "every DDNM row, not for --cond alone with --steps --long-steps)")
     p.add_argument("--cond", action="append", default=[], metavar="TASK=RUN",
                    help="a run trained on pairs of TASK (`ddpm train --task`), sampled with --cond-steps")
     p.add_argument("--cond-steps", type=int, default=100, help="DDIM steps (eta 1) of the models trained on pairs")
@@ -120,7 +121,10 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    run = load_run(args.run)
+    if args.run is None and (args.steps or args.heun or args.long_steps):
+        p.error("--run: the DDNM rows (--steps, --long-steps, --heun) need an unconditional run; pass --steps "
+                "--long-steps (no values) to score only --cond runs and the baselines")
+    run = load_run(args.run) if args.run else None
     conds = {}
     for spec in args.cond:
         task, _, path = spec.partition("=")
@@ -128,7 +132,7 @@ def main() -> int:
     images, labels = load_idx(args.data, "test")
     truth_all, labels_all = to_model_range(images), labels.numpy()
     result = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu(), "threads": torch.get_num_threads(), "run": args.run,
-              "step": run.step, "n": args.n, "long_n": args.long_n, "rows": []}
+              "step": run.step if run else None, "n": args.n, "long_n": args.long_n, "rows": []}
     for task in args.tasks:
         kind, mask = TASKS[task]
         op = operator(kind, (1, 28, 28), mask)
