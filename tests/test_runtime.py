@@ -38,8 +38,9 @@ def test_freed_memory_is_reused_without_page_faults():
     # glibc's default maps blocks above 32 MB afresh every time: a fault per page, every step
     assert min(plain["faults"]) > 0.9 * pages, plain
     # kept: the first step faults its pages in, the later ones mostly reuse them (measured: the next seven
-    # steps 10-41k faults together, against 889k by default; the heap's placement of aligned blocks moves a little)
-    assert kept["faults"][0] > 0.9 * pages and sum(kept["faults"][1:]) < 0.1 * sum(plain["faults"][1:]), kept
+    # steps 10-41k faults together alone, 90k once beside a second test worker, against 889k by default; the
+    # heap's placement of aligned blocks moves a little)
+    assert kept["faults"][0] > 0.9 * pages and sum(kept["faults"][1:]) < 0.2 * sum(plain["faults"][1:]), kept
 
 
 def test_it_can_be_turned_off():
