@@ -4,7 +4,8 @@ step counts, and models trained on pairs (`ddpm train --task`), scored against t
 
     .venv/bin/python benchmarks/restore.py --run RUN [--cond sr4=RUN_SR4 ...] [--n 500] [--steps 20 100]
         [--long-n 200 --long-steps 1000 --long-tasks sr4 inpaint-center] [--tasks sr4 sr2 inpaint-center inpaint-half deblur]
-        [--sigma-y 0.0023] [--travel L R] [--heun 25 50 --heun-churn 10] [--cond-consistent] [--out benchmarks/out/restore]
+        [--sigma-y 0.0023] [--travel L R] [--eta ddnm:0.85 ddim:0.5] [--heun 25 50 --heun-churn 10] [--cond-consistent]
+        [--out benchmarks/out/restore]
         [--data /usr/share/datasets/fashion-mnist]
 
 The images: the first --n of the 10,000 test images (the same for every method). Per method:
@@ -98,6 +99,10 @@ def main() -> int:
                    help="also each model trained on pairs with DDNM's steps (ddpm restore --consistent)")
     p.add_argument("--travel", type=int, nargs=2, metavar=("L", "R"),
                    help="also DDNM with time travel (length L, repeat R) at every --steps")
+    p.add_argument("--eta", nargs="*", default=[], metavar="RULE:ETA",
+                   help="also DDNM with this eta at every --steps, by its rule (ddpm restore --eta-rule): ddim "
+                        "(eta x the posterior's std; the plain rows' eta 1) or ddnm (eta x sqrt(1 - abar_s), DDNM's "
+                        "code: 0.85)")
     p.add_argument("--heun", type=int, nargs="*", default=[],
                    help="also DDNM in EDM's Heun sampler (ddpm restore --sampler heun) on these many grid points "
                         "(2 x points - 1 network evaluations)")
@@ -117,6 +122,15 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/out/restore")
     p.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     args = p.parse_args()
+    etas = []
+    for spec in args.eta:
+        rule, _, value = spec.partition(":")
+        try:
+            etas.append((rule, float(value)))
+        except ValueError:
+            p.error(f"--eta {spec}: RULE:ETA, e.g. ddnm:0.85")
+        if rule not in ("ddim", "ddnm"):
+            p.error(f"--eta {spec}: the rule is ddim or ddnm")
     from ddpm.run import load_run
 
     out = Path(args.out)
@@ -147,6 +161,11 @@ def main() -> int:
             for k in args.steps:
                 methods.append((f"DDNM+, sigma_y {sy:g}, {k} steps", args.n,
                                 lambda k=k, op=op, y=y, sy=sy: restore(run, op, y, k, args.batch_size, sigma_y=sy)))
+        for rule, e in etas:
+            for k in args.steps:
+                methods.append((f"DDNM, {k} steps, eta {e:g} ({rule}'s rule)", args.n,
+                                lambda k=k, op=op, y=y, rule=rule, e=e: restore(run, op, y, k, args.batch_size, eta=e,
+                                                                                eta_rule=rule)))
         for k in args.steps if args.travel else []:
             methods.append((f"DDNM, {k} steps, time travel L {args.travel[0]} r {args.travel[1]}", args.n,
                             lambda k=k, op=op, y=y: restore(run, op, y, k, args.batch_size,

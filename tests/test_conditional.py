@@ -214,6 +214,8 @@ def test_conditional_and_unconditional_commands_refuse_each_other(sr4_run, low, 
     assert code == 2 and "--travel-repeat" in err and "DDNM" in err and "--consistent" in err
     code, err = _cli(base + ["--input", str(y_path), "--noise", "0.01"], capsys)
     assert code == 2 and "--noise: DDNM's options" in err
+    code, err = _cli(base + ["--input", str(y_path), "--eta-rule", "ddnm", "--eta", "0.85"], capsys)
+    assert code == 2 and "--eta-rule: DDNM's options" in err
     assert not (tmp_path / "x.npz").exists() and not (tmp_path / "x.npz.parts").exists()
 
 

@@ -104,15 +104,17 @@ def test_blur_inverts_band_limited_images_and_blurs():
 # ---------------------------------------------------------------------------------------------- the restorer
 
 
-def null_moments(betas: torch.Tensor, grid: list[int], m: float, s: float) -> tuple[float, float]:
+def null_moments(betas: torch.Tensor, grid: list[int], m: float, s: float, eta: float = 1.0,
+                 rule: str = "ddim") -> tuple[float, float]:
     """Mean and variance, along one null-space direction u of prior mean m (= u . m 1), of DDNM's output with the
-    oracle and no clipping: on it the correction does nothing and each step is DDIM (eta 1),
-    x_s = sqrt(a_s) x0 + k (x_t - sqrt(a_t) x0) / sqrt(1 - a_t) + sigma z with x0 = m + g (x_t - sqrt(a_t) m)."""
+    oracle and no clipping: on it the correction does nothing and each step is DDIM's,
+    x_s = sqrt(a_s) x0 + k (x_t - sqrt(a_t) x0) / sqrt(1 - a_t) + sigma z with x0 = m + g (x_t - sqrt(a_t) m),
+    sigma^2 = eta^2 (1 - a_s) / (1 - a_t) (1 - a_t / a_s) (rule ddim) or eta^2 (1 - a_s) (rule ddnm)."""
     abar = abar_of(betas).tolist()
     mu, var = 0.0, 1.0
     for j in range(len(grid) - 1, -1, -1):
         a_t, a_s = abar[grid[j]], (abar[grid[j - 1]] if j > 0 else 1.0)
-        sigma2 = (1 - a_s) / (1 - a_t) * (1 - a_t / a_s)
+        sigma2 = eta**2 * ((1 - a_s) if rule == "ddnm" else (1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
         k = math.sqrt(max(1 - a_s - sigma2, 0.0))
         g = math.sqrt(a_t) * s**2 / (a_t * s**2 + 1 - a_t)
         cx = math.sqrt(a_s) - k * math.sqrt(a_t / (1 - a_t))  # x_s's coefficient of x0
@@ -134,16 +136,18 @@ def _restore(task: str, steps: int | None, shape=(1, 4, 4), seed: int = 0, **kwa
     return op, y, out, betas, grid
 
 
-@pytest.mark.parametrize("task, steps", [("sr2", 20), ("sr2", None), ("inpaint", 50)])
-def test_ddnm_matches_the_gaussian_posterior(task, steps):
-    op, y, out, betas, grid = _restore(task, steps)
+@pytest.mark.parametrize("task, steps, eta", [("sr2", 20, None), ("sr2", None, None), ("inpaint", 50, None),
+                                             ("inpaint", 50, ("ddnm", 0.85)), ("sr2", 20, ("ddim", 0.0))])
+def test_ddnm_matches_the_gaussian_posterior(task, steps, eta):
+    rule, e = eta or ("ddim", 1.0)
+    op, y, out, betas, grid = _restore(task, steps, **({} if eta is None else {"eta": e, "eta_rule": rule}))
     D = out[0].numel()
     assert torch.allclose(op.A(out), y, atol=1e-12)  # consistency A x = y, noiseless y
     P = _matrix(op.project, op.shape)
     null = torch.eye(D, dtype=torch.float64) - P
     mean_null = null @ torch.full((D,), M, dtype=torch.float64)  # (I - P) m 1: 0 for sr, m on the hidden pixels
     f = out.reshape(N, D)
-    mu_u, var_u = null_moments(betas, grid, M, S)
+    mu_u, var_u = null_moments(betas, grid, M, S, e, rule)
     # the range is A+ y; per null direction mean mu_u, variance var_u: for an m-direction mu_u / M scales (I - P) m
     want_mean = op.pinv(y[:1]).reshape(D) + mean_null * (mu_u / M)
     want_cov = var_u * null
@@ -154,8 +158,12 @@ def test_ddnm_matches_the_gaussian_posterior(task, steps):
     if steps is None:  # every timestep: the posterior itself, N((I - P) m + A+ y, s^2 (I - P)), to 2%
         # (1.5% short at T = 1000: the posterior-variance steps, as ancestral fixedsmall)
         assert var_u == pytest.approx(S**2, rel=0.02) and mu_u == pytest.approx(M, rel=0.02)
-    else:  # the coarse grid holds less variance, as DDIM eta 1 does unconditionally
+    else:  # the coarse grid holds less variance, as DDIM eta 1 does unconditionally; the more of each step's noise
+        # is fresh, the less (50 points: 0.166 with DDNM's rule at 0.85, 0.196 with eta 1; 20 points, eta 0: 0.185
+        # against 0.151)
         assert var_u < 0.95 * S**2
+        more_fresh = rule == "ddnm" or e > 1
+        assert (var_u < null_moments(betas, grid, M, S)[1]) == more_fresh
 
 
 # the covariance's largest error in units of s^2, measured 0.052 and 0.159: Heun with S_churn 10 on 25 points holds
@@ -365,6 +373,24 @@ def test_restore_with_heuns_sampler(tiny_run, clean, tmp_path, capsys):
     assert code == 2 and "--task deblur assumes the 8-bit rounding's noise" in err, err
     code, err = _cli(base[:7] + out + ["--sampler-option", "S_churn=10"], capsys)  # --sampler ddim
     assert code == 2 and "options of --sampler heun" in err, err
+    assert not (tmp_path / "no.npz").exists()
+
+
+def test_restore_with_ddnms_eta_rule(tiny_run, clean, tmp_path, capsys):
+    y_path, x_path, plain = tmp_path / "y.npz", tmp_path / "x.npz", tmp_path / "plain.npz"
+    assert _cli(["degrade", "--task", "sr2", "--input", str(clean), "--out", str(y_path)], capsys)[0] == 0
+    base = ["restore", "--run", str(tiny_run), "--input", str(y_path), "--task", "sr2", "--quiet", "--steps", "10"]
+    code, err = _cli(base + ["--out", str(x_path), "--eta-rule", "ddnm", "--eta", "0.85"], capsys)
+    assert code == 0 and "DDNM, 10 steps, eta 0.85 by DDNM's code's rule" in err, err
+    assert float(err.rsplit("= ", 1)[1].split()[0]) < 1e-5  # A x = y before rounding, in float32
+    assert _cli(base + ["--out", str(plain)], capsys)[0] == 0
+    assert not np.array_equal(np.load(plain)["arr_0"], np.load(x_path)["arr_0"])  # other noise, other images
+    out = ["--out", str(tmp_path / "no.npz")]
+    for extra, words in ((["--eta-rule", "ddnm", "--eta", "1.5"], "--eta must lie in [0, 1] with --eta-rule ddnm"),
+                         (["--eta", "-0.5"], "--eta must be >= 0; got -0.5"),
+                         (["--eta-rule", "ddnm", "--sampler", "heun"], "an option of DDNM's own steps")):
+        code, err = _cli(base + out + extra, capsys)
+        assert code == 2 and words in err, err
     assert not (tmp_path / "no.npz").exists()
 
 

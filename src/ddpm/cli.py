@@ -429,6 +429,11 @@ def _restore(args: argparse.Namespace) -> int:
             raise UsageError(f"{name} must be >= 1; got {v}")
     if args.noise is not None and args.noise < 0:
         raise UsageError(f"--noise must be >= 0; got {args.noise}")
+    if args.eta < 0 or (args.eta_rule == "ddnm" and args.eta > 1):
+        raise UsageError(("--eta must lie in [0, 1] with --eta-rule ddnm" if args.eta_rule == "ddnm" else
+                          "--eta must be >= 0") + f"; got {args.eta}")
+    if args.eta_rule != "ddim" and args.sampler == "heun":
+        raise UsageError("--eta-rule: an option of DDNM's own steps (--sampler ddim); heun's noise is S_churn's")
     sampler_options = _restore_sampler_options(args)
     from ddpm.config import Config
 
@@ -447,7 +452,8 @@ def _restore(args: argparse.Namespace) -> int:
             raise UsageError(f"--task {args.task}: --run {args.run} was trained on {trained} pairs (data.task) and "
                              f"restores {trained} inputs only (an unconditional run restores any task with DDNM)")
         ddnm_only = [o for o, v, d in (("--noise", args.noise or 0.0, 0.0), ("--travel-length", args.travel_length, 1),
-                                       ("--travel-repeat", args.travel_repeat, 1)) if v != d]
+                                       ("--travel-repeat", args.travel_repeat, 1), ("--eta-rule", args.eta_rule, "ddim"))
+                     if v != d]
         if ddnm_only and not args.consistent:
             raise UsageError(f"{', '.join(ddnm_only)}: DDNM's options, for unconditional runs or with --consistent; "
                              f"--run {args.run} was trained on {trained} pairs and samples with its condition "
@@ -480,9 +486,10 @@ def _restore(args: argparse.Namespace) -> int:
             raise UsageError(f"--sampler heun takes noiseless inputs only, and {why}: DDNM+ for noisy inputs "
                              "runs on DDNM's own steps (--sampler ddim)")
         steps = args.steps if args.steps is not None else 50
-    opts = RestoreOptions(steps=steps, eta=args.eta, sigma_y=noise, travel_length=args.travel_length,
-                          travel_repeat=args.travel_repeat, consistent=args.consistent and trained is not None,
-                          sampler=args.sampler, sampler_options=sampler_options)
+    opts = RestoreOptions(steps=steps, eta=args.eta, eta_rule=args.eta_rule, sigma_y=noise,
+                          travel_length=args.travel_length, travel_repeat=args.travel_repeat,
+                          consistent=args.consistent and trained is not None, sampler=args.sampler,
+                          sampler_options=sampler_options)
     report = restore_to_file(run, op, images, out, seed=args.seed, batch_size=_batch_size(args, run, device),
                              opts=opts, device=device, progress=not args.quiet)
     how = f"DDNM, {steps} steps" if trained is None else \
@@ -492,6 +499,8 @@ def _restore(args: argparse.Namespace) -> int:
         churn = "".join(f", {k} {v:g}" for k, v in sampler_options.items())
         how = ("DDNM" if trained is None else "conditional with DDNM's projection" if args.consistent else "conditional") \
             + f" in Heun's sampler, {steps} grid points ({2 * steps - 1} network evaluations{churn})"
+    if ddnm_steps and not heun and (args.eta != 1.0 or args.eta_rule != "ddim"):
+        how += f", eta {args.eta:g}" + (" by DDNM's code's rule" if args.eta_rule == "ddnm" else "")
     if noise > 0:
         how += f", DDNM+ for input noise of std {noise:.2g}" + (" (8-bit rounding's)" if args.noise is None else "")
     if opts.travel_length > 1 or opts.travel_repeat > 1:
@@ -728,7 +737,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "- 1 network evaluations, noiseless inputs only")
     r.add_argument("--sampler-option", action="append", metavar="NAME=NUMBER",
                    help="an option of --sampler heun: S_churn=10, S_tmin, S_tmax, S_noise (repeatable)")
-    r.add_argument("--eta", type=float, default=1.0, help="DDIM's eta of each step (1: q(x_s | x_t, x0), DDNM's)")
+    r.add_argument("--eta", type=float, default=1.0,
+                   help="the fresh noise of each step, by --eta-rule (ddim: 1 is q(x_s | x_t, x0), DDNM's Algorithm 1)")
+    r.add_argument("--eta-rule", default="ddim", choices=("ddim", "ddnm"),
+                   help="DDNM's steps: ddim (sigma = eta x the posterior's std, DDIM's eq. 16) or ddnm (sigma = eta "
+                        "x sqrt(1 - abar_s), eta in [0, 1]: DDNM's released code, which uses 0.85)")
     r.add_argument("--noise", type=float,
                    help="std of the noise in the input, in [-1, 1] units (DDNM+; 0: exact consistency). Default: "
                         "for deblur the 8-bit rounding's, 0.0023, which the blur's inverse would amplify up to "

@@ -269,6 +269,7 @@ def _assemble(parts: Path, n: int, out: Path) -> Path:
 class RestoreOptions:
     steps: int | None = None  # grid points (uniform); None: DDNM 100 (or T), a run trained on pairs all T (ancestral)
     eta: float = 1.0  # DDIM's eta of each step (DDNM, and a run trained on pairs with steps set)
+    eta_rule: str = "ddim"  # DDNM's steps: ddim (eta x the posterior's std) or ddnm (eta x sqrt(1 - abar_s))
     sigma_y: float = 0.0  # DDNM+: the std of the noise in y, [-1, 1] units (DDNM's steps only)
     travel_length: int = 1  # DDNM's time travel (DDNM's steps only)
     travel_repeat: int = 1
@@ -308,7 +309,7 @@ def restore_batch(run: Run, op: Operator, y: torch.Tensor, indices: range, seed:
             return ddnm_heun(run.diffusion, model, y, op, grid, generator=gens, **opts.sampler_options), y
         grid = timestep_grid(run.diffusion, opts.steps)
         x = ddnm(run.diffusion, model, y, op, grid, generator=gens, sigma_y=opts.sigma_y, eta=opts.eta,
-                 travel_length=opts.travel_length, travel_repeat=opts.travel_repeat)
+                 eta_rule=opts.eta_rule, travel_length=opts.travel_length, travel_repeat=opts.travel_repeat)
         return x, y
     x_T = gens.randn((y.shape[0], *op.shape), device)
     if opts.sampler == "heun":
