@@ -79,7 +79,11 @@ def scores(x: torch.Tensor, truth: torch.Tensor, y: torch.Tensor, op, labels: np
     return {**out, "frechet": rep.frechet, "floor": rep.floor}
 
 
-def restore(run, op, y: torch.Tensor, steps: int | None, batch: int, seed: int = 0, **options) -> torch.Tensor:
+SEED = 0  # --seed
+
+
+def restore(run, op, y: torch.Tensor, steps: int | None, batch: int, seed: int | None = None, **options) -> torch.Tensor:
+    seed = SEED if seed is None else seed
     out = []
     for s in range(0, len(y), batch):
         x, _ = restore_batch(run, op, y[s : s + batch], range(s, min(s + batch, len(y))), seed,
@@ -119,9 +123,13 @@ def main() -> int:
     p.add_argument("--long-tasks", nargs="*", default=["sr4", "inpaint-center"], choices=list(TASKS),
                    help="the tasks that get the --long-steps rows")
     p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0, help="the restorers' seed (ddpm restore --seed): image i's noise "
+                   "from (seed, i) alone")
     p.add_argument("--out", default="benchmarks/out/restore")
     p.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     args = p.parse_args()
+    global SEED
+    SEED = args.seed
     etas = []
     for spec in args.eta:
         rule, _, value = spec.partition(":")
@@ -146,6 +154,7 @@ def main() -> int:
     images, labels = load_idx(args.data, "test")
     truth_all, labels_all = to_model_range(images), labels.numpy()
     result = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu(), "threads": torch.get_num_threads(), "run": args.run,
+              "seed": args.seed,
               "step": run.step if run else None, "n": args.n, "long_n": args.long_n, "rows": []}
     for task in args.tasks:
         kind, mask = TASKS[task]
