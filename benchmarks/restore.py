@@ -44,7 +44,7 @@ from fashion import cpu  # noqa: E402
 
 from ddpm.data import load_idx, to_model_range, to_uint8  # noqa: E402
 from ddpm.generate import RestoreOptions, restore_batch  # noqa: E402
-from ddpm.restoration import operator  # noqa: E402
+from ddpm.restoration import ETA_RULES, operator  # noqa: E402
 
 TASKS = {"sr4": ("sr4", None), "sr2": ("sr2", None), "inpaint-center": ("inpaint", "center"),
          "inpaint-half": ("inpaint", "half"), "deblur": ("deblur", None)}
@@ -79,11 +79,7 @@ def scores(x: torch.Tensor, truth: torch.Tensor, y: torch.Tensor, op, labels: np
     return {**out, "frechet": rep.frechet, "floor": rep.floor}
 
 
-SEED = 0  # --seed
-
-
-def restore(run, op, y: torch.Tensor, steps: int | None, batch: int, seed: int | None = None, **options) -> torch.Tensor:
-    seed = SEED if seed is None else seed
+def restore(run, op, y: torch.Tensor, steps: int | None, batch: int, seed: int, **options) -> torch.Tensor:
     out = []
     for s in range(0, len(y), batch):
         x, _ = restore_batch(run, op, y[s : s + batch], range(s, min(s + batch, len(y))), seed,
@@ -128,8 +124,6 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/out/restore")
     p.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     args = p.parse_args()
-    global SEED
-    SEED = args.seed
     etas = []
     for spec in args.eta:
         rule, _, value = spec.partition(":")
@@ -137,9 +131,12 @@ def main() -> int:
             etas.append((rule, float(value)))
         except ValueError:
             p.error(f"--eta {spec}: RULE:ETA, e.g. ddnm:0.85")
-        if rule not in ("ddim", "ddnm"):
+        if rule not in ETA_RULES:
             p.error(f"--eta {spec}: the rule is ddim or ddnm")
     from ddpm.run import load_run
+
+    def seeded(*a, **options):
+        return restore(*a, seed=args.seed, **options)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,35 +162,35 @@ def main() -> int:
         for name, x in baselines(task, op, y).items():
             methods.append((name, args.n, lambda x=x: x))
         for k in args.steps:
-            methods.append((f"DDNM, {k} steps", args.n, lambda k=k, op=op, y=y: restore(run, op, y, k, args.batch_size)))
+            methods.append((f"DDNM, {k} steps", args.n, lambda k=k, op=op, y=y: seeded(run, op, y, k, args.batch_size)))
         for sy in args.sigma_y:
             for k in args.steps:
                 methods.append((f"DDNM+, sigma_y {sy:g}, {k} steps", args.n,
-                                lambda k=k, op=op, y=y, sy=sy: restore(run, op, y, k, args.batch_size, sigma_y=sy)))
+                                lambda k=k, op=op, y=y, sy=sy: seeded(run, op, y, k, args.batch_size, sigma_y=sy)))
         for rule, e in etas:
             for k in args.steps:
                 methods.append((f"DDNM, {k} steps, eta {e:g} ({rule}'s rule)", args.n,
-                                lambda k=k, op=op, y=y, rule=rule, e=e: restore(run, op, y, k, args.batch_size, eta=e,
+                                lambda k=k, op=op, y=y, rule=rule, e=e: seeded(run, op, y, k, args.batch_size, eta=e,
                                                                                 eta_rule=rule)))
         for k in args.steps if args.travel else []:
             methods.append((f"DDNM, {k} steps, time travel L {args.travel[0]} r {args.travel[1]}", args.n,
-                            lambda k=k, op=op, y=y: restore(run, op, y, k, args.batch_size,
+                            lambda k=k, op=op, y=y: seeded(run, op, y, k, args.batch_size,
                                                             travel_length=args.travel[0], travel_repeat=args.travel[1])))
         for k in args.heun:
             for churn in args.heun_churn:
                 churned = {"S_churn": churn, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003} if churn else {}
                 methods.append((f"DDNM in Heun's sampler, {k} points ({2 * k - 1} evaluations), S_churn {churn:g}",
-                                args.n, lambda k=k, op=op, y=y, o=churned: restore(
+                                args.n, lambda k=k, op=op, y=y, o=churned: seeded(
                                     run, op, y, k, args.batch_size, sampler="heun", sampler_options=o)))
         for k in args.long_steps if task in args.long_tasks else []:
             methods.append((f"DDNM, {k} steps (first {args.long_n})", args.long_n,
-                            lambda k=k, op=op, y=y: restore(run, op, y[: args.long_n], k, args.batch_size)))
+                            lambda k=k, op=op, y=y: seeded(run, op, y[: args.long_n], k, args.batch_size)))
         if task in conds:
             methods.append((f"trained on pairs (step {conds[task].step}), DDIM {args.cond_steps}", args.n,
-                            lambda c=conds[task], op=op, y=y: restore(c, op, y, args.cond_steps, args.batch_size)))
+                            lambda c=conds[task], op=op, y=y: seeded(c, op, y, args.cond_steps, args.batch_size)))
             if args.cond_consistent:
                 methods.append((f"trained on pairs (step {conds[task].step}), DDNM's steps {args.cond_steps}", args.n,
-                                lambda c=conds[task], op=op, y=y: restore(c, op, y, args.cond_steps, args.batch_size,
+                                lambda c=conds[task], op=op, y=y: seeded(c, op, y, args.cond_steps, args.batch_size,
                                                                           consistent=True)))
         methods.append(("truth", args.n, lambda truth=truth: truth))
         shown = {}

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ddpm.diffusion import GaussianDiffusion, Generator, Model, randn
 from ddpm.modes import Task, parse_enum
-from ddpm.sampling import Callback, _abar, _full, _progress, heun
+from ddpm.sampling import Callback, _abar, _full, _progress, ddim_sigma, heun
 
 Shape = tuple[int, int, int]  # (C, H, W) of one image
 
@@ -333,9 +333,7 @@ def step_sigma(a_t: float, a_s: float, eta: float, rule: str = "ddim") -> float:
     """The std of the fresh noise of a DDIM-form step from abar_t to abar_s (a_s = 1: the last step, 0):
     "ddim": eta times the posterior's, sqrt((1 - a_s) / (1 - a_t) (1 - a_t / a_s)) (DDIM eq. 16); "ddnm": eta
     sqrt(1 - a_s), DDNM's code's rule."""
-    if rule == "ddnm":
-        return eta * math.sqrt(1 - a_s)
-    return eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
+    return eta * math.sqrt(1 - a_s) if rule == "ddnm" else ddim_sigma(a_t, a_s, eta)
 
 
 @torch.inference_mode()

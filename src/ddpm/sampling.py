@@ -236,6 +236,12 @@ def respace(diffusion: GaussianDiffusion, kept: list[int]) -> GaussianDiffusion:
                              loss_weight=diffusion.loss_weight, min_snr_gamma=diffusion.min_snr_gamma)
 
 
+def ddim_sigma(a_t: float, a_s: float, eta: float) -> float:
+    """DDIM's eq. 16: the std of a step's fresh noise from abar_t to abar_s, eta times the posterior's,
+    eta sqrt((1 - a_s) / (1 - a_t)) sqrt(1 - a_t / a_s) (a_s = 1 after the last grid point: 0)."""
+    return eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
+
+
 @torch.inference_mode()
 def ddim(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, timesteps: list[int], *,
          generator: Generator = None, clip_denoised: bool = True, progress: bool = False,
@@ -257,7 +263,7 @@ def ddim(diffusion: GaussianDiffusion, model: Model, x_T: torch.Tensor, timestep
         if callback is not None:
             callback(t, x, x0)
         a_t, a_s = _abar(diffusion, t), _abar(diffusion, s)
-        sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
+        sigma = ddim_sigma(a_t, a_s, eta)
         # x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z
         x = math.sqrt(a_s) * x0 + math.sqrt(max(1 - a_s - sigma**2, 0.0)) * eps
         if sigma > 0:
