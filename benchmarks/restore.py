@@ -4,7 +4,8 @@ step counts, and models trained on pairs (`ddpm train --task`), scored against t
 
     .venv/bin/python benchmarks/restore.py --run RUN [--cond sr4=RUN_SR4 ...] [--n 500] [--steps 20 100]
         [--long-n 200 --long-steps 1000 --long-tasks sr4 inpaint-center] [--tasks sr4 sr2 inpaint-center inpaint-half deblur]
-        [--sigma-y 0.0023] [--travel L R] [--eta ddnm:0.85 ddim:0.5] [--heun 25 50 --heun-churn 10] [--cond-consistent]
+        [--sigma-y 0.0023] [--travel L R] [--eta ddnm:0.85 ddim:0.5] [--skip-plain] [--heun 25 50 --heun-churn 10]
+        [--cond-consistent]
         [--out benchmarks/out/restore]
         [--data /usr/share/datasets/fashion-mnist]
 
@@ -98,7 +99,11 @@ def main() -> int:
     p.add_argument("--cond-consistent", action="store_true",
                    help="also each model trained on pairs with DDNM's steps (ddpm restore --consistent)")
     p.add_argument("--travel", type=int, nargs=2, metavar=("L", "R"),
-                   help="also DDNM with time travel (length L, repeat R) at every --steps")
+                   help="also DDNM with time travel (length L, repeat R) at every --steps, with the plain rows' noise "
+                        "and with each --eta")
+    p.add_argument("--skip-plain", action="store_true",
+                   help="leave out the plain DDNM rows (DDIM eta 1) at --steps: only the --eta, --travel, --sigma-y "
+                        "and --heun rows")
     p.add_argument("--eta", nargs="*", default=[], metavar="RULE:ETA",
                    help="also DDNM with this eta at every --steps, by its rule (ddpm restore --eta-rule): ddim "
                         "(eta x the posterior's std; the plain rows' eta 1) or ddnm (eta x sqrt(1 - abar_s), DDNM's "
@@ -161,7 +166,7 @@ def main() -> int:
         y = to_model_range(to_uint8(op.A(truth)))  # the 8-bit degraded images `ddpm degrade` writes
         for name, x in baselines(task, op, y).items():
             methods.append((name, args.n, lambda x=x: x))
-        for k in args.steps:
+        for k in [] if args.skip_plain else args.steps:
             methods.append((f"DDNM, {k} steps", args.n, lambda k=k, op=op, y=y: seeded(run, op, y, k, args.batch_size)))
         for sy in args.sigma_y:
             for k in args.steps:
@@ -172,10 +177,13 @@ def main() -> int:
                 methods.append((f"DDNM, {k} steps, eta {e:g} ({rule}'s rule)", args.n,
                                 lambda k=k, op=op, y=y, rule=rule, e=e: seeded(run, op, y, k, args.batch_size, eta=e,
                                                                                 eta_rule=rule)))
-        for k in args.steps if args.travel else []:
-            methods.append((f"DDNM, {k} steps, time travel L {args.travel[0]} r {args.travel[1]}", args.n,
-                            lambda k=k, op=op, y=y: seeded(run, op, y, k, args.batch_size,
-                                                            travel_length=args.travel[0], travel_repeat=args.travel[1])))
+        for rule, e in ([] if args.skip_plain else [("ddim", 1.0)]) + etas if args.travel else []:
+            for k in args.steps:
+                noise = "" if (rule, e) == ("ddim", 1.0) else f", eta {e:g} ({rule}'s rule)"
+                methods.append((f"DDNM, {k} steps{noise}, time travel L {args.travel[0]} r {args.travel[1]}", args.n,
+                                lambda k=k, op=op, y=y, rule=rule, e=e: seeded(
+                                    run, op, y, k, args.batch_size, eta=e, eta_rule=rule,
+                                    travel_length=args.travel[0], travel_repeat=args.travel[1])))
         for k in args.heun:
             for churn in args.heun_churn:
                 churned = {"S_churn": churn, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003} if churn else {}
