@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import TINY, train_tiny
+from tiny import TINY, train_log, train_tiny
 
 from ddpm.checkpoint import latest_checkpoint, load_checkpoint
 from ddpm.cli import main
@@ -174,6 +174,9 @@ def test_lock_of_a_killed_trainer_is_taken_over_on_resume(tmp_path):
         assert main(["train", "--out", str(run), "--steps", str(step + 1), "--resume", *TRAIN]) == 0
     assert load_checkpoint(latest_checkpoint(run / "checkpoints")).step == step + 1
     assert not (run / LOCK_FILE).exists()
+    # the log: every step once, as trained (the killed process's lines written as they came, those past its last
+    # checkpoint dropped on resume)
+    assert [e["step"] for e in train_log(run)] == list(range(1, step + 2))
 
 
 # ------------------------------------------------------------------------------------------ two samplers

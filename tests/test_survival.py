@@ -15,7 +15,7 @@ from ddpm.checkpoint import latest_checkpoint, load_checkpoint
 from ddpm.cli import main
 from ddpm.config import ConfigError, apply_overrides, preset
 from ddpm.run import load_run
-from ddpm.train import Trainer, TrainingError
+from ddpm.train import Trainer, TrainingError, trim_log
 
 TINY_SETS = ["model.ch=32", "model.ch_mult=1,2", "model.attn_resolutions=4", "diffusion.num_timesteps=40",
              "train.sample_every=0", "train.warmup=2", "train.batch_size=16", "train.log_every=1"]
@@ -189,3 +189,15 @@ def test_ema_warmup_forgets_the_start(tmp_path):
             if v.is_floating_point():
                 torch.testing.assert_close(v, decay * start[k] + (1 - decay) * now[k], rtol=1e-5, atol=1e-6)
         assert any((now[k] - start[k]).abs().max() > 1e-4 for k in now)  # the step moved the weights
+
+
+def test_the_log_is_cut_back_to_the_step_training_resumes_from(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(f'{{"step": {s}, "loss": 0.5}}\n' for s in range(1, 6)) + '{"step": 6, "lo')  # cut by kill
+    trim_log(log, 3)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    assert not (tmp_path / "log.jsonl.tmp").exists()
+    trim_log(log, 3)  # nothing past the step: left as it is
+    assert log.read_text().count("\n") == 3
+    trim_log(tmp_path / "none.jsonl", 3)  # a run without a log yet
+    assert not (tmp_path / "none.jsonl").exists()
