@@ -22,9 +22,10 @@ demo: $(STAMP)
 	$(VENV)/bin/ddpm sample --run $(RUN) --n 64 --out $(RUN)/samples.png --seed 0
 	@echo "demo: run directory $(RUN) (config.json, checkpoints/, tb/, grids/), sample grid $(RUN)/samples.png"
 
-# two workers (pytest-xdist; each test file on one, one thread each), then the tests marked `alone` by themselves
+# two workers (pytest-xdist; each test file on one, one thread each, the longest files first: tests/conftest.py),
+# then the tests marked `alone` by themselves
 test: $(STAMP)
-	$(VPY) -m pytest -q -n 2 --dist loadfile --durations=15 -m "not alone" tests
+	$(VPY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 -m "not alone" tests
 	$(VPY) -m pytest -q -m alone tests
 
 lint: $(STAMP)
