@@ -123,10 +123,11 @@ M, S = 0.1, 0.3
 @pytest.mark.parametrize("mean_type", PARAMS)
 def test_sampler_matches_scalar_recursion(mean_type, var_type):
     """With the Bayes-optimal model and no clipping, the sampler's output is Gaussian with moments given
-    by a scalar recursion; 40,000 draws pin the mean and spread to a few 1e-3."""
+    by a scalar recursion; 40,000 draws pin the mean and spread to a few 1e-3 (a batch of 1000 draws of 40
+    dimensions: the per-row tables of a batch of 20000 took 5x longer)."""
     d = GaussianDiffusion(BETAS, mean_type=mean_type, var_type=var_type)
     oracle = GaussianOracle(BETAS, M, S, mean_type)
-    x = d.sample(oracle, (20000, 2), generator=torch.Generator().manual_seed(1), clip_denoised=False).flatten()
+    x = d.sample(oracle, (1000, 40), generator=torch.Generator().manual_seed(1), clip_denoised=False).flatten()
     want_mu, want_sd = sampler_moments(BETAS, M, S, var_type)
     n = x.numel()
     assert abs(x.mean().item() - want_mu) < 4 * want_sd / n**0.5
@@ -225,9 +226,11 @@ def test_loss_types_run_and_kl_is_the_bound_term():
                                                             ("xprev", "fixedlarge", "simple"), ("eps", "learned_range", "hybrid")])
 def test_the_math_stays_float32_when_the_network_runs_in_bf16(mean_type, var_type, loss_type):
     """bf16 training and sampling (autocast around the whole step) round the network's output only: loss, bound
-    and sampler computed inside autocast from a bf16 output equal float32 arithmetic on that same output."""
+    and sampler computed inside autocast from a bf16 output equal float32 arithmetic on that same output. On
+    100 steps: the bound and the sampler visit every step, twice (3-4 s a case at 1000 on an AVX2-only EPYC)."""
+    betas = beta_schedule("linear", 100)
     x0, _ = _quantised_gaussian(0.0, 0.3, 16, 4)
-    oracle = GaussianOracle(BETAS, 0.0, 0.3, mean_type)
+    oracle = GaussianOracle(betas, 0.0, 0.3, mean_type)
     learned = var_type == "learned_range"
 
     def net(x, t):  # what a network under bf16 autocast returns: a bf16 tensor
@@ -237,8 +240,8 @@ def test_the_math_stays_float32_when_the_network_runs_in_bf16(mean_type, var_typ
     def rounded(x, t):  # the same numbers, handed over in float32
         return net(x, t).float()
 
-    d = GaussianDiffusion(BETAS, mean_type=mean_type, var_type=var_type, loss_type=loss_type)
-    t = torch.tensor([0, 1, 2, 10, 100, 400, 700, 999]).repeat(2)
+    d = GaussianDiffusion(betas, mean_type=mean_type, var_type=var_type, loss_type=loss_type)
+    t = torch.tensor([0, 1, 2, 5, 10, 40, 70, 99]).repeat(2)
     noise = torch.randn_like(x0)
 
     def everything(model):

@@ -208,7 +208,10 @@ def test_without_a_compiler_it_warns_once_and_runs_torchs_operators(tmp_path):
     assert "kernel is off" not in done.stderr  # asked for: no warning
 
 
-def test_the_kernel_is_compiled_once_into_the_cache(tmp_path):
+def test_the_kernel_is_compiled_once_into_the_cache_and_again_for_torchs_avx2_switch(tmp_path):
+    """Built on first use into the cache folder, then read back; ATEN_CPU_CAPABILITY=avx2 (an AVX-512 machine
+    standing in for an AVX2 one) builds a second library, for Haswell's instruction set, which computes the same
+    function (the probe's allclose). One test: each probe is a process importing torch and a compiler run."""
     first = _subprocess(_PROBE, {}, tmp_path)
     assert first.returncode == 0 and "(True, 'compiled kernel loaded (-march=native" in first.stdout, first.stderr
     built = sorted((tmp_path / "kernels").glob("fused_cpu-*.so"))
@@ -217,16 +220,11 @@ def test_the_kernel_is_compiled_once_into_the_cache(tmp_path):
     second = _subprocess(_PROBE, {}, tmp_path)
     assert second.returncode == 0 and "(True," in second.stdout
     assert sorted((tmp_path / "kernels").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
-
-
-@pytest.mark.skipif(not fused._X86, reason="the instruction sets named are x86-64's")
-def test_torchs_avx2_switch_builds_the_kernel_for_avx2(tmp_path):
-    """ATEN_CPU_CAPABILITY=avx2 (an AVX-512 machine standing in for an AVX2 one) builds a second library, for
-    Haswell's instruction set, which computes the same function (the probe's allclose)."""
-    native = _subprocess(_PROBE, {}, tmp_path)
+    if not fused._X86:  # the instruction sets named are x86-64's
+        return
     held = _subprocess(_PROBE, {"ATEN_CPU_CAPABILITY": "avx2"}, tmp_path)
-    assert native.returncode == 0 and held.returncode == 0, held.stderr
-    assert "-march=haswell" in held.stdout and "-march=native" in native.stdout
+    assert held.returncode == 0, held.stderr
+    assert "-march=haswell" in held.stdout
     assert len(list((tmp_path / "kernels").glob("fused_cpu-*.so"))) == 2
 
 

@@ -223,18 +223,16 @@ def test_training_with_winograd_stays_as_close_to_float64_as_the_direct_kernels(
     # steps ranged 3e-4 to 2.5e-2 over seeds whatever the kernel), so each float32 run stays at rounding distance
     # from float64: over seeds 0-6 the mean deviation of the losses was 1.0-2.4e-7 with Winograd, 0.3-0.9e-7
     # with the direct kernels. A transform fed bf16 inputs fails the first-steps bound already (tried once by
-    # hand).
+    # hand). One seed: each took 16-24 s on one thread of an AVX2-only EPYC (family 25 model 1), 57% of it the
+    # float64 reference.
     monkeypatch.setattr(Conv3x3, "MIN_CHANNELS", 64)
-    dev_wino = dev_direct = 0.0
-    for seed in range(2):
-        wino, direct, exact = _training_losses(seed)
-        assert exact[-5:].mean() < 0.5 * exact[:5].mean()  # it learned something (measured 0.35)
-        assert (wino[:5] - exact[:5]).abs().max() < 1e-6  # the first steps agree to float32 rounding
-        dev = (wino - exact).abs().mean().item()
-        assert dev < 2e-6, (seed, dev)
-        dev_wino += dev
-        dev_direct += (direct - exact).abs().mean().item()
-    assert dev_wino < 10 * dev_direct, (dev_wino, dev_direct)  # measured 2.3x over these two seeds
+    wino, direct, exact = _training_losses(0)
+    assert exact[-5:].mean() < 0.5 * exact[:5].mean()  # it learned something (measured 0.35)
+    assert (wino[:5] - exact[:5]).abs().max() < 1e-6  # the first steps agree to float32 rounding
+    dev_wino, dev_direct = (wino - exact).abs().mean().item(), (direct - exact).abs().mean().item()
+    assert dev_wino < 2e-6, dev_wino
+    # measured 4.4x on that EPYC (1.96e-7 against 4.4e-8; seed 1 gave 1.0x)
+    assert dev_wino < 10 * dev_direct, (dev_wino, dev_direct)
 
 
 def test_the_machine_decides_where_winograd_runs_and_keeps_its_answer(monkeypatch, tmp_path):
