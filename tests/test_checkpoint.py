@@ -382,7 +382,9 @@ class _Zygote:
             try:
                 msg = self.lines.get(timeout=180)
             except queue.Empty:
-                raise AssertionError(f"no {word!r} line in 180 s; the child: {_proc_state(pid or self.child)}") from None
+                raise AssertionError(f"no {word!r} line in 180 s; the child: {_proc_state(pid or self.child)}; the "
+                                     f"zygote: {_proc_state(self.proc.pid)}, exit code {self.proc.poll()}; its "
+                                     f"reader thread alive: {self.reader.is_alive()}") from None
             if msg[0] == "saved":
                 self.saved.append(int(msg[1]))
             if msg[0] == word:
