@@ -67,8 +67,9 @@ def _moments(x):
 
 def _x_T(n=N, seed=0):
     """n rows of 2-D draws; the default N's 40,000 numbers as [1000, 40]: the same draws (every operation but the
-    2-D Gaussian's is elementwise, and that one takes its own rows), in a batch the samplers' per-row tables
-    gather 20 times faster (a 1000-step ancestral run of the oracle: 3.3 s as [20000, 2], 0.7 s as [1000, 40])."""
+    2-D Gaussian's is elementwise, and that one takes its own rows) in 20 times fewer rows, each of which the
+    samplers gather their tables for (a 1000-step ancestral run of the oracle: 3.3 s as [20000, 2], 0.7 s as
+    [1000, 40], on one thread of an AVX2-only EPYC)."""
     x = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return x.reshape(-1, 40) if n == N else x
 

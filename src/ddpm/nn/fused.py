@@ -69,7 +69,7 @@ def _flags() -> list[str]:
     # conversion unless it may ignore floating-point exception flags (which nothing here reads; the results are
     # the same): an AVX2 build ran 5-25x slower than torch's operators without it (benchmarks/RESULTS.md).
     # -ffp-contract=fast: ISO C (-std=c11) turns off gcc's fused multiply-adds, and the build had none; with them
-    # the forward ran 1.2-1.4x faster on an AVX2-only EPYC (benchmarks/RESULTS.md, session 14)
+    # the kernel ran 1.1-1.8x faster forward on an AVX2-only EPYC (benchmarks/gn_builds.py, RESULTS.md)
     return ["-O3", *arch, "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 
 
