@@ -32,14 +32,7 @@ SHAPES = [(64, 32, 28, 28), (64, 64, 14, 14), (64, 128, 7, 7), (64, 96, 28, 28),
 
 def build(source: str, extra: list[str], out: Path) -> ctypes.CDLL:
     subprocess.run(["gcc", *fused._FLAGS, *extra, source, "-o", str(out), "-lm"], check=True)
-    lib = ctypes.CDLL(str(out))
-    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    lib.ddpm_gn_act_forward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32,
-                                        ctypes.c_int, ctypes.c_uint32, f32, ctypes.c_uint64, ctypes.c_int]
-    lib.ddpm_gn_act_backward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64,
-                                         ctypes.c_int, ctypes.c_uint32, f32, ctypes.c_uint64, ctypes.c_int]
-    lib.ddpm_gn_act_forward.restype = lib.ddpm_gn_act_backward.restype = ctypes.c_int
-    return lib
+    return fused.declare(ctypes.CDLL(str(out)))
 
 
 def main() -> None:

@@ -124,6 +124,17 @@ def _compile(compiler: list[str]) -> Path:
     raise RuntimeError(f"no writable folder for the compiled kernel ({cache_dir()})")
 
 
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Give the loaded library's two entry points their C signatures (`_fused_cpu.c`); returns lib."""
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    lib.ddpm_gn_act_forward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32,
+                                        ctypes.c_int, ctypes.c_uint32, f32, ctypes.c_uint64, ctypes.c_int]
+    lib.ddpm_gn_act_backward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64,
+                                         ctypes.c_int, ctypes.c_uint32, f32, ctypes.c_uint64, ctypes.c_int]
+    lib.ddpm_gn_act_forward.restype = lib.ddpm_gn_act_backward.restype = ctypes.c_int
+    return lib
+
+
 def _load() -> ctypes.CDLL | None:
     """The compiled library, or None (the reason in _state["why"]). Built once per process; warns once."""
     if "lib" in _state:
@@ -145,14 +156,7 @@ def _load() -> ctypes.CDLL | None:
                 except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                     why = f"could not build the kernel: {e}"
         if lib is not None:
-            i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-            lib.ddpm_gn_act_forward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64,
-                                                f32, ctypes.c_int, ctypes.c_uint32, f32, ctypes.c_uint64,
-                                                ctypes.c_int]
-            lib.ddpm_gn_act_backward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64,
-                                                 i64, i64, ctypes.c_int, ctypes.c_uint32, f32, ctypes.c_uint64,
-                                                 ctypes.c_int]
-            lib.ddpm_gn_act_forward.restype = lib.ddpm_gn_act_backward.restype = ctypes.c_int
+            declare(lib)
             why = f"compiled kernel loaded ({' '.join(f for f in _FLAGS if f.startswith('-m'))})"
         elif not why.startswith("turned off"):
             warnings.warn(f"ddpm: the fused CPU group-norm kernel is off ({why}); torch's operators run instead "
