@@ -5,6 +5,7 @@ step counts, and models trained on pairs (`ddpm train --task`), scored against t
     .venv/bin/python benchmarks/restore.py --run RUN [--cond sr4=RUN_SR4 ...] [--n 500] [--steps 20 100]
         [--long-n 200 --long-steps 1000 --long-tasks sr4 inpaint-center] [--tasks sr4 sr2 inpaint-center inpaint-half deblur]
         [--sigma-y 0.0023] [--travel L R] [--eta ddnm:0.85 ddim:0.5] [--skip-plain] [--heun 25 50 --heun-churn 10]
+        [--t-start 500 700]
         [--cond-consistent]
         [--out benchmarks/out/restore]
         [--data /usr/share/datasets/fashion-mnist]
@@ -108,6 +109,9 @@ def main() -> int:
                    help="also DDNM with this eta at every --steps, by its rule (ddpm restore --eta-rule): ddim "
                         "(eta x the posterior's std; the plain rows' eta 1) or ddnm (eta x sqrt(1 - abar_s), DDNM's "
                         "code: 0.85)")
+    p.add_argument("--t-start", type=int, nargs="*", default=[], metavar="K",
+                   help="also DDNM started at each timestep K from A+ y noised to it (ddpm restore --t-start), at "
+                        "every --steps, with the plain rows' noise and with each --eta")
     p.add_argument("--heun", type=int, nargs="*", default=[],
                    help="also DDNM in EDM's Heun sampler (ddpm restore --sampler heun) on these many grid points "
                         "(2 x points - 1 network evaluations)")
@@ -184,6 +188,13 @@ def main() -> int:
                                 lambda k=k, op=op, y=y, rule=rule, e=e: seeded(
                                     run, op, y, k, args.batch_size, eta=e, eta_rule=rule,
                                     travel_length=args.travel[0], travel_repeat=args.travel[1])))
+        for t0 in args.t_start:
+            for rule, e in ([] if args.skip_plain else [("ddim", 1.0)]) + etas:
+                for k in args.steps:
+                    noise = "" if (rule, e) == ("ddim", 1.0) else f", eta {e:g} ({rule}'s rule)"
+                    methods.append((f"DDNM, {k} steps{noise}, from A+ y at t = {t0}", args.n,
+                                    lambda k=k, op=op, y=y, rule=rule, e=e, t0=t0: seeded(
+                                        run, op, y, k, args.batch_size, eta=e, eta_rule=rule, t_start=t0)))
         for k in args.heun:
             for churn in args.heun_churn:
                 churned = {"S_churn": churn, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003} if churn else {}

@@ -105,13 +105,14 @@ def test_blur_inverts_band_limited_images_and_blurs():
 
 
 def null_moments(betas: torch.Tensor, grid: list[int], m: float, s: float, eta: float = 1.0,
-                 rule: str = "ddim") -> tuple[float, float]:
+                 rule: str = "ddim", start: tuple[float, float] = (0.0, 1.0)) -> tuple[float, float]:
     """Mean and variance, along one null-space direction u of prior mean m (= u . m 1), of DDNM's output with the
     oracle and no clipping: on it the correction does nothing and each step is DDIM's,
     x_s = sqrt(a_s) x0 + k (x_t - sqrt(a_t) x0) / sqrt(1 - a_t) + sigma z with x0 = m + g (x_t - sqrt(a_t) m),
-    sigma^2 = eta^2 (1 - a_s) / (1 - a_t) (1 - a_t / a_s) (rule ddim) or eta^2 (1 - a_s) (rule ddnm)."""
+    sigma^2 = eta^2 (1 - a_s) / (1 - a_t) (1 - a_t / a_s) (rule ddim) or eta^2 (1 - a_s) (rule ddnm), from
+    x_T's (mean, variance) `start` at the grid's top."""
     abar = abar_of(betas).tolist()
-    mu, var = 0.0, 1.0
+    mu, var = start
     for j in range(len(grid) - 1, -1, -1):
         a_t, a_s = abar[grid[j]], (abar[grid[j - 1]] if j > 0 else 1.0)
         sigma2 = eta**2 * ((1 - a_s) if rule == "ddnm" else (1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
@@ -124,14 +125,14 @@ def null_moments(betas: torch.Tensor, grid: list[int], m: float, s: float, eta: 
     return mu, var
 
 
-def _restore(task: str, steps: int | None, shape=(1, 4, 4), seed: int = 0, **kwargs):
+def _restore(task: str, steps: int | None, shape=(1, 4, 4), seed: int = 0, t_start: int | None = None, **kwargs):
     betas = beta_schedule("linear", 1000)
     d = GaussianDiffusion(betas)
     op = operator(task, shape, "center" if task == "inpaint" else None)
     g = torch.Generator().manual_seed(seed)
     x0 = M + S * torch.randn(1, *shape, generator=g, dtype=torch.float64)
     y = op.A(x0).expand(N, *op.degraded_shape(shape))
-    grid = timestep_grid(d, steps)
+    grid = timestep_grid(d, steps, t_start=t_start)
     out = ddnm(d, GaussianOracle(betas, M, S), y, op, grid, generator=g, clip_denoised=False, **kwargs)
     return op, y, out, betas, grid
 
@@ -203,6 +204,36 @@ def test_ddnm_heun_is_the_unconditional_heun_in_the_null_space(task, options, to
     assert (torch.cov(f.T) - S**2 * null).abs().max() < tol * S**2
     with pytest.raises(ValueError, match=r"y must be \[2, 1, 2, 2\]"):
         ddnm_heun(d, oracle, torch.zeros(2, 1, 4, 4), operator("sr2", shape), grid)
+
+
+def test_ddnm_from_a_lower_start_is_noised_pinv_y():
+    """A grid whose top t0 lies below T - 1 starts from x_t0 = sqrt(abar_t0) A+ y + sqrt(1 - abar_t0) z: along a
+    null direction mean 0 and variance 1 - abar_t0, whence the oracle's recursion gives the output's moments;
+    the range is A+ y, and only the grid's points are visited."""
+    calls = []
+
+    def counting(x, t):
+        calls.append(int(t[0]))
+        return oracle(x, t)
+
+    betas = beta_schedule("linear", 1000)
+    oracle, t0 = GaussianOracle(betas, M, S), 200
+    op, y, out, _, grid = _restore("inpaint", 30, t_start=t0)
+    assert grid[-1] == t0 and len(grid) == 30
+    assert torch.allclose(op.A(out), y, atol=1e-12)
+    D = out[0].numel()
+    null = torch.eye(D, dtype=torch.float64) - _matrix(op.project, op.shape)
+    a = float(abar_of(betas)[t0])
+    mu_u, var_u = null_moments(betas, grid, M, S, start=(0.0, 1 - a))
+    # from N(0, I) at t0 the output would hold 0.307 (the prior's 0.25), from this start 0.202: DDIM's eta 1
+    # keeps enough of x_t0 to tell the two apart (DDNM's rule at 0.85 forgets it: 0.179 either way)
+    assert var_u < 0.7 * null_moments(betas, grid, M, S)[1]
+    f = out.reshape(N, D)
+    want_mean = op.pinv(y[:1]).reshape(D) + null @ torch.full((D,), M, dtype=torch.float64) * (mu_u / M)
+    assert (f.mean(0) - want_mean).abs().max() < 4.5 * math.sqrt(var_u / N)
+    assert (torch.cov(f.T) - var_u * null).abs().max() < 5 * var_u * math.sqrt(2 / N)
+    ddnm(GaussianDiffusion(betas), counting, y[:2], op, grid, generator=torch.Generator().manual_seed(0))
+    assert calls == grid[::-1]
 
 
 def test_time_travel_moves_and_network_evaluations():
@@ -389,6 +420,22 @@ def test_restore_with_ddnms_eta_rule(tiny_run, clean, tmp_path, capsys):
     for extra, words in ((["--eta-rule", "ddnm", "--eta", "1.5"], "--eta must lie in [0, 1] with --eta-rule ddnm"),
                          (["--eta", "-0.5"], "--eta must be >= 0; got -0.5"),
                          (["--eta-rule", "ddnm", "--sampler", "heun"], "an option of DDNM's own steps")):
+        code, err = _cli(base + out + extra, capsys)
+        assert code == 2 and words in err, err
+    assert not (tmp_path / "no.npz").exists()
+
+
+def test_restore_from_a_lower_start(tiny_run, clean, tmp_path, capsys):
+    y_path, x_path = tmp_path / "y.npz", tmp_path / "x.npz"
+    assert _cli(["degrade", "--task", "sr2", "--input", str(clean), "--out", str(y_path)], capsys)[0] == 0
+    base = ["restore", "--run", str(tiny_run), "--input", str(y_path), "--task", "sr2", "--quiet"]
+    code, err = _cli(base + ["--out", str(x_path), "--t-start", "20"], capsys)  # the default grid: 21 steps
+    assert code == 0 and "DDNM, 21 steps, from A+ y noised to t = 20" in err, err
+    assert float(err.rsplit("= ", 1)[1].split()[0]) < 1e-5  # A x = y before rounding, in float32
+    out = ["--out", str(tmp_path / "no.npz")]
+    for extra, words in ((["--t-start", "40"], "--t-start must lie in 1..39"),
+                         (["--t-start", "20", "--steps", "30"], "at most 21 steps lie in 0..20"),
+                         (["--t-start", "20", "--sampler", "heun"], "--t-start: an option of DDNM's own steps")):
         code, err = _cli(base + out + extra, capsys)
         assert code == 2 and words in err, err
     assert not (tmp_path / "no.npz").exists()

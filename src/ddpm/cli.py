@@ -434,6 +434,8 @@ def _restore(args: argparse.Namespace) -> int:
                           "--eta must be >= 0") + f"; got {args.eta}")
     if args.eta_rule != "ddim" and args.sampler == "heun":
         raise UsageError("--eta-rule: an option of DDNM's own steps (--sampler ddim); heun's noise is S_churn's")
+    if args.t_start is not None and args.sampler == "heun":
+        raise UsageError("--t-start: an option of DDNM's own steps (--sampler ddim); heun starts from noise")
     sampler_options = _restore_sampler_options(args)
     from ddpm.config import Config
 
@@ -441,18 +443,21 @@ def _restore(args: argparse.Namespace) -> int:
     R, C, T = cfg.model.resolution, cfg.model.in_channels, cfg.diffusion.num_timesteps
     if args.steps is not None and not 1 <= args.steps <= T:
         raise UsageError(f"--steps must lie in 1..{T} (the run's timesteps); got {args.steps}")
+    if args.t_start is not None and not 1 <= args.t_start <= T - 1:
+        raise UsageError(f"--t-start must lie in 1..{T - 1} (the run's timesteps); got {args.t_start}")
     trained = cfg.data.task
     if trained is None:  # DDNM: any task, the default grid 100 steps
         if args.task is None:
             raise UsageError("--task is required for an unconditional run: the degradation to undo (e.g. sr4)")
         task, mask = args.task, _mask(args.mask, args.task, R)
-        steps = min(args.steps, T) if args.steps is not None else min(100, T)
+        steps = min(args.steps, T) if args.steps is not None else min(100, T if args.t_start is None else args.t_start + 1)
     else:  # trained on pairs: its own task, ancestral over all T unless --steps
         if args.task is not None and args.task != trained:
             raise UsageError(f"--task {args.task}: --run {args.run} was trained on {trained} pairs (data.task) and "
                              f"restores {trained} inputs only (an unconditional run restores any task with DDNM)")
         ddnm_only = [o for o, v, d in (("--noise", args.noise or 0.0, 0.0), ("--travel-length", args.travel_length, 1),
-                                       ("--travel-repeat", args.travel_repeat, 1), ("--eta-rule", args.eta_rule, "ddim"))
+                                       ("--travel-repeat", args.travel_repeat, 1), ("--eta-rule", args.eta_rule, "ddim"),
+                                       ("--t-start", args.t_start, None))
                      if v != d]
         if ddnm_only and not args.consistent:
             raise UsageError(f"{', '.join(ddnm_only)}: DDNM's options, for unconditional runs or with --consistent; "
@@ -486,7 +491,10 @@ def _restore(args: argparse.Namespace) -> int:
             raise UsageError(f"--sampler heun takes noiseless inputs only, and {why}: DDNM+ for noisy inputs "
                              "runs on DDNM's own steps (--sampler ddim)")
         steps = args.steps if args.steps is not None else 50
-    opts = RestoreOptions(steps=steps, eta=args.eta, eta_rule=args.eta_rule, sigma_y=noise,
+    if args.t_start is not None and steps is not None and steps > args.t_start + 1:
+        raise UsageError(f"--steps {steps} with --t-start {args.t_start}: at most {args.t_start + 1} steps lie in "
+                         f"0..{args.t_start}")
+    opts = RestoreOptions(steps=steps, eta=args.eta, eta_rule=args.eta_rule, sigma_y=noise, t_start=args.t_start,
                           travel_length=args.travel_length, travel_repeat=args.travel_repeat,
                           consistent=args.consistent and trained is not None, sampler=args.sampler,
                           sampler_options=sampler_options)
@@ -501,6 +509,8 @@ def _restore(args: argparse.Namespace) -> int:
             + f" in Heun's sampler, {steps} grid points ({2 * steps - 1} network evaluations{churn})"
     if ddnm_steps and not heun and (args.eta != 1.0 or args.eta_rule != "ddim"):
         how += f", eta {args.eta:g}" + (" by DDNM's code's rule" if args.eta_rule == "ddnm" else "")
+    if args.t_start is not None:
+        how += f", from A+ y noised to t = {args.t_start}"
     if noise > 0:
         how += f", DDNM+ for input noise of std {noise:.2g}" + (" (8-bit rounding's)" if args.noise is None else "")
     if opts.travel_length > 1 or opts.travel_repeat > 1:
@@ -746,6 +756,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="std of the noise in the input, in [-1, 1] units (DDNM+; 0: exact consistency). Default: "
                         "for deblur the 8-bit rounding's, 0.0023, which the blur's inverse would amplify up to "
                         "1000x; for the other tasks 0"),
+    r.add_argument("--t-start", type=int, metavar="K",
+                   help="DDNM's steps: start at timestep K (below the run's T - 1) from the input's A+ y noised to "
+                        "it, with the --steps grid points in 0..K (Chung et al. 2022's shortcut; default: from "
+                        "noise at T - 1)")
     r.add_argument("--travel-length", type=int, default=1, help="time travel: jump back this many grid points")
     r.add_argument("--travel-repeat", type=int, default=1, help="time travel: walk each stretch this many times")
     r.add_argument("--consistent", action="store_true",

@@ -276,6 +276,7 @@ class RestoreOptions:
     consistent: bool = False  # a run trained on pairs: DDNM's steps with its network, A x = y (unconditional: always)
     sampler: str = "ddim"  # ddim (DDNM's own steps, with eta) or heun (EDM's, 2 steps - 1 evaluations; noiseless y)
     sampler_options: dict = field(default_factory=dict)  # heun's S_churn, S_tmin, S_tmax, S_noise
+    t_start: int | None = None  # DDNM's steps: the grid's top, from A+ y noised to it (None: T - 1, from noise)
 
 
 @dataclass
@@ -296,7 +297,8 @@ def restore_batch(run: Run, op: Operator, y: torch.Tensor, indices: range, seed:
     image's lost frequencies). A run trained on pairs (`Run.task`): its network with the condition of y
     concatenated at every call (`ddpm.conditional`), ancestral over all T (steps None) or DDIM with eta; with
     `opts.consistent`, DDNM's steps with that network (every step's x0 projected onto A x = A A+ y, so the
-    output agrees with y as an unconditional run's does), on `opts.steps` grid points (None: all T).
+    output agrees with y as an unconditional run's does), on `opts.steps` grid points (None: all T);
+    `opts.t_start` puts the grid's top there, started from A+ y noised to it (`ddnm`).
     `opts.sampler` heun: the same projection inside EDM's Heun sampler (`ddnm_heun`) on its Karras grid of
     `opts.steps` points, or for a run trained on pairs without `consistent`, that sampler with the condition."""
     gens = sample_generator(seed, "restore", indices, device)
@@ -307,7 +309,7 @@ def restore_batch(run: Run, op: Operator, y: torch.Tensor, indices: range, seed:
         if opts.sampler == "heun":
             grid = timestep_grid(run.diffusion, opts.steps, "karras")
             return ddnm_heun(run.diffusion, model, y, op, grid, generator=gens, **opts.sampler_options), y
-        grid = timestep_grid(run.diffusion, opts.steps)
+        grid = timestep_grid(run.diffusion, opts.steps, t_start=opts.t_start)
         x = ddnm(run.diffusion, model, y, op, grid, generator=gens, sigma_y=opts.sigma_y, eta=opts.eta,
                  eta_rule=opts.eta_rule, travel_length=opts.travel_length, travel_repeat=opts.travel_repeat)
         return x, y

@@ -367,7 +367,12 @@ def ddnm(diffusion: GaussianDiffusion, model: Model, y: torch.Tensor, op: Operat
     `travel_moves`: at every L-th grid point x jumps back up L points with q(x_t' | x_t) =
     N(sqrt(abar_t' / abar_t) x_t, (1 - abar_t' / abar_t) I) and the L steps are redone, r - 1 times, letting the
     range and null-space parts agree. Network evaluations: len(timesteps) plus L (r - 1) per jump point.
-    `callback(t, x_t, x0_c)` sees every step; x_T defaults to N(0, I) noise shaped like A+ y."""
+    `callback(t, x_t, x0_c)` sees every step. x_T defaults to N(0, I) noise shaped like A+ y on a grid from
+    T - 1. A grid that starts lower, at t0 (`timestep_grid(..., t_start=t0)`), starts from y's own estimate
+    noised to t0 instead, x_t0 = sqrt(abar_t0) A+ y + sqrt(1 - abar_t0) z (Chung et al. 2022, "come closer,
+    diffuse faster"): x_t0's range part then agrees with y from the first step, and its null-space part holds
+    the noise alone (variance 1 - abar_t0, where x_t0 from the prior has abar_t0 var(x0) more); all the grid's
+    points lie in 0..t0."""
     if sigma_y < 0:
         raise ValueError(f"sigma_y must be >= 0; got {sigma_y}")
     if eta_rule not in ETA_RULES:
@@ -379,7 +384,13 @@ def ddnm(diffusion: GaussianDiffusion, model: Model, y: torch.Tensor, op: Operat
     if tuple(y.shape) != expected:
         raise ValueError(f"y must be {list(expected)} for this operator; got {list(y.shape)}")
     kept = list(timesteps)
-    x = randn(tuple(y.shape[:1]) + tuple(op.shape), generator, y.device, y.dtype) if x_T is None else x_T
+    if x_T is None:
+        x = randn(tuple(y.shape[:1]) + tuple(op.shape), generator, y.device, y.dtype)
+        if kept[-1] < diffusion.num_timesteps - 1:  # a lower start: A+ y noised to it
+            a = _abar(diffusion, kept[-1])
+            x = math.sqrt(a) * op.pinv(y) + math.sqrt(1 - a) * x
+    else:
+        x = x_T
     moves = travel_moves(len(kept), travel_length, travel_repeat)
     for p, q in _progress(moves, progress, "ddnm"):
         t = kept[p]
