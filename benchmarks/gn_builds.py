@@ -31,7 +31,7 @@ SHAPES = [(64, 32, 28, 28), (64, 64, 14, 14), (64, 128, 7, 7), (64, 96, 28, 28),
 
 
 def build(source: str, extra: list[str], out: Path) -> ctypes.CDLL:
-    subprocess.run(["gcc", *fused._FLAGS, *extra, source, "-o", str(out), "-lm"], check=True)
+    subprocess.run([*fused.c_compiler(), *fused._FLAGS, *extra, source, "-o", str(out), "-lm"], check=True)
     return fused.declare(ctypes.CDLL(str(out)))
 
 

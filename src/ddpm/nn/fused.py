@@ -96,6 +96,12 @@ def cpu_key() -> str:
     return platform.machine() + flags
 
 
+def c_compiler() -> list[str]:
+    """The C compiler's command: $CC (split as a shell would), else gcc or cc on PATH; [] when there is none."""
+    found = shutil.which("gcc") or shutil.which("cc")
+    return shlex.split(os.environ.get("CC", "")) or ([found] if found else [])
+
+
 def _compile(compiler: list[str]) -> Path:
     source = _SOURCE.read_bytes()
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
@@ -146,8 +152,7 @@ def _load() -> ctypes.CDLL | None:
         if os.environ.get("DDPM_FUSED_CPU", "1") == "0":
             why = "turned off by DDPM_FUSED_CPU=0"
         else:
-            found = shutil.which("gcc") or shutil.which("cc")
-            compiler = shlex.split(os.environ.get("CC", "")) or ([found] if found else [])
+            compiler = c_compiler()
             if not compiler:
                 why = "no C compiler (gcc or $CC) on PATH"
             else:
