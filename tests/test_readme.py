@@ -69,11 +69,12 @@ def test_the_synopsis_names_only_real_options():
 
 
 def _scaled_timesteps(argv: list[str], T: int = 100) -> list[str]:
-    """The README's timesteps are the paper's (T = 1000): each value of --share-from and --t, checked to lie in
-    [0, 1000), mapped to the same point of a T-step run (t T / 1000), so that the line runs on the tiny run's T."""
+    """The README's timesteps are the paper's (T = 1000): each value of --share-from, --t and --t-start, checked
+    to lie in [0, 1000), mapped to the same point of a T-step run (t T / 1000), so that the line runs on the tiny
+    run's T."""
     out = list(argv)
     for i, w in enumerate(argv[:-1]):
-        if w in ("--share-from", "--t"):
+        if w in ("--share-from", "--t", "--t-start"):
             values = [int(v) for v in argv[i + 1].split(",")]
             assert all(0 <= v < 1000 for v in values), argv  # a timestep of the paper's T = 1000
             out[i + 1] = ",".join(str(v * T // 1000) for v in values)
