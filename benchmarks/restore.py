@@ -181,20 +181,16 @@ def main() -> int:
                 methods.append((f"DDNM, {k} steps, eta {e:g} ({rule}'s rule)", args.n,
                                 lambda k=k, op=op, y=y, rule=rule, e=e: seeded(run, op, y, k, args.batch_size, eta=e,
                                                                                 eta_rule=rule)))
-        for rule, e in ([] if args.skip_plain else [("ddim", 1.0)]) + etas if args.travel else []:
-            for k in args.steps:
-                noise = "" if (rule, e) == ("ddim", 1.0) else f", eta {e:g} ({rule}'s rule)"
-                methods.append((f"DDNM, {k} steps{noise}, time travel L {args.travel[0]} r {args.travel[1]}", args.n,
-                                lambda k=k, op=op, y=y, rule=rule, e=e: seeded(
-                                    run, op, y, k, args.batch_size, eta=e, eta_rule=rule,
-                                    travel_length=args.travel[0], travel_repeat=args.travel[1])))
-        for t0 in args.t_start:
+        variants = [(f", time travel L {args.travel[0]} r {args.travel[1]}",
+                     {"travel_length": args.travel[0], "travel_repeat": args.travel[1]})] if args.travel else []
+        variants += [(f", from A+ y at t = {t0}", {"t_start": t0}) for t0 in args.t_start]
+        for suffix, extra in variants:  # each with the plain rows' noise and each --eta, at every --steps
             for rule, e in ([] if args.skip_plain else [("ddim", 1.0)]) + etas:
                 for k in args.steps:
                     noise = "" if (rule, e) == ("ddim", 1.0) else f", eta {e:g} ({rule}'s rule)"
-                    methods.append((f"DDNM, {k} steps{noise}, from A+ y at t = {t0}", args.n,
-                                    lambda k=k, op=op, y=y, rule=rule, e=e, t0=t0: seeded(
-                                        run, op, y, k, args.batch_size, eta=e, eta_rule=rule, t_start=t0)))
+                    methods.append((f"DDNM, {k} steps{noise}{suffix}", args.n,
+                                    lambda k=k, op=op, y=y, rule=rule, e=e, extra=extra: seeded(
+                                        run, op, y, k, args.batch_size, eta=e, eta_rule=rule, **extra)))
         for k in args.heun:
             for churn in args.heun_churn:
                 churned = {"S_churn": churn, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003} if churn else {}
