@@ -445,6 +445,9 @@ def _restore(args: argparse.Namespace) -> int:
         raise UsageError(f"--steps must lie in 1..{T} (the run's timesteps); got {args.steps}")
     if args.t_start is not None and not 1 <= args.t_start <= T - 1:
         raise UsageError(f"--t-start must lie in 1..{T - 1} (the run's timesteps); got {args.t_start}")
+    if args.t_start is not None and args.steps is not None and args.steps > args.t_start + 1:
+        raise UsageError(f"--steps {args.steps} with --t-start {args.t_start}: at most {args.t_start + 1} steps lie "
+                         f"in 0..{args.t_start}")
     trained = cfg.data.task
     if trained is None:  # DDNM: any task, the default grid 100 steps
         if args.task is None:
@@ -491,9 +494,6 @@ def _restore(args: argparse.Namespace) -> int:
             raise UsageError(f"--sampler heun takes noiseless inputs only, and {why}: DDNM+ for noisy inputs "
                              "runs on DDNM's own steps (--sampler ddim)")
         steps = args.steps if args.steps is not None else 50
-    if args.t_start is not None and steps is not None and steps > args.t_start + 1:
-        raise UsageError(f"--steps {steps} with --t-start {args.t_start}: at most {args.t_start + 1} steps lie in "
-                         f"0..{args.t_start}")
     opts = RestoreOptions(steps=steps, eta=args.eta, eta_rule=args.eta_rule, sigma_y=noise, t_start=args.t_start,
                           travel_length=args.travel_length, travel_repeat=args.travel_repeat,
                           consistent=args.consistent and trained is not None, sampler=args.sampler,
