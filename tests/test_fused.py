@@ -81,6 +81,57 @@ def test_bfloat16_error_is_no_larger_than_torchs_own_bfloat16():
     assert max(ours) < 2e-2  # bf16 keeps 8 bits: a relative rounding of 2^-9 per element
 
 
+@pytest.mark.parametrize("shape", [(3, 96, 16, 16), (4, 32, 28, 28)])  # 3 channels a group; 1 (the shift cancels)
+def test_a_shift_is_added_before_the_norm_and_gets_its_gradient(shape):
+    N, C = shape[:2]
+    norm = _norm(C)
+    x = _x(shape)
+    shift = (torch.randn(N, C, generator=torch.Generator().manual_seed(2)) * 2).requires_grad_()
+    y = fused.group_norm_act(x, norm, shift=shift, dropout=0.2)
+    # against float64 on x + shift with the kernel's own dropout mask
+    keep = y.detach() != 0
+    x64 = x.detach().double().requires_grad_()
+    s64 = shift.detach().double().requires_grad_()
+    ref = F.silu(F.group_norm(x64 + s64[:, :, None, None], 32, norm.weight.double(), norm.bias.double(), norm.eps))
+    ref = ref * keep.double() / 0.8
+    assert (y.double() - ref).abs().max() <= 2e-6 * ref.abs().max()
+    dy = torch.randn(shape, dtype=torch.float64)
+    got = torch.autograd.grad(y, [x, shift], dy.float())
+    want = torch.autograd.grad(ref, [x64, s64], dy)
+    assert ((got[0].double() - want[0]).abs().max() / want[0].abs().max()).item() < 1e-5
+    # the shift's gradient is the sum of dx over the positions; with one channel a group it is 0 (a group's
+    # constant cancels in its norm), so its error is measured against that sum's scale
+    scale = got[0].double().abs().sum(dim=(2, 3)).max()
+    assert ((got[1].double() - want[1]).abs().max() / scale).item() < 1e-6
+    if C == 32:
+        assert want[1].abs().max() < 1e-10 * scale
+    with pytest.raises(ValueError, match=r"shift must be \[N, C\]"):
+        fused.group_norm_act(x, norm, shift=shift[:, :-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_shift_is_the_sum_torchs_add_would_store(dtype):
+    """The kernel adds the shift as it reads x, rounded to x's dtype as torch's add of two such tensors rounds:
+    the output and dx are bit for bit those of the kernel on torch's own sum; so is torch's operators' path."""
+    norm = _norm(64)
+    x = _x((2, 64, 8, 8), dtype)
+    shift = torch.randn(2, 64).to(dtype).requires_grad_()
+    dy = torch.randn(x.shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    y = fused.group_norm_act(x, norm, shift=shift)
+    dx, dshift = torch.autograd.grad(y, [x, shift], dy)
+    summed = (x + shift[:, :, None, None]).contiguous(memory_format=torch.channels_last)
+    y2 = fused.group_norm_act(summed, norm)
+    assert torch.equal(y, y2)
+    assert torch.equal(dx, torch.autograd.grad(y2, [x], dy)[0])
+    assert dshift.dtype == dtype
+    assert torch.allclose(dshift.float(), dx.float().sum(dim=(2, 3)), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                          atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    fallback = fused.group_norm_act(x, norm, shift=shift, fused=False)
+    assert fallback.dtype == dtype
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert (fallback.float() - y.float()).abs().max() <= tol * y.float().abs().max()
+
+
 def test_dropout_drops_a_fraction_p_and_the_gradient_follows_the_same_mask():
     p, shape = 0.3, (4, 64, 16, 16)
     norm = _norm(64)
@@ -232,12 +283,14 @@ def test_the_kernel_is_compiled_once_into_the_cache_and_again_for_torchs_avx2_sw
 def test_unet_takes_the_kernel_by_default_for_every_group_norm(monkeypatch, channels):
     calls = []
     apply = fused._GroupNormAct.apply
-    monkeypatch.setattr(fused._GroupNormAct, "apply", lambda *a: calls.append(a[5:]) or apply(*a))
+    # (whether a shift was given, silu, p) of each call
+    monkeypatch.setattr(fused._GroupNormAct, "apply", lambda *a: calls.append((a[3] is not None, *a[6:])) or apply(*a))
     net = UNet(channels, 32, (1, 2), 1, (8,), 0.1, 16)  # defaults: channels-last, fused_norm=True
     net(torch.randn(2, channels, 16, 16), torch.tensor([3, 400])).sum().backward()
     blocks = sum(isinstance(m, nn.GroupNorm) for m in net.modules())
     assert len(calls) == blocks  # every group norm of the network
-    assert sorted(set(calls)) == [(False, 0.0), (True, 0.0), (True, 0.1)]  # attention; norm1 and norm_out; norm2
+    # attention; norm1 and norm_out; norm2, which adds the time embedding as its shift
+    assert sorted(set(calls)) == [(False, False, 0.0), (False, True, 0.0), (True, True, 0.1)]
     calls.clear()
     net.set_fused_norm(False)
     net(torch.randn(2, channels, 16, 16), torch.tensor([3, 400]))

@@ -1,6 +1,7 @@
 /* Group norm -> swish -> dropout as one kernel over a channels-last (N, H, W, C) tensor, forward (two passes
- * for the statistics, one to write) and backward (two passes), float32 or bfloat16 data with float32
- * statistics and affine parameters. Loaded by ddpm/nn/fused.py through
+ * for the statistics, one to write) and backward (two passes), float32 or bfloat16 data with float32 statistics and
+ * affine parameters. An optional per-(sample, channel) shift is added to x first (the residual block's time
+ * embedding, h + temb), so that sum makes no pass over memory of its own. Loaded by ddpm/nn/fused.py through
  * ctypes, compiled on first use for the machine it runs on (see there for why and how).
  *
  * Why: torch's channels-last group norm vectorises over the channels of one group (4 or 8 in the paper's
@@ -80,6 +81,21 @@ static void store_row_f32(const float *restrict src, float *restrict dst, int64_
 static void store_row_bf16(const float *restrict src, bf16_t *restrict dst, int64_t w) {
     for (int64_t c = 0; c < w; c++) store_bf16(dst + c, src[c]);
 }
+/* f rounded to the nearest bfloat16 (ties to even), as a float: what torch's bf16 add stores. */
+static inline float round_bf16(float f) {
+    bf16_t h;
+    store_bf16(&h, f);
+    return load_bf16(&h);
+}
+/* dst = src + shift, the sum as torch's add of two tensors of src's dtype would store it. */
+static void load_row_shift_f32(const float *restrict src, const float *restrict shift, float *restrict dst,
+                               int64_t w) {
+    for (int64_t c = 0; c < w; c++) dst[c] = src[c] + shift[c];
+}
+static void load_row_shift_bf16(const bf16_t *restrict src, const float *restrict shift, float *restrict dst,
+                                int64_t w) {
+    for (int64_t c = 0; c < w; c++) dst[c] = round_bf16(load_bf16(src + c) + shift[c]);
+}
 static void affine_row(float *restrict v, const float *restrict a, const float *restrict b, int64_t w) {
     for (int64_t c = 0; c < w; c++) v[c] = v[c] * a[c] + b[c];
 }
@@ -138,12 +154,31 @@ static float *scratch(size_t n) {
 
 #define ROW_BLOCK 128 /* rows summed in float before being added to the double totals */
 
-/* Per-channel sums of x (and, with centre != NULL, of (x - centre)^2) over the HW rows, channels [c0, c1). */
+/* One row of x (+ shift), as float: the values the group norm sees. */
+#define DEFINE_LOAD(SUF, T)                                                                                    \
+    static inline void load_x_##SUF(const T *src, const float *shift, float *dst, int64_t w) {                 \
+        if (shift)                                                                                             \
+            load_row_shift_##SUF(src, shift, dst, w);                                                          \
+        else                                                                                                   \
+            load_row_##SUF(src, dst, w);                                                                       \
+    }
+
+/* Element c of a row of x (+ shift), as float: the value the group norm sees (the loops that call these are
+ * unswitched on shift by the compiler). */
+static inline float xval_f32(const float *row, const float *shift, int64_t c) {
+    return shift ? row[c] + shift[c] : row[c];
+}
+static inline float xval_bf16(const bf16_t *row, const float *shift, int64_t c) {
+    return shift ? round_bf16(load_bf16(row + c) + shift[c]) : load_bf16(row + c);
+}
+
+/* Per-channel sums of x (+ shift) (and, with centre != NULL, of (x (+ shift) - centre)^2) over the HW rows,
+ * channels [c0, c1). */
 #define DEFINE_CHANNEL_SUMS(SUF, T)                                                                            \
-    static void channel_sums_##SUF(const T *x, int64_t HW, int64_t C, int64_t c0, int64_t c1,                 \
-                                   const float *centre, double *total, float *part) {                         \
+    static void channel_sums_##SUF(const T *x, const float *shift, int64_t HW, int64_t C, int64_t c0,          \
+                                   int64_t c1, const float *centre, double *total, float *part) {              \
         int64_t w = c1 - c0;                                                                                   \
-        for (int64_t c = 0; c < w; c++) total[c] = 0.0;                                                       \
+        for (int64_t c = 0; c < w; c++) total[c] = 0.0;                                                        \
         for (int64_t r0 = 0; r0 < HW; r0 += ROW_BLOCK) {                                                       \
             int64_t r1 = r0 + ROW_BLOCK < HW ? r0 + ROW_BLOCK : HW;                                            \
             for (int64_t c = 0; c < w; c++) part[c] = 0.0f;                                                    \
@@ -151,11 +186,11 @@ static float *scratch(size_t n) {
                 const T *row = x + r * C + c0;                                                                 \
                 if (centre) {                                                                                  \
                     for (int64_t c = 0; c < w; c++) {                                                          \
-                        float d = load_##SUF(row + c) - centre[c];                                             \
+                        float d = xval_##SUF(row, shift, c) - centre[c];                                       \
                         part[c] += d * d;                                                                      \
                     }                                                                                          \
                 } else {                                                                                       \
-                    for (int64_t c = 0; c < w; c++) part[c] += load_##SUF(row + c);                            \
+                    for (int64_t c = 0; c < w; c++) part[c] += xval_##SUF(row, shift, c);                      \
                 }                                                                                              \
             }                                                                                                  \
             for (int64_t c = 0; c < w; c++) total[c] += part[c];                                               \
@@ -164,12 +199,13 @@ static float *scratch(size_t n) {
 
 /* Forward of one item: statistics of groups [g0, g1) of sample n, then y. */
 #define DEFINE_FORWARD(SUF, T)                                                                                 \
-    static int forward_item_##SUF(const T *x, T *y, const float *gamma, const float *beta, float *mean,      \
-                                   float *rstd, int64_t n, int64_t HW, int64_t C, int64_t G, int64_t g0,       \
-                                   int64_t g1, float eps, int silu, uint32_t threshold, float keep_scale,      \
-                                   uint64_t seed) {                                                            \
+    static int forward_item_##SUF(const T *x, T *y, const float *gamma, const float *beta, const float *shift, \
+                                   float *mean, float *rstd, int64_t n, int64_t HW, int64_t C, int64_t G,      \
+                                   int64_t g0, int64_t g1, float eps, int silu, uint32_t threshold,            \
+                                   float keep_scale, uint64_t seed) {                                          \
         int64_t D = C / G, c0 = g0 * D, c1 = g1 * D, w = c1 - c0;                                              \
         const T *xn = x + n * HW * C;                                                                          \
+        const float *sn = shift ? shift + n * C + c0 : NULL;                                                   \
         T *yn = y + n * HW * C;                                                                                \
         double *total = (double *)malloc(sizeof(double) * w);                                                  \
         float *f = (float *)malloc(sizeof(float) * 4 * w), *part = f, *a = f + w, *b = f + 2 * w;              \
@@ -180,14 +216,14 @@ static float *scratch(size_t n) {
             return -1;                                                                                         \
         }                                                                                                      \
         double M = (double)D * (double)HW;                                                                     \
-        channel_sums_##SUF(xn, HW, C, c0, c1, NULL, total, part);                                              \
+        channel_sums_##SUF(xn, sn, HW, C, c0, c1, NULL, total, part);                                          \
         for (int64_t g = g0; g < g1; g++) {                                                                    \
             double s = 0.0;                                                                                    \
             for (int64_t d = 0; d < D; d++) s += total[(g - g0) * D + d];                                      \
             mean[n * G + g] = (float)(s / M);                                                                  \
             for (int64_t d = 0; d < D; d++) b[(g - g0) * D + d] = mean[n * G + g];                             \
         }                                                                                                      \
-        channel_sums_##SUF(xn, HW, C, c0, c1, b, total, part);                                                 \
+        channel_sums_##SUF(xn, sn, HW, C, c0, c1, b, total, part);                                             \
         for (int64_t g = g0; g < g1; g++) {                                                                    \
             double s = 0.0;                                                                                    \
             for (int64_t d = 0; d < D; d++) s += total[(g - g0) * D + d];                                      \
@@ -195,7 +231,7 @@ static float *scratch(size_t n) {
         }                                                                                                      \
         affine_coefficients(gamma, beta, mean, rstd, n, G, D, c0, w, a, b);                                    \
         for (int64_t r = 0; r < HW; r++) {                                                                     \
-            load_row_##SUF(xn + r * C + c0, v, w);                                                             \
+            load_x_##SUF(xn + r * C + c0, sn, v, w);                                                           \
             affine_row(v, a, b, w);                                                                            \
             if (silu) silu_row(v, w);                                                                          \
             if (threshold) dropout_row(v, seed, (uint64_t)((n * HW + r) * C + c0), threshold, keep_scale, w);  \
@@ -207,14 +243,17 @@ static float *scratch(size_t n) {
     }
 
 /* Backward of one item. dz = dL/d(normalised and affine-transformed x), kept in scratch between the passes;
- * sums [N, 2, C] gets sum(dz) and sum(dz * x) per channel (torch turns them into the parameter gradients). */
+ * sums [N, 2, C] gets sum(dz) and sum(dz * x) per channel (torch turns them into the parameter gradients), and
+ * dshift [N, C] (when the forward had a shift) the sum of dx over the rows: the shift's gradient. */
 #define DEFINE_BACKWARD(SUF, T)                                                                                \
-    static int backward_item_##SUF(const T *dy, const T *x, const float *gamma, const float *beta,           \
-                                    const float *mean, const float *rstd, T *dx, float *sums, int64_t n,       \
-                                    int64_t HW, int64_t C, int64_t G, int64_t g0, int64_t g1, int silu,        \
-                                    uint32_t threshold, float keep_scale, uint64_t seed) {                     \
+    static int backward_item_##SUF(const T *dy, const T *x, const float *gamma, const float *beta,             \
+                                    const float *shift, const float *mean, const float *rstd, T *dx,           \
+                                    float *sums, float *dshift, int64_t n, int64_t HW, int64_t C, int64_t G,   \
+                                    int64_t g0, int64_t g1, int silu, uint32_t threshold, float keep_scale,    \
+                                    uint64_t seed) {                                                           \
         int64_t D = C / G, c0 = g0 * D, c1 = g1 * D, w = c1 - c0;                                              \
         const T *xn = x + n * HW * C, *dyn = dy + n * HW * C;                                                  \
+        const float *sn = shift ? shift + n * C + c0 : NULL;                                                   \
         T *dxn = dx + n * HW * C;                                                                              \
         float *dz = scratch((size_t)(HW * w));                                                                 \
         double *acc = (double *)malloc(sizeof(double) * 2 * w), *s_dz = acc, *s_dzx = acc + w;                 \
@@ -232,9 +271,9 @@ static float *scratch(size_t n) {
             for (int64_t c = 0; c < w; c++) p_dz[c] = p_dzx[c] = 0.0f;                                         \
             for (int64_t r = r0; r < r1; r++) {                                                                \
                 float *dzr = dz + r * w;                                                                       \
-                load_row_##SUF(xn + r * C + c0, xv, w);                                                        \
+                load_x_##SUF(xn + r * C + c0, sn, xv, w);                                                      \
                 load_row_##SUF(dyn + r * C + c0, dzr, w);                                                      \
-                if (threshold) dropout_row(dzr, seed, (uint64_t)((n * HW + r) * C + c0), threshold, keep_scale, w);\
+                if (threshold) dropout_row(dzr, seed, (uint64_t)((n * HW + r) * C + c0), threshold, keep_scale, w); \
                 if (silu) silu_grad_row(dzr, xv, a, b, w);                                                     \
                 accumulate_row(p_dz, p_dzx, dzr, xv, w);                                                       \
             }                                                                                                  \
@@ -263,16 +302,29 @@ static float *scratch(size_t n) {
             sums[(n * 2) * C + c0 + c] = (float)s_dz[c];                                                       \
             sums[(n * 2 + 1) * C + c0 + c] = (float)s_dzx[c];                                                  \
         }                                                                                                      \
-        for (int64_t r = 0; r < HW; r++) {                                                                     \
-            load_row_##SUF(xn + r * C + c0, xv, w);                                                            \
-            input_grad_row(xv, dz + r * w, a, b, k, w);                                                        \
-            store_row_##SUF(xv, dxn + r * C + c0, w);                                                          \
+        for (int64_t c = 0; c < w; c++) s_dz[c] = 0.0;                                                         \
+        for (int64_t r0 = 0; r0 < HW; r0 += ROW_BLOCK) {                                                       \
+            int64_t r1 = r0 + ROW_BLOCK < HW ? r0 + ROW_BLOCK : HW;                                            \
+            for (int64_t c = 0; c < w; c++) p_dz[c] = 0.0f;                                                    \
+            for (int64_t r = r0; r < r1; r++) {                                                                \
+                load_x_##SUF(xn + r * C + c0, sn, xv, w);                                                      \
+                input_grad_row(xv, dz + r * w, a, b, k, w);                                                    \
+                store_row_##SUF(xv, dxn + r * C + c0, w);                                                      \
+                if (dshift)                                                                                    \
+                    for (int64_t c = 0; c < w; c++) p_dz[c] += xv[c];                                          \
+            }                                                                                                  \
+            if (dshift)                                                                                        \
+                for (int64_t c = 0; c < w; c++) s_dz[c] += p_dz[c];                                            \
         }                                                                                                      \
+        if (dshift)                                                                                            \
+            for (int64_t c = 0; c < w; c++) dshift[n * C + c0 + c] = (float)s_dz[c];                           \
         free(acc);                                                                                             \
         free(f);                                                                                               \
         return 0;                                                                                              \
     }
 
+DEFINE_LOAD(f32, float)
+DEFINE_LOAD(bf16, bf16_t)
 DEFINE_CHANNEL_SUMS(f32, float)
 DEFINE_CHANNEL_SUMS(bf16, bf16_t)
 DEFINE_FORWARD(f32, float)
@@ -291,32 +343,34 @@ static int64_t group_blocks(int64_t N, int64_t G) {
  * item (sample n, groups g0 .. g1) on `threads` threads. Returns 0; -1 for a bad argument, -2 when memory for
  * an item's buffers could not be had. */
 #define RUN_ITEMS(CALL_F32, CALL_BF16)                                                                         \
-    if (G <= 0 || C % G != 0 || N < 0 || HW <= 0 || (dtype != 0 && dtype != 1)) return -1;                    \
+    if (G <= 0 || C % G != 0 || N < 0 || HW <= 0 || (dtype != 0 && dtype != 1)) return -1;                     \
     int64_t blocks = group_blocks(N, G), items = N * blocks, per = G / blocks;                                 \
     int failed = 0;                                                                                            \
-    _Pragma("omp parallel for schedule(static) num_threads(threads) reduction(| : failed)")                   \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) reduction(| : failed)")                    \
     for (int64_t i = 0; i < items; i++) {                                                                      \
         int64_t n = i / blocks, g0 = (i % blocks) * per, g1 = g0 + per;                                        \
         failed |= (dtype == 0 ? (CALL_F32) : (CALL_BF16)) != 0;                                                \
     }                                                                                                          \
     return failed ? -2 : 0;
 
-/* dtype: 0 float32, 1 bfloat16. threshold 0: no dropout. */
-int ddpm_gn_act_forward(int dtype, const void *x, void *y, const float *gamma, const float *beta, float *mean,
-                        float *rstd, int64_t N, int64_t HW, int64_t C, int64_t G, float eps, int silu,
+/* dtype: 0 float32, 1 bfloat16. threshold 0: no dropout. shift: NULL, or [N, C] float32 added to x first (for
+ * bfloat16 x the sum is rounded to bfloat16, as torch's add would store it); the backward then writes its
+ * gradient to dshift [N, C] (NULL: not wanted). */
+int ddpm_gn_act_forward(int dtype, const void *x, void *y, const float *gamma, const float *beta, const float *shift,
+                        float *mean, float *rstd, int64_t N, int64_t HW, int64_t C, int64_t G, float eps, int silu,
                         uint32_t threshold, float keep_scale, uint64_t seed, int threads) {
-    RUN_ITEMS(forward_item_f32((const float *)x, (float *)y, gamma, beta, mean, rstd, n, HW, C, G, g0, g1, eps,
-                               silu, threshold, keep_scale, seed),
-              forward_item_bf16((const bf16_t *)x, (bf16_t *)y, gamma, beta, mean, rstd, n, HW, C, G, g0, g1, eps,
-                                silu, threshold, keep_scale, seed))
+    RUN_ITEMS(forward_item_f32((const float *)x, (float *)y, gamma, beta, shift, mean, rstd, n, HW, C, G, g0, g1,
+                               eps, silu, threshold, keep_scale, seed),
+              forward_item_bf16((const bf16_t *)x, (bf16_t *)y, gamma, beta, shift, mean, rstd, n, HW, C, G, g0, g1,
+                                eps, silu, threshold, keep_scale, seed))
 }
 
 int ddpm_gn_act_backward(int dtype, const void *dy, const void *x, const float *gamma, const float *beta,
-                         const float *mean, const float *rstd, void *dx, float *sums, int64_t N, int64_t HW,
-                         int64_t C, int64_t G, int silu, uint32_t threshold, float keep_scale, uint64_t seed,
-                         int threads) {
-    RUN_ITEMS(backward_item_f32((const float *)dy, (const float *)x, gamma, beta, mean, rstd, (float *)dx, sums, n,
-                                HW, C, G, g0, g1, silu, threshold, keep_scale, seed),
-              backward_item_bf16((const bf16_t *)dy, (const bf16_t *)x, gamma, beta, mean, rstd, (bf16_t *)dx,
-                                 sums, n, HW, C, G, g0, g1, silu, threshold, keep_scale, seed))
+                         const float *shift, const float *mean, const float *rstd, void *dx, float *sums,
+                         float *dshift, int64_t N, int64_t HW, int64_t C, int64_t G, int silu, uint32_t threshold,
+                         float keep_scale, uint64_t seed, int threads) {
+    RUN_ITEMS(backward_item_f32((const float *)dy, (const float *)x, gamma, beta, shift, mean, rstd, (float *)dx,
+                                sums, dshift, n, HW, C, G, g0, g1, silu, threshold, keep_scale, seed),
+              backward_item_bf16((const bf16_t *)dy, (const bf16_t *)x, gamma, beta, shift, mean, rstd,
+                                 (bf16_t *)dx, sums, dshift, n, HW, C, G, g0, g1, silu, threshold, keep_scale, seed))
 }

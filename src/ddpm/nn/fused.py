@@ -1,6 +1,7 @@
 """Group norm -> swish -> dropout as one CPU kernel on channels-last tensors (forward and backward).
 
-The same function as `dropout(silu(group_norm(x)))`, computed in one pass over memory instead of three, with
+The same function as `dropout(silu(group_norm(x + shift)))` (shift: an optional value per sample and channel,
+the residual block's time embedding), computed in one pass over memory instead of four, with
 every loop running across the whole channel row. It exists because torch's channels-last group norm vectorises
 over the channels of a single group (4 or 8 in the paper's network): its bfloat16 backward ran 3-4x slower than
 the contiguous one on the machine measured, and with swish and dropout (a 32-bit Bernoulli draw per element,
@@ -133,10 +134,10 @@ def _compile(compiler: list[str]) -> Path:
 def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Give the loaded library's two entry points their C signatures (`_fused_cpu.c`); returns lib."""
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    lib.ddpm_gn_act_forward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32,
+    lib.ddpm_gn_act_forward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32,
                                         ctypes.c_int, ctypes.c_uint32, f32, ctypes.c_uint64, ctypes.c_int]
-    lib.ddpm_gn_act_backward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64,
-                                         ctypes.c_int, ctypes.c_uint32, f32, ctypes.c_uint64, ctypes.c_int]
+    lib.ddpm_gn_act_backward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64,
+                                         i64, i64, ctypes.c_int, ctypes.c_uint32, f32, ctypes.c_uint64, ctypes.c_int]
     lib.ddpm_gn_act_forward.restype = lib.ddpm_gn_act_backward.restype = ctypes.c_int
     return lib
 
@@ -251,48 +252,58 @@ def _hashed_dropout(h: torch.Tensor, p: float, inplace: bool) -> torch.Tensor:
     return (h.mul_(scale) if inplace else h * scale).masked_fill_(mask, 0.0)
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 class _GroupNormAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps, silu, p):
+    def forward(ctx, x, weight, bias, shift, groups, eps, silu, p):
         lib = _state["lib"]
         N, C, H, W = x.shape
         w32 = weight.detach().to(torch.float32).contiguous()
         b32 = bias.detach().to(torch.float32).contiguous()
+        # the shift as x's dtype would hold it (group_norm_act's definition), handed to the kernel in float32
+        s32 = None if shift is None else shift.detach().to(x.dtype).to(torch.float32).contiguous()
         threshold, scale = _dropout_threshold(p) if p > 0 else (0, 1.0)
         seed = _dropout_seed() if threshold else 0
         y = torch.empty_like(x, memory_format=torch.channels_last)
         mean = torch.empty(N, groups, dtype=torch.float32)
         rstd = torch.empty(N, groups, dtype=torch.float32)
         rc = lib.ddpm_gn_act_forward(_DTYPES[x.dtype], x.data_ptr(), y.data_ptr(), w32.data_ptr(), b32.data_ptr(),
-                                     mean.data_ptr(), rstd.data_ptr(), N, H * W, C, groups, eps, int(silu),
-                                     threshold, scale, seed, torch.get_num_threads())
+                                     _ptr(s32), mean.data_ptr(), rstd.data_ptr(), N, H * W, C, groups, eps,
+                                     int(silu), threshold, scale, seed, torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"fused group norm forward: {_ERRORS.get(rc, rc)} for x {tuple(x.shape)} {x.dtype}")
-        ctx.save_for_backward(x, w32, b32, mean, rstd)
-        ctx.args = (groups, silu, threshold, scale, seed, weight.dtype, bias.dtype)
+        ctx.save_for_backward(x, w32, b32, s32, mean, rstd)
+        ctx.args = (groups, silu, threshold, scale, seed, weight.dtype, bias.dtype,
+                    None if shift is None else shift.dtype)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         lib = _state["lib"]
-        x, w32, b32, mean, rstd = ctx.saved_tensors
-        groups, silu, threshold, scale, seed, wdtype, bdtype = ctx.args
+        x, w32, b32, s32, mean, rstd = ctx.saved_tensors
+        groups, silu, threshold, scale, seed, wdtype, bdtype, sdtype = ctx.args
         N, C, H, W = x.shape
         dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)
         dx = torch.empty_like(x, memory_format=torch.channels_last)
         sums = torch.empty(N, 2, C, dtype=torch.float32)
+        dshift = torch.empty(N, C, dtype=torch.float32) if s32 is not None and ctx.needs_input_grad[3] else None
         rc = lib.ddpm_gn_act_backward(_DTYPES[x.dtype], dy.data_ptr(), x.data_ptr(), w32.data_ptr(),
-                                      b32.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
-                                      sums.data_ptr(), N, H * W, C, groups, int(silu), threshold, scale, seed,
-                                      torch.get_num_threads())
+                                      b32.data_ptr(), _ptr(s32), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
+                                      sums.data_ptr(), _ptr(dshift), N, H * W, C, groups, int(silu), threshold,
+                                      scale, seed, torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"fused group norm backward: {_ERRORS.get(rc, rc)} for x {tuple(x.shape)} {x.dtype}")
         d = C // groups
         s_dz, s_dzx = sums[:, 0], sums[:, 1]
         dweight = ((s_dzx - mean.repeat_interleave(d, 1) * s_dz) * rstd.repeat_interleave(d, 1)).sum(0)
         dbias = s_dz.sum(0)
-        return dx, dweight.to(wdtype), dbias.to(bdtype), None, None, None, None
+        if dshift is not None:
+            dshift = dshift.to(sdtype)
+        return dx, dweight.to(wdtype), dbias.to(bdtype), dshift, None, None, None, None
 
 
 def fused_applies(x: torch.Tensor, norm: nn.GroupNorm) -> bool:
@@ -303,18 +314,22 @@ def fused_applies(x: torch.Tensor, norm: nn.GroupNorm) -> bool:
 
 
 def group_norm_act(x: torch.Tensor, norm: nn.GroupNorm, silu: bool = True, dropout: float = 0.0,
-                   fused: bool = True) -> torch.Tensor:
-    """dropout(silu(norm(x)), p=dropout) (silu=False: no swish), x [N, C, H, W]. `dropout` is the probability
-    applied (pass 0 in eval mode). With fused=True and a channels-last float32/bfloat16 CPU tensor, one compiled
-    kernel; otherwise torch's operators, and dropout with the kernel's masks (`dropout_mask`; F.dropout inside a
-    torch.compile graph). The output keeps x's memory format."""
+                   fused: bool = True, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """dropout(silu(norm(x + shift)), p=dropout) (silu=False: no swish), x [N, C, H, W], shift None or [N, C]
+    (one value per sample and channel, cast to x's dtype and added as torch's add would: the residual block's
+    time embedding). `dropout` is the probability applied (pass 0 in eval mode). With fused=True and a
+    channels-last float32/bfloat16 CPU tensor, one compiled kernel, in which the shift costs no pass over memory
+    of its own; otherwise torch's operators, and dropout with the kernel's masks (`dropout_mask`; F.dropout
+    inside a torch.compile graph). The output keeps x's memory format."""
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+    if shift is not None and (x.dim() != 4 or shift.shape != x.shape[:2]):
+        raise ValueError(f"shift must be [N, C] = {list(x.shape[:2])} for x {list(x.shape)}; got {list(shift.shape)}")
     if fused and fused_applies(x, norm):
-        return _GroupNormAct.apply(x, norm.weight, norm.bias, norm.num_groups, float(norm.eps), silu,
+        return _GroupNormAct.apply(x, norm.weight, norm.bias, shift, norm.num_groups, float(norm.eps), silu,
                                    float(dropout))
     inplace = not torch.is_grad_enabled()
-    h = norm(x)
+    h = norm(x if shift is None else x + shift.to(x.dtype)[:, :, None, None])
     if silu:
         h = F.silu(h, inplace=inplace)
     if dropout == 0:

@@ -68,16 +68,15 @@ class ResnetBlock(nn.Module):
         self.fused_norm = True  # UNet.set_fused_norm
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
-        # temb_act = swish(temb) [B, temb_ch], computed once per forward for all blocks. Without autograd the
-        # intermediate tensors are updated in place (fewer passes over memory); never x itself.
-        inplace = not torch.is_grad_enabled()
+        # temb_act = swish(temb) [B, temb_ch], computed once per forward for all blocks. h + temb is the second
+        # group norm's shift: the fused kernel adds it as it reads h, with no pass over memory of its own. Without
+        # autograd the residual sum is taken in place (one pass fewer); never in x itself.
         h = self.conv1(group_norm_act(x, self.norm1, fused=self.fused_norm))
-        temb = self.temb_proj(temb_act)[:, :, None, None]
-        h = h.add_(temb) if inplace else h + temb
         p = self.dropout.p if self.training else 0.0
-        h = self.conv2(group_norm_act(h, self.norm2, dropout=p, fused=self.fused_norm))
+        h = self.conv2(group_norm_act(h, self.norm2, dropout=p, fused=self.fused_norm,
+                                      shift=self.temb_proj(temb_act)))
         skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return h.add_(skip) if inplace else skip + h
+        return h.add_(skip) if not torch.is_grad_enabled() else skip + h
 
 
 class AttnBlock(nn.Module):
@@ -194,9 +193,10 @@ class UNet(nn.Module):
         winograd: the residual blocks' and upsamplers' 3x3 convolutions run Winograd's F(4x4, 3x3) on the CPU
             in float32 where it measured faster (`ddpm.nn.winograd.Conv3x3`): the same function with a
             rounding error about 1e-5 relative instead of 1e-6. Not part of `config`; `set_winograd` changes it.
-        fused_norm: the residual blocks' group norm -> swish (-> dropout), the output's group norm -> swish and
-            the attention blocks' group norm run as one compiled kernel on channels-last CPU tensors
-            (`ddpm.nn.fused`; torch's operators where it does not apply or cannot be built). The same function,
+        fused_norm: the residual blocks' group norm -> swish (-> dropout), the second one with the time
+            embedding added to its input as it reads it, the output's group norm -> swish and the attention
+            blocks' group norm run as one compiled kernel on channels-last CPU tensors (`ddpm.nn.fused`; torch's
+            operators where it does not apply or cannot be built). The same function,
             dropout's masks included: both paths draw them from one hash of a seed drawn from torch's generator,
             so a seeded run trains the same weights either way. Not part of `config`; `set_fused_norm` changes it.
     """
