@@ -290,8 +290,9 @@ def main() -> None:
     print(f"\n{time.strftime('%Y-%m-%d')}, {args.network} network, {where}, torch {torch.__version__}, {dtype}, {extra}; "
           f"3x3-conv peak {peak:.0f} GFLOP/s fp32, {peak_bf16:.0f} bf16\n")
     print(f"| model | params | GFLOP/img fwd | train img/s (batch {args.train_batch}) | train GFLOP/s | % of conv peak "
-          f"| sample img-steps/s (batch {args.sample_batch}) | train, sample x diffusers | warm-up s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"| sample img-steps/s (batch {args.sample_batch}) | train, sample x diffusers | per-rep x diffusers, "
+          f"train; sample | warm-up s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     med = {n: {k: sorted(v)[len(v) // 2] for k, v in r.items()} for n, r in rows.items()}
     peer = med.get("diffusers UNet2DModel")
     for n, r in med.items():
@@ -301,7 +302,19 @@ def main() -> None:
         params = sum(p.numel() for p in models[n][0].parameters())
         vs = f"{tr / peer['train']:.2f}, {sm / peer['sample']:.2f}" if peer else "-"
         print(f"| {n} | {params:,} | {flops[n][0] / 1e9:.2f} | {tr:.2f} | {gf:.0f} | {100 * gf / ref:.0f}% | {sm:.1f} "
-              f"| {vs} | {compile_s[n]:.0f} |")
+              f"| {vs} | {paired(rows, n)} | {compile_s[n]:.0f} |")
+
+
+def paired(rows: dict, n: str, peer: str = "diffusers UNet2DModel") -> str:
+    """Model n's ratio to the peer within each repetition (the two timed minutes apart at most, so a host that
+    slows down for a while moves both): 'median (min-max)' for training, then sampling; '-' without the peer."""
+    if peer not in rows:
+        return "-"
+    out = []
+    for k in ("train", "sample"):
+        r = sorted(a / b for a, b in zip(rows[n][k], rows[peer][k], strict=True))
+        out.append(f"{r[len(r) // 2]:.2f} ({r[0]:.2f}-{r[-1]:.2f})")
+    return "; ".join(out)
 
 
 if __name__ == "__main__":
