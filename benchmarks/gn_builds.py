@@ -2,7 +2,10 @@
 
 Each BUILD is NAME=SOURCE[:EXTRA_FLAGS]: the C source (default: the package's own `_fused_cpu.c`) compiled with the
 flags `ddpm.nn.fused` uses plus EXTRA_FLAGS (e.g. `-ffp-contract=off` for the build before session 14), loaded
-through ctypes and swapped in as the kernel in turn. Forward and backward of `group_norm_act` at the fashion and
+through ctypes and swapped in as the kernel in turn. A SOURCE must have the entry points' current signatures
+(`ddpm.nn.fused.declare`: the sources before session 16 take no shift). The allocator runs as in the ddpm commands
+(`ddpm.runtime.keep_freed_memory`): otherwise every call's output can be fresh memory whose page faults weigh on
+the forward's time (2.5 against 0.63 ms in session 5's measurement, RESULTS). Forward and backward of `group_norm_act` at the fashion and
 digits networks' shapes, 2 threads, medians of the rounds; the outputs' largest difference from the first build
 beside each row (rounding only, for builds of the same function).
 
@@ -23,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ddpm.nn import fused
+from ddpm.runtime import keep_freed_memory
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fashion import cpu  # noqa: E402
@@ -42,6 +46,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=5, help="calls timed per round")
     args = p.parse_args()
     torch.set_num_threads(2)
+    keep_freed_memory()
     if not fused.status()[0]:
         raise SystemExit(f"the kernel is off here: {fused.status()[1]}")
     tmp = Path(tempfile.mkdtemp())
