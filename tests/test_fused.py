@@ -185,6 +185,24 @@ def test_results_do_not_depend_on_the_thread_count(N):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("C", [32, 64, 96, 128, 160])
+def test_a_batch_and_its_samples_alone_give_the_same_bits(C):
+    """A batch of 16 runs one work item per sample over all C channels (the kernel has copies for 32 to 128
+    channels with the width a constant); one sample alone is split in blocks of 2 groups (the general loops):
+    the two must agree bit for bit."""
+    norm = _norm(C)
+    x = _x((16, C, 6, 5))
+    shift = torch.randn(16, C)
+    dy = torch.randn(x.shape).contiguous(memory_format=torch.channels_last)
+    y = fused.group_norm_act(x, norm, shift=shift)
+    dx = torch.autograd.grad(y, x, dy)[0]
+    for i in (0, 7, 15):
+        xi = x[i:i + 1].detach().clone().requires_grad_()
+        yi = fused.group_norm_act(xi, norm, shift=shift[i:i + 1])
+        assert torch.equal(yi, y[i:i + 1])
+        assert torch.equal(torch.autograd.grad(yi, xi, dy[i:i + 1])[0], dx[i:i + 1])
+
+
 def test_nan_stays_in_its_group():
     norm = _norm(64)
     x = _x((2, 64, 4, 4)).detach().clone()
