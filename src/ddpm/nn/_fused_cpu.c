@@ -247,9 +247,9 @@ static inline float xval_bf16(const bf16_t *row, const float *shift, int64_t c) 
     }
 
 /* Backward of one item (w as in the forward). dz = dL/d(normalised and affine-transformed x), kept in scratch
- * between the passes;
- * sums [N, 2, C] gets sum(dz) and sum(dz * x) per channel (torch turns them into the parameter gradients), and
- * dshift [N, C] (when the forward had a shift) the sum of dx over the rows: the shift's gradient. */
+ * between the passes; sums [N, 2, C] gets sum(dz) and sum(dz * x) per channel (torch turns them into the
+ * parameter gradients), and dshift [N, C] (when the forward had a shift) the sum of dx over the rows: the shift's
+ * gradient, accumulated in the last pass in s_dz and p_dz, free by then. */
 #define DEFINE_BACKWARD(SUF, T)                                                                                \
     ROW_INLINE int backward_item_##SUF(const T *dy, const T *x, const float *gamma, const float *beta,         \
                                        const float *shift, const float *mean, const float *rstd, T *dx,        \
@@ -345,9 +345,10 @@ static int64_t group_blocks(int64_t N, int64_t G) {
 }
 
 /* With AVX-512 the small networks' widths (32 to 128 channels: rows of 2 to 8 vectors) get a copy of the item
- * with W a constant, so that its row loops carry no trip-count logic: 10-21% faster at 32-96 channels, 5-9% at 128
- * on an AVX-512 Xeon. Not for AVX2 builds: there, with 16 vector registers, the unrolled backward spilled and
- * ran 3-5% slower at 32 channels (benchmarks/RESULTS.md). The copies make the build 4x slower (about 8 s). */
+ * with W a constant, so that its row loops carry no trip-count logic: 13-21% faster at 32 and 64 channels, 7-11%
+ * at 96 and 128, on an AVX-512 Xeon. Not for AVX2 builds: there, with 16 vector registers, the unrolled backward
+ * spilled and ran 3-5% slower at 32 channels (benchmarks/RESULTS.md). The copies make the build 4x slower (about
+ * 8 s, once per machine). */
 #ifdef __AVX512F__
 #define SPECIALISED_WIDTHS(CALL_F32, CALL_BF16)                                                                \
     case 32: ITEM(32, CALL_F32, CALL_BF16); break;                                                             \
