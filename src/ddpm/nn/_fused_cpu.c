@@ -87,15 +87,6 @@ static inline float round_bf16(float f) {
     store_bf16(&h, f);
     return load_bf16(&h);
 }
-/* dst = src + shift, the sum as torch's add of two tensors of src's dtype would store it. */
-static void load_row_shift_f32(const float *restrict src, const float *restrict shift, float *restrict dst,
-                               int64_t w) {
-    for (int64_t c = 0; c < w; c++) dst[c] = src[c] + shift[c];
-}
-static void load_row_shift_bf16(const bf16_t *restrict src, const float *restrict shift, float *restrict dst,
-                                int64_t w) {
-    for (int64_t c = 0; c < w; c++) dst[c] = round_bf16(load_bf16(src + c) + shift[c]);
-}
 static void affine_row(float *restrict v, const float *restrict a, const float *restrict b, int64_t w) {
     for (int64_t c = 0; c < w; c++) v[c] = v[c] * a[c] + b[c];
 }
@@ -158,23 +149,20 @@ static float *scratch(size_t n) {
 
 #define ROW_BLOCK 128 /* rows summed in float before being added to the double totals */
 
-/* One row of x (+ shift), as float: the values the group norm sees. */
-#define DEFINE_LOAD(SUF, T)                                                                                    \
-    static inline void load_x_##SUF(const T *src, const float *shift, float *dst, int64_t w) {                 \
-        if (shift)                                                                                             \
-            load_row_shift_##SUF(src, shift, dst, w);                                                          \
-        else                                                                                                   \
-            load_row_##SUF(src, dst, w);                                                                       \
-    }
-
-/* Element c of a row of x (+ shift), as float: the value the group norm sees (the loops that call these are
- * unswitched on shift by the compiler). */
+/* Element c of a row of x (+ shift), as float: the value the group norm sees, the sum as torch's add of two
+ * tensors of x's dtype would store it (the loops that call these are unswitched on shift by the compiler). */
 static inline float xval_f32(const float *row, const float *shift, int64_t c) {
     return shift ? row[c] + shift[c] : row[c];
 }
 static inline float xval_bf16(const bf16_t *row, const float *shift, int64_t c) {
     return shift ? round_bf16(load_bf16(row + c) + shift[c]) : load_bf16(row + c);
 }
+/* One row of x (+ shift), as float. */
+#define DEFINE_LOAD(SUF, T)                                                                                    \
+    static inline void load_x_##SUF(const T *restrict src, const float *restrict shift, float *restrict dst,   \
+                                    int64_t w) {                                                               \
+        for (int64_t c = 0; c < w; c++) dst[c] = xval_##SUF(src, shift, c);                                    \
+    }
 
 /* Per-channel sums of x (+ shift) (and, with centre != NULL, of (x (+ shift) - centre)^2) over the HW rows,
  * channels [c0, c0 + w). */
