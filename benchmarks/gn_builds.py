@@ -5,9 +5,9 @@ flags `ddpm.nn.fused` uses plus EXTRA_FLAGS (e.g. `-ffp-contract=off` for the bu
 through ctypes and swapped in as the kernel in turn. A SOURCE must have the entry points' current signatures
 (`ddpm.nn.fused.declare`: the sources before session 16 take no shift). The allocator runs as in the ddpm commands
 (`ddpm.runtime.keep_freed_memory`): otherwise every call's output can be fresh memory whose page faults weigh on
-the forward's time (2.5 against 0.63 ms in session 5's measurement, RESULTS). Forward and backward of `group_norm_act` at the fashion and
-digits networks' shapes, 2 threads, medians of the rounds; the outputs' largest difference from the first build
-beside each row (rounding only, for builds of the same function).
+the forward's time (2.5 against 0.63 ms in session 5's measurement, RESULTS). Forward and backward of
+`group_norm_act` at the fashion and digits networks' shapes, 2 threads, medians of the rounds; the outputs' largest
+difference from the first build beside each row (rounding only, for builds of the same function).
 
     .venv/bin/python benchmarks/gn_builds.py old=:-ffp-contract=off new=: [--rounds 9]
 """

@@ -196,9 +196,9 @@ class UNet(nn.Module):
         fused_norm: the residual blocks' group norm -> swish (-> dropout), the second one with the time
             embedding added to its input as it reads it, the output's group norm -> swish and the attention
             blocks' group norm run as one compiled kernel on channels-last CPU tensors (`ddpm.nn.fused`; torch's
-            operators where it does not apply or cannot be built). The same function,
-            dropout's masks included: both paths draw them from one hash of a seed drawn from torch's generator,
-            so a seeded run trains the same weights either way. Not part of `config`; `set_fused_norm` changes it.
+            operators where it does not apply or cannot be built). The same function, dropout's masks included:
+            both paths draw them from one hash of a seed drawn from torch's generator, so a seeded run trains the
+            same weights either way. Not part of `config`; `set_fused_norm` changes it.
     """
 
     def __init__(self, in_channels: int = 3, ch: int = 128, ch_mult: tuple[int, ...] = (1, 2, 2, 2),
