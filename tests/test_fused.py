@@ -168,8 +168,9 @@ def test_dropout_masks_follow_torchs_seed():
 
 @pytest.mark.parametrize("N", [1, 16])
 def test_results_do_not_depend_on_the_thread_count(N):
+    """One sample runs the rows path (here two blocks of rows, the second partial), 16 the items path."""
     norm = _norm(128)
-    x = _x((N, 128, 8, 8))
+    x = _x((N, 128, 12, 13))
     dy = torch.randn(x.shape)
     threads = torch.get_num_threads()
     out = []
@@ -187,9 +188,9 @@ def test_results_do_not_depend_on_the_thread_count(N):
 
 @pytest.mark.parametrize("C", [32, 64, 96, 128, 160])
 def test_a_batch_and_its_samples_alone_give_the_same_bits(C):
-    """A batch of 16 runs one work item per sample over all C channels (the kernel has copies for 32 to 128
-    channels with the width a constant); one sample alone is split in blocks of 2 groups (the general loops):
-    the two must agree bit for bit."""
+    """A batch of 16 runs the items path, one work item per sample over all C channels (the kernel has copies for
+    32 to 128 channels with the width a constant, and the general loops for 160); one sample alone runs the rows
+    path: the two must agree bit for bit."""
     norm = _norm(C)
     x = _x((16, C, 6, 5))
     shift = torch.randn(16, C)
@@ -201,6 +202,27 @@ def test_a_batch_and_its_samples_alone_give_the_same_bits(C):
         yi = fused.group_norm_act(xi, norm, shift=shift[i:i + 1])
         assert torch.equal(yi, y[i:i + 1])
         assert torch.equal(torch.autograd.grad(yi, xi, dy[i:i + 1])[0], dx[i:i + 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 32, 17, 19), (3, 64, 9, 30), (2, 160, 11, 13), (5, 256, 4, 4)])
+def test_the_rows_and_the_items_paths_give_the_same_bits(monkeypatch, shape, dtype):
+    """The kernel's two ways of cutting the work (`_path` 1: items of whole samples or blocks of their groups;
+    2: blocks of 128 rows, several of them here, the last partial) with a shift, dropout and swish, forward and
+    backward: bit for bit, so that its own choice between them changes the speed only."""
+    norm = _norm(shape[1])
+    x = _x(shape, dtype)
+    shift = torch.randn(shape[:2], requires_grad=True)
+    dy = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    out = []
+    for path in (1, 2):
+        monkeypatch.setattr(fused, "_path", path)
+        torch.manual_seed(0)
+        y = fused.group_norm_act(x, norm, dropout=0.2, shift=shift)
+        out.append([y, *torch.autograd.grad(y, [x, norm.weight, norm.bias, shift], dy)])
+    for a, b in zip(*out, strict=True):
+        assert torch.equal(a, b)
+    assert (out[0][0] == 0).float().mean().item() == pytest.approx(0.2, abs=0.05)  # dropout ran
 
 
 def test_nan_stays_in_its_group():

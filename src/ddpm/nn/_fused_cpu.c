@@ -9,8 +9,10 @@
  * pass over memory (dropout a slow 32-bit Bernoulli draw per element). Here every loop runs over the whole
  * channel row, which the compiler vectorises, and one sample's rows stay in L2 between passes.
  *
- * Work items are (sample, block of whole groups); every sum is taken in a fixed order inside an item, so the
- * results do not depend on the number of threads. Dropout keeps element i (its flat index in the tensor) when
+ * Two ways to cut the work, with the same bits: items of whole samples (or blocks of their groups), each making
+ * every pass over its part, or, for a small batch, blocks of rows with a parallel loop per pass (see the rows
+ * path). Every sum is taken over the same blocks of rows in a fixed order, so the results depend neither on the
+ * number of threads nor on the batch a sample comes in. Dropout keeps element i (its flat index in the tensor) when
  * the top 32 bits of splitmix64(seed + i * golden) are >= threshold = round(p * 2^32); the backward pass draws
  * the same bits again instead of storing a mask.
  */
@@ -164,32 +166,121 @@ static inline float xval_bf16(const bf16_t *row, const float *shift, int64_t c) 
         for (int64_t c = 0; c < w; c++) dst[c] = xval_##SUF(src, shift, c);                                    \
     }
 
-/* Per-channel sums of x (+ shift) (and, with centre != NULL, of (x (+ shift) - centre)^2) over the HW rows,
- * channels [c0, c0 + w). */
-#define DEFINE_CHANNEL_SUMS(SUF, T)                                                                            \
+/* Per-channel float sums over rows [r0, r1) (at most ROW_BLOCK of them) of x (+ shift), or with centre != NULL
+ * of (x (+ shift) - centre)^2, channels [c0, c0 + w). Both paths build their statistics from these blocks, added
+ * in the same order, so that they agree bit for bit. */
+#define DEFINE_BLOCK_SUMS(SUF, T)                                                                              \
+    ROW_INLINE void block_sums_##SUF(const T *x, const float *shift, int64_t r0, int64_t r1, int64_t C,        \
+                                     int64_t c0, int64_t w, const float *centre, float *part) {                \
+        for (int64_t c = 0; c < w; c++) part[c] = 0.0f;                                                        \
+        for (int64_t r = r0; r < r1; r++) {                                                                    \
+            const T *row = x + r * C + c0;                                                                     \
+            if (centre) {                                                                                      \
+                for (int64_t c = 0; c < w; c++) {                                                              \
+                    float d = xval_##SUF(row, shift, c) - centre[c];                                           \
+                    part[c] += d * d;                                                                          \
+                }                                                                                              \
+            } else {                                                                                           \
+                for (int64_t c = 0; c < w; c++) part[c] += xval_##SUF(row, shift, c);                          \
+            }                                                                                                  \
+        }                                                                                                      \
+    }                                                                                                          \
+    /* The same sums over all HW rows, the blocks' added in double in order. */                                \
     ROW_INLINE void channel_sums_##SUF(const T *x, const float *shift, int64_t HW, int64_t C, int64_t c0,      \
                                        int64_t w, const float *centre, double *total, float *part) {           \
         for (int64_t c = 0; c < w; c++) total[c] = 0.0;                                                        \
         for (int64_t r0 = 0; r0 < HW; r0 += ROW_BLOCK) {                                                       \
-            int64_t r1 = r0 + ROW_BLOCK < HW ? r0 + ROW_BLOCK : HW;                                            \
-            for (int64_t c = 0; c < w; c++) part[c] = 0.0f;                                                    \
-            for (int64_t r = r0; r < r1; r++) {                                                                \
-                const T *row = x + r * C + c0;                                                                 \
-                if (centre) {                                                                                  \
-                    for (int64_t c = 0; c < w; c++) {                                                          \
-                        float d = xval_##SUF(row, shift, c) - centre[c];                                       \
-                        part[c] += d * d;                                                                      \
-                    }                                                                                          \
-                } else {                                                                                       \
-                    for (int64_t c = 0; c < w; c++) part[c] += xval_##SUF(row, shift, c);                      \
-                }                                                                                              \
-            }                                                                                                  \
+            block_sums_##SUF(x, shift, r0, r0 + ROW_BLOCK < HW ? r0 + ROW_BLOCK : HW, C, c0, w, centre, part); \
             for (int64_t c = 0; c < w; c++) total[c] += part[c];                                               \
         }                                                                                                      \
     }
 
+/* y over rows [r0, r1) of sample n, channels [c0, c0 + w), from the per-channel scale a and shift b; v: a row of
+ * scratch. */
+#define DEFINE_APPLY(SUF, T)                                                                                   \
+    ROW_INLINE void apply_rows_##SUF(const T *x, T *y, const float *sn, const float *a, const float *b,       \
+                                     int64_t n, int64_t HW, int64_t C, int64_t c0, int64_t w, int64_t r0,     \
+                                     int64_t r1, int silu, uint32_t threshold, float keep_scale,              \
+                                     uint64_t seed, float *v) {                                                \
+        for (int64_t r = r0; r < r1; r++) {                                                                    \
+            int64_t at = (n * HW + r) * C + c0;                                                                \
+            load_x_##SUF(x + at, sn, v, w);                                                                    \
+            affine_row(v, a, b, w);                                                                            \
+            if (silu) silu_row(v, w);                                                                          \
+            if (threshold) dropout_row(v, seed, (uint64_t)at, threshold, keep_scale, w);                       \
+            store_row_##SUF(v, y + at, w);                                                                     \
+        }                                                                                                      \
+    }
+
+/* The backward's first pass over rows [r0, r1) (at most ROW_BLOCK): dz = dL/d(x a + b), from dy through
+ * dropout's mask and swish's derivative, into dz (row r at dz + (r - r0) dz_stride: the items path keeps every
+ * row, the rows path one at a time), and its float sums p_dz = sum(dz), p_dzx = sum(dz x) per channel. */
+#define DEFINE_GRAD_SUMS(SUF, T)                                                                               \
+    ROW_INLINE void dz_row_##SUF(const T *dyr, const float *xv, const float *a, const float *b, float *dz,     \
+                                 int64_t w, int silu, uint64_t at, uint32_t threshold, float keep_scale,       \
+                                 uint64_t seed) {                                                              \
+        load_row_##SUF(dyr, dz, w);                                                                            \
+        if (threshold) dropout_row(dz, seed, at, threshold, keep_scale, w);                                    \
+        if (silu) silu_grad_row(dz, xv, a, b, w);                                                              \
+    }                                                                                                          \
+    ROW_INLINE void grad_sums_##SUF(const T *dy, const T *x, const float *sn, const float *a, const float *b,  \
+                                    int64_t n, int64_t HW, int64_t C, int64_t c0, int64_t w, int64_t r0,      \
+                                    int64_t r1, int silu, uint32_t threshold, float keep_scale, uint64_t seed, \
+                                    float *xv, float *dz, int64_t dz_stride, float *p_dz, float *p_dzx) {     \
+        for (int64_t c = 0; c < w; c++) p_dz[c] = p_dzx[c] = 0.0f;                                             \
+        for (int64_t r = r0; r < r1; r++) {                                                                    \
+            int64_t at = (n * HW + r) * C + c0;                                                                \
+            float *dzr = dz + (r - r0) * dz_stride;                                                            \
+            load_x_##SUF(x + at, sn, xv, w);                                                                   \
+            dz_row_##SUF(dy + at, xv, a, b, dzr, w, silu, (uint64_t)at, threshold, keep_scale, seed);          \
+            accumulate_row(p_dz, p_dzx, dzr, xv, w);                                                           \
+        }                                                                                                      \
+    }
+
+/* The backward's last pass over rows [r0, r1): dx = a dz + c2 x + c3, and (p_dx != NULL) its float sum per
+ * channel, the shift's gradient. dz as grad_sums left it, or (dz_stride 0, a row of scratch) computed again. */
+#define DEFINE_INPUT_GRADS(SUF, T)                                                                             \
+    ROW_INLINE void input_grads_##SUF(const T *dy, const T *x, T *dx, const float *sn, const float *a,        \
+                                      const float *b, const float *c2, const float *c3, int64_t n, int64_t HW,  \
+                                      int64_t C, int64_t c0, int64_t w, int64_t r0, int64_t r1, int silu,      \
+                                      uint32_t threshold, float keep_scale, uint64_t seed, float *xv,          \
+                                      float *dz, int64_t dz_stride, float *p_dx) {                             \
+        if (p_dx)                                                                                              \
+            for (int64_t c = 0; c < w; c++) p_dx[c] = 0.0f;                                                    \
+        for (int64_t r = r0; r < r1; r++) {                                                                    \
+            int64_t at = (n * HW + r) * C + c0;                                                                \
+            float *dzr = dz + (r - r0) * dz_stride;                                                            \
+            load_x_##SUF(x + at, sn, xv, w);                                                                   \
+            if (!dz_stride) dz_row_##SUF(dy + at, xv, a, b, dzr, w, silu, (uint64_t)at, threshold, keep_scale, seed); \
+            input_grad_row(xv, dzr, a, c2, c3, w);                                                             \
+            store_row_##SUF(xv, dx + at, w);                                                                   \
+            if (p_dx)                                                                                          \
+                for (int64_t c = 0; c < w; c++) p_dx[c] += xv[c];                                              \
+        }                                                                                                      \
+    }
+
+/* Per group of D channels: dx's coefficients c2 and c3 (dx = a dz + c2 x + c3) from the group's sums
+ * s_dz = sum(dz), s_dzx = sum(dz x) per channel (double), its gamma, mean, rstd and M = D HW elements. */
+static void input_grad_coefficients(const double *s_dz, const double *s_dzx, const float *gamma, double mu,
+                                    double rs, int64_t D, double M, float *c2, float *c3) {
+    double ds = 0.0, db = 0.0;
+    for (int64_t d = 0; d < D; d++) {
+        ds += (double)gamma[d] * s_dzx[d];
+        db += (double)gamma[d] * s_dz[d];
+    }
+    double k2 = (db * mu - ds) * rs * rs * rs / M;
+    double k3 = -k2 * mu - db * rs / M;
+    for (int64_t d = 0; d < D; d++) {
+        c2[d] = (float)k2;
+        c3[d] = (float)k3;
+    }
+}
+
+/* ---- The items path: a work item is (sample, block of whole groups), which makes every pass over it, so that
+ * one sample's rows stay in L2 between passes. */
+
 /* Forward of one item: statistics of groups [g0, g1) of sample n, then y. w = (g1 - g0) C / G: the item's
- * channels (a constant where RUN_ITEMS passes one). */
+ * channels (a constant where the width switch passes one). */
 #define DEFINE_FORWARD(SUF, T)                                                                                 \
     ROW_INLINE int forward_item_##SUF(const T *x, T *y, const float *gamma, const float *beta,                 \
                                       const float *shift, float *mean, float *rstd, int64_t n, int64_t HW,     \
@@ -198,7 +289,6 @@ static inline float xval_bf16(const bf16_t *row, const float *shift, int64_t c) 
         int64_t D = C / G, c0 = g0 * D;                                                                        \
         const T *xn = x + n * HW * C;                                                                          \
         const float *sn = shift ? shift + n * C + c0 : NULL;                                                   \
-        T *yn = y + n * HW * C;                                                                                \
         double *total = (double *)malloc(sizeof(double) * w);                                                  \
         float *f = (float *)malloc(sizeof(float) * 4 * w), *part = f, *a = f + w, *b = f + 2 * w;              \
         float *v = f + 3 * w;                                                                                  \
@@ -222,22 +312,15 @@ static inline float xval_bf16(const bf16_t *row, const float *shift, int64_t c) 
             rstd[n * G + g] = (float)(1.0 / sqrt(s / M + (double)eps));                                        \
         }                                                                                                      \
         affine_coefficients(gamma, beta, mean, rstd, n, G, D, c0, w, a, b);                                    \
-        for (int64_t r = 0; r < HW; r++) {                                                                     \
-            load_x_##SUF(xn + r * C + c0, sn, v, w);                                                           \
-            affine_row(v, a, b, w);                                                                            \
-            if (silu) silu_row(v, w);                                                                          \
-            if (threshold) dropout_row(v, seed, (uint64_t)((n * HW + r) * C + c0), threshold, keep_scale, w);  \
-            store_row_##SUF(v, yn + r * C + c0, w);                                                            \
-        }                                                                                                      \
+        apply_rows_##SUF(x, y, sn, a, b, n, HW, C, c0, w, 0, HW, silu, threshold, keep_scale, seed, v);        \
         free(total);                                                                                           \
         free(f);                                                                                               \
         return 0;                                                                                              \
     }
 
-/* Backward of one item (w as in the forward). dz = dL/d(normalised and affine-transformed x), kept in scratch
- * between the passes; sums [N, 2, C] gets sum(dz) and sum(dz * x) per channel (torch turns them into the
- * parameter gradients), and dshift [N, C] (when the forward had a shift) the sum of dx over the rows: the shift's
- * gradient, accumulated in the last pass in s_dz and p_dz, free by then. */
+/* Backward of one item (w as in the forward). dz is kept in scratch between the passes; sums [N, 2, C] gets
+ * sum(dz) and sum(dz * x) per channel (torch turns them into the parameter gradients), and dshift [N, C] (when
+ * the forward had a shift) the sum of dx over the rows: the shift's gradient. */
 #define DEFINE_BACKWARD(SUF, T)                                                                                \
     ROW_INLINE int backward_item_##SUF(const T *dy, const T *x, const float *gamma, const float *beta,         \
                                        const float *shift, const float *mean, const float *rstd, T *dx,        \
@@ -245,9 +328,7 @@ static inline float xval_bf16(const bf16_t *row, const float *shift, int64_t c) 
                                        int64_t G, int64_t g0, int64_t g1, int64_t w, int silu,                 \
                                        uint32_t threshold, float keep_scale, uint64_t seed) {                  \
         int64_t D = C / G, c0 = g0 * D;                                                                        \
-        const T *xn = x + n * HW * C, *dyn = dy + n * HW * C;                                                  \
         const float *sn = shift ? shift + n * C + c0 : NULL;                                                   \
-        T *dxn = dx + n * HW * C;                                                                              \
         float *dz = scratch((size_t)(HW * w));                                                                 \
         double *acc = (double *)malloc(sizeof(double) * 2 * w), *s_dz = acc, *s_dzx = acc + w;                 \
         float *f = (float *)malloc(sizeof(float) * 6 * w);                                                     \
@@ -261,35 +342,17 @@ static inline float xval_bf16(const bf16_t *row, const float *shift, int64_t c) 
         for (int64_t c = 0; c < w; c++) s_dz[c] = s_dzx[c] = 0.0;                                              \
         for (int64_t r0 = 0; r0 < HW; r0 += ROW_BLOCK) {                                                       \
             int64_t r1 = r0 + ROW_BLOCK < HW ? r0 + ROW_BLOCK : HW;                                            \
-            for (int64_t c = 0; c < w; c++) p_dz[c] = p_dzx[c] = 0.0f;                                         \
-            for (int64_t r = r0; r < r1; r++) {                                                                \
-                float *dzr = dz + r * w;                                                                       \
-                load_x_##SUF(xn + r * C + c0, sn, xv, w);                                                      \
-                load_row_##SUF(dyn + r * C + c0, dzr, w);                                                      \
-                if (threshold) dropout_row(dzr, seed, (uint64_t)((n * HW + r) * C + c0), threshold, keep_scale, w); \
-                if (silu) silu_grad_row(dzr, xv, a, b, w);                                                     \
-                accumulate_row(p_dz, p_dzx, dzr, xv, w);                                                       \
-            }                                                                                                  \
+            grad_sums_##SUF(dy, x, sn, a, b, n, HW, C, c0, w, r0, r1, silu, threshold, keep_scale, seed, xv,   \
+                            dz + r0 * w, w, p_dz, p_dzx);                                                      \
             for (int64_t c = 0; c < w; c++) {                                                                  \
                 s_dz[c] += p_dz[c];                                                                            \
                 s_dzx[c] += p_dzx[c];                                                                          \
             }                                                                                                  \
         }                                                                                                      \
-        double M = (double)D * (double)HW;                                                                     \
         for (int64_t g = g0; g < g1; g++) {                                                                    \
-            double ds = 0.0, db = 0.0;                                                                         \
-            for (int64_t d = 0; d < D; d++) {                                                                  \
-                int64_t c = (g - g0) * D + d;                                                                  \
-                ds += (double)gamma[c0 + c] * s_dzx[c];                                                        \
-                db += (double)gamma[c0 + c] * s_dz[c];                                                         \
-            }                                                                                                  \
-            double mu = mean[n * G + g], rs = rstd[n * G + g];                                                 \
-            double c2 = (db * mu - ds) * rs * rs * rs / M;                                                     \
-            double c3 = -c2 * mu - db * rs / M;                                                                \
-            for (int64_t d = 0; d < D; d++) {                                                                  \
-                b[(g - g0) * D + d] = (float)c2;                                                               \
-                k[(g - g0) * D + d] = (float)c3;                                                               \
-            }                                                                                                  \
+            int64_t at = (g - g0) * D;                                                                         \
+            input_grad_coefficients(s_dz + at, s_dzx + at, gamma + c0 + at, mean[n * G + g], rstd[n * G + g],  \
+                                    D, (double)D * (double)HW, b + at, k + at);                                \
         }                                                                                                      \
         for (int64_t c = 0; c < w; c++) {                                                                      \
             sums[(n * 2) * C + c0 + c] = (float)s_dz[c];                                                       \
@@ -298,14 +361,8 @@ static inline float xval_bf16(const bf16_t *row, const float *shift, int64_t c) 
         for (int64_t c = 0; c < w; c++) s_dz[c] = 0.0;                                                         \
         for (int64_t r0 = 0; r0 < HW; r0 += ROW_BLOCK) {                                                       \
             int64_t r1 = r0 + ROW_BLOCK < HW ? r0 + ROW_BLOCK : HW;                                            \
-            for (int64_t c = 0; c < w; c++) p_dz[c] = 0.0f;                                                    \
-            for (int64_t r = r0; r < r1; r++) {                                                                \
-                load_x_##SUF(xn + r * C + c0, sn, xv, w);                                                      \
-                input_grad_row(xv, dz + r * w, a, b, k, w);                                                    \
-                store_row_##SUF(xv, dxn + r * C + c0, w);                                                      \
-                if (dshift)                                                                                    \
-                    for (int64_t c = 0; c < w; c++) p_dz[c] += xv[c];                                          \
-            }                                                                                                  \
+            input_grads_##SUF(dy, x, dx, sn, a, b, b, k, n, HW, C, c0, w, r0, r1, silu, threshold, keep_scale, \
+                              seed, xv, dz + r0 * w, w, dshift ? p_dz : NULL);                                 \
             if (dshift)                                                                                        \
                 for (int64_t c = 0; c < w; c++) s_dz[c] += p_dz[c];                                            \
         }                                                                                                      \
@@ -316,67 +373,240 @@ static inline float xval_bf16(const bf16_t *row, const float *shift, int64_t c) 
         return 0;                                                                                              \
     }
 
+/* ---- The rows path: a work item is a block of ROW_BLOCK rows of one sample over all C channels, and each pass
+ * is its own parallel loop over them. Its block sums are the items path's, added in the same order, and dz is
+ * computed again in the last pass rather than kept: the same bits as the items path (tests/test_fused.py).
+ * It runs where the items path would split a sample's groups into narrow items (a small batch: see takes_rows),
+ * each reading a thin slice of every row; at batch 1 and 256 x 256 pixels those ran 5x slower than torch's
+ * operators (benchmarks/RESULTS.md). */
+#define DEFINE_ROWS(SUF, T)                                                                                    \
+    static int rows_forward_##SUF(const T *x, T *y, const float *gamma, const float *beta, const float *shift, \
+                                  float *mean, float *rstd, int64_t N, int64_t HW, int64_t C, int64_t G,       \
+                                  float eps, int silu, uint32_t threshold, float keep_scale, uint64_t seed,    \
+                                  int threads) {                                                               \
+        int64_t nb = (HW + ROW_BLOCK - 1) / ROW_BLOCK, items = N * nb, D = C / G;                              \
+        float *part = (float *)malloc(sizeof(float) * (size_t)((items + 2 * N) * C));                          \
+        if (!part) return -2;                                                                                  \
+        float *a = part + items * C, *b = a + N * C; /* b: the centres of pass 1, then the shifts */           \
+        int failed = 0;                                                                                        \
+        double M = (double)D * (double)HW;                                                                     \
+        for (int pass = 0; pass < 2; pass++) {                                                                 \
+            _Pragma("omp parallel for schedule(static) num_threads(threads)")                                  \
+            for (int64_t i = 0; i < items; i++) {                                                              \
+                int64_t n = i / nb, r0 = (i % nb) * ROW_BLOCK, r1 = r0 + ROW_BLOCK < HW ? r0 + ROW_BLOCK : HW; \
+                const float *sn = shift ? shift + n * C : NULL;                                                \
+                if (pass) {                                                                                    \
+                    WIDTH_SWITCH(C, block_sums_##SUF(x + n * HW * C, sn, r0, r1, C, 0, W, b + n * C, part + i * C)); \
+                } else {                                                                                       \
+                    WIDTH_SWITCH(C, block_sums_##SUF(x + n * HW * C, sn, r0, r1, C, 0, W, NULL, part + i * C));  \
+                }                                                                                              \
+            }                                                                                                  \
+            _Pragma("omp parallel for schedule(static) num_threads(threads)")                                  \
+            for (int64_t i = 0; i < N * G; i++) {                                                              \
+                int64_t n = i / G, c0 = (i % G) * D;                                                           \
+                double s = 0.0;                                                                                \
+                for (int64_t d = 0; d < D; d++) {                                                              \
+                    double total = 0.0;                                                                        \
+                    for (int64_t k = 0; k < nb; k++) total += part[(n * nb + k) * C + c0 + d];                 \
+                    s += total;                                                                                \
+                }                                                                                              \
+                if (pass) {                                                                                    \
+                    rstd[i] = (float)(1.0 / sqrt(s / M + (double)eps));                                        \
+                } else {                                                                                       \
+                    mean[i] = (float)(s / M);                                                                  \
+                    for (int64_t d = 0; d < D; d++) b[n * C + c0 + d] = mean[i];                               \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int64_t n = 0; n < N; n++)                                                                        \
+            affine_coefficients(gamma, beta, mean, rstd, n, G, D, 0, C, a + n * C, b + n * C);                 \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) reduction(| : failed)")                \
+        for (int64_t i = 0; i < items; i++) {                                                                  \
+            int64_t n = i / nb, r0 = (i % nb) * ROW_BLOCK, r1 = r0 + ROW_BLOCK < HW ? r0 + ROW_BLOCK : HW;     \
+            const float *sn = shift ? shift + n * C : NULL;                                                    \
+            float *v = scratch((size_t)C);                                                                     \
+            if (!v) {                                                                                          \
+                failed = 1;                                                                                    \
+                continue;                                                                                      \
+            }                                                                                                  \
+            WIDTH_SWITCH(C, apply_rows_##SUF(x, y, sn, a + n * C, b + n * C, n, HW, C, 0, W, r0, r1, silu,     \
+                                             threshold, keep_scale, seed, v));                                 \
+        }                                                                                                      \
+        free(part);                                                                                            \
+        return failed ? -2 : 0;                                                                                \
+    }                                                                                                          \
+                                                                                                               \
+    static int rows_backward_##SUF(const T *dy, const T *x, const float *gamma, const float *beta,             \
+                                   const float *shift, const float *mean, const float *rstd, T *dx,            \
+                                   float *sums, float *dshift, int64_t N, int64_t HW, int64_t C, int64_t G,    \
+                                   int silu, uint32_t threshold, float keep_scale, uint64_t seed,              \
+                                   int threads) {                                                              \
+        int64_t nb = (HW + ROW_BLOCK - 1) / ROW_BLOCK, items = N * nb, D = C / G;                              \
+        float *p = (float *)malloc(sizeof(float) * (size_t)((2 * items + 4 * N) * C));                         \
+        double *acc = (double *)malloc(sizeof(double) * (size_t)(2 * N * C));                                  \
+        if (!p || !acc) {                                                                                      \
+            free(p);                                                                                           \
+            free(acc);                                                                                         \
+            return -2;                                                                                         \
+        }                                                                                                      \
+        float *a = p + 2 * items * C, *b = a + N * C, *c2 = b + N * C, *c3 = c2 + N * C;                       \
+        for (int64_t n = 0; n < N; n++)                                                                        \
+            affine_coefficients(gamma, beta, mean, rstd, n, G, D, 0, C, a + n * C, b + n * C);                 \
+        int failed = 0;                                                                                        \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) reduction(| : failed)")                \
+        for (int64_t i = 0; i < items; i++) {                                                                  \
+            int64_t n = i / nb, r0 = (i % nb) * ROW_BLOCK, r1 = r0 + ROW_BLOCK < HW ? r0 + ROW_BLOCK : HW;     \
+            const float *sn = shift ? shift + n * C : NULL;                                                    \
+            float *xv = scratch((size_t)(2 * C));                                                              \
+            if (!xv) {                                                                                         \
+                failed = 1;                                                                                    \
+                continue;                                                                                      \
+            }                                                                                                  \
+            WIDTH_SWITCH(C, grad_sums_##SUF(dy, x, sn, a + n * C, b + n * C, n, HW, C, 0, W, r0, r1, silu,     \
+                                            threshold, keep_scale, seed, xv, xv + C, 0, p + 2 * i * C,         \
+                                            p + (2 * i + 1) * C));                                             \
+        }                                                                                                      \
+        if (failed) {                                                                                          \
+            free(p);                                                                                           \
+            free(acc);                                                                                         \
+            return -2;                                                                                         \
+        }                                                                                                      \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                                      \
+        for (int64_t i = 0; i < N * G; i++) {                                                                  \
+            int64_t n = i / G, c0 = (i % G) * D;                                                               \
+            double *s_dz = acc + 2 * n * C + c0, *s_dzx = s_dz + C;                                            \
+            for (int64_t d = 0; d < D; d++) {                                                                  \
+                s_dz[d] = s_dzx[d] = 0.0;                                                                      \
+                for (int64_t k = 0; k < nb; k++) {                                                             \
+                    s_dz[d] += p[2 * (n * nb + k) * C + c0 + d];                                               \
+                    s_dzx[d] += p[(2 * (n * nb + k) + 1) * C + c0 + d];                                        \
+                }                                                                                              \
+                sums[(n * 2) * C + c0 + d] = (float)s_dz[d];                                                   \
+                sums[(n * 2 + 1) * C + c0 + d] = (float)s_dzx[d];                                              \
+            }                                                                                                  \
+            input_grad_coefficients(s_dz, s_dzx, gamma + c0, mean[i], rstd[i], D, (double)D * (double)HW,      \
+                                    c2 + n * C + c0, c3 + n * C + c0);                                         \
+        }                                                                                                      \
+        /* the last pass; p (free by now) takes the blocks' sums of dx */                                      \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) reduction(| : failed)")                \
+        for (int64_t i = 0; i < items; i++) {                                                                  \
+            int64_t n = i / nb, r0 = (i % nb) * ROW_BLOCK, r1 = r0 + ROW_BLOCK < HW ? r0 + ROW_BLOCK : HW;     \
+            const float *sn = shift ? shift + n * C : NULL;                                                    \
+            float *xv = scratch((size_t)(2 * C));                                                              \
+            if (!xv) {                                                                                         \
+                failed = 1;                                                                                    \
+                continue;                                                                                      \
+            }                                                                                                  \
+            WIDTH_SWITCH(C, input_grads_##SUF(dy, x, dx, sn, a + n * C, b + n * C, c2 + n * C, c3 + n * C, n,  \
+                                              HW, C, 0, W, r0, r1, silu, threshold, keep_scale, seed, xv,      \
+                                              xv + C, 0, dshift ? p + i * C : NULL));                          \
+        }                                                                                                      \
+        if (dshift && !failed)                                                                                 \
+            for (int64_t n = 0; n < N; n++)                                                                    \
+                for (int64_t c = 0; c < C; c++) {                                                              \
+                    double s = 0.0;                                                                            \
+                    for (int64_t k = 0; k < nb; k++) s += p[(n * nb + k) * C + c];                             \
+                    dshift[n * C + c] = (float)s;                                                              \
+                }                                                                                              \
+        free(p);                                                                                               \
+        free(acc);                                                                                             \
+        return failed ? -2 : 0;                                                                                \
+    }
+
+/* With AVX-512 the small networks' widths (32 to 128 channels: rows of 2 to 8 vectors) get a copy of the code
+ * with W a constant, so that its row loops carry no trip-count logic: 13-21% faster at 32 and 64 channels, 7-11%
+ * at 96 and 128, on an AVX-512 Xeon. Not for AVX2 builds: there, with 16 vector registers, the unrolled backward
+ * spilled and ran 3-5% slower at 32 channels (benchmarks/RESULTS.md). The copies make the build 4x slower (about
+ * 8 s, once per machine). WIDTH_SWITCH(width, code) runs code with W = width. */
+#ifdef __AVX512F__
+#define WIDTH_CASE(K, ...)                                                                                     \
+    case K: {                                                                                                  \
+        const int64_t W = K;                                                                                   \
+        __VA_ARGS__;                                                                                           \
+    } break;
+#define WIDTH_SWITCH(WIDTH, ...)                                                                               \
+    switch (WIDTH) {                                                                                           \
+        WIDTH_CASE(32, __VA_ARGS__)                                                                            \
+        WIDTH_CASE(64, __VA_ARGS__)                                                                            \
+        WIDTH_CASE(96, __VA_ARGS__)                                                                            \
+        WIDTH_CASE(128, __VA_ARGS__)                                                                           \
+    default: {                                                                                                 \
+        const int64_t W = (WIDTH);                                                                             \
+        __VA_ARGS__;                                                                                           \
+    }                                                                                                          \
+    }
+#else
+#define WIDTH_SWITCH(WIDTH, ...)                                                                               \
+    do {                                                                                                       \
+        const int64_t W = (WIDTH);                                                                             \
+        __VA_ARGS__;                                                                                           \
+    } while (0)
+#endif
+
 DEFINE_LOAD(f32, float)
 DEFINE_LOAD(bf16, bf16_t)
-DEFINE_CHANNEL_SUMS(f32, float)
-DEFINE_CHANNEL_SUMS(bf16, bf16_t)
+DEFINE_BLOCK_SUMS(f32, float)
+DEFINE_BLOCK_SUMS(bf16, bf16_t)
+DEFINE_APPLY(f32, float)
+DEFINE_APPLY(bf16, bf16_t)
+DEFINE_GRAD_SUMS(f32, float)
+DEFINE_GRAD_SUMS(bf16, bf16_t)
+DEFINE_INPUT_GRADS(f32, float)
+DEFINE_INPUT_GRADS(bf16, bf16_t)
 DEFINE_FORWARD(f32, float)
 DEFINE_FORWARD(bf16, bf16_t)
 DEFINE_BACKWARD(f32, float)
 DEFINE_BACKWARD(bf16, bf16_t)
+DEFINE_ROWS(f32, float)
+DEFINE_ROWS(bf16, bf16_t)
 
-/* Groups per work item: whole samples when there are enough of them, else the groups split in blocks. */
+/* Groups per work item of the items path: whole samples when there are enough of them, else the groups split in
+ * blocks. */
 static int64_t group_blocks(int64_t N, int64_t G) {
     int64_t blocks = 1;
     while (N * blocks < 16 && blocks * 2 <= G && G % (blocks * 2) == 0) blocks *= 2;
     return blocks;
 }
 
-/* With AVX-512 the small networks' widths (32 to 128 channels: rows of 2 to 8 vectors) get a copy of the item
- * with W a constant, so that its row loops carry no trip-count logic: 13-21% faster at 32 and 64 channels, 7-11%
- * at 96 and 128, on an AVX-512 Xeon. Not for AVX2 builds: there, with 16 vector registers, the unrolled backward
- * spilled and ran 3-5% slower at 32 channels (benchmarks/RESULTS.md). The copies make the build 4x slower (about
- * 8 s, once per machine). */
-#ifdef __AVX512F__
-#define SPECIALISED_WIDTHS(CALL_F32, CALL_BF16)                                                                \
-    case 32: ITEM(32, CALL_F32, CALL_BF16); break;                                                             \
-    case 64: ITEM(64, CALL_F32, CALL_BF16); break;                                                             \
-    case 96: ITEM(96, CALL_F32, CALL_BF16); break;                                                             \
-    case 128: ITEM(128, CALL_F32, CALL_BF16); break;
-#else
-#define SPECIALISED_WIDTHS(CALL_F32, CALL_BF16)
-#endif
-#define ITEM(WIDTH, CALL_F32, CALL_BF16)                                                                       \
-    do {                                                                                                       \
-        const int64_t W = (WIDTH);                                                                             \
-        rc = dtype == 0 ? (CALL_F32) : (CALL_BF16);                                                            \
-    } while (0)
+/* Which path a call takes (the same bits either way): path 1 the items, 2 the rows, 0 the rows where the items
+ * path would split a sample's groups into items narrower than 64 channels. Measured at 1 to 16 samples of 32 to
+ * 256 channels (benchmarks/RESULTS.md), the rows ran 1.3-7x faster there, the items 1.2x faster at 8 x 128
+ * channels (two items of 64 per sample). */
+static int takes_rows(int path, int64_t N, int64_t G, int64_t C) {
+    int64_t blocks = group_blocks(N, G);
+    return path ? path == 2 : blocks > 1 && C / blocks < 64;
+}
 
-/* The body of both entry points: checks the shape, then runs CALL_F32 or CALL_BF16 (by dtype) for every work
- * item (sample n, groups g0 .. g1, W channels) on `threads` threads. Returns 0; -1 for a bad argument, -2 when
- * memory for an item's buffers could not be had. */
+#define CHECK_ARGS                                                                                             \
+    if (G <= 0 || C % G != 0 || N < 0 || HW <= 0 || (dtype != 0 && dtype != 1)) return -1;
+
+/* The items path: runs CALL_F32 or CALL_BF16 (by dtype) for every work item (sample n, groups g0 .. g1, W
+ * channels) on `threads` threads. Returns 0, or -2 when memory for an item's buffers could not be had. */
 #define RUN_ITEMS(CALL_F32, CALL_BF16)                                                                         \
-    if (G <= 0 || C % G != 0 || N < 0 || HW <= 0 || (dtype != 0 && dtype != 1)) return -1;                     \
     int64_t blocks = group_blocks(N, G), items = N * blocks, per = G / blocks, width = per * (C / G);          \
     int failed = 0;                                                                                            \
     _Pragma("omp parallel for schedule(static) num_threads(threads) reduction(| : failed)")                    \
     for (int64_t i = 0; i < items; i++) {                                                                      \
         int64_t n = i / blocks, g0 = (i % blocks) * per, g1 = g0 + per;                                        \
         int rc;                                                                                                \
-        switch (width) {                                                                                       \
-            SPECIALISED_WIDTHS(CALL_F32, CALL_BF16)                                                            \
-        default: ITEM(width, CALL_F32, CALL_BF16);                                                             \
-        }                                                                                                      \
+        WIDTH_SWITCH(width, rc = dtype == 0 ? (CALL_F32) : (CALL_BF16));                                       \
         failed |= rc != 0;                                                                                     \
     }                                                                                                          \
     return failed ? -2 : 0;
 
 /* dtype: 0 float32, 1 bfloat16. threshold 0: no dropout. shift: NULL, or [N, C] float32 added to x first (for
  * bfloat16 x the sum is rounded to bfloat16, as torch's add would store it); the backward then writes its
- * gradient to dshift [N, C] (NULL: not wanted). */
+ * gradient to dshift [N, C] (NULL: not wanted). path: 0 (the kernel's choice), 1 or 2 (see takes_rows). Returns
+ * 0; -1 for a bad argument, -2 when memory for the buffers could not be had. */
 int ddpm_gn_act_forward(int dtype, const void *x, void *y, const float *gamma, const float *beta, const float *shift,
                         float *mean, float *rstd, int64_t N, int64_t HW, int64_t C, int64_t G, float eps, int silu,
-                        uint32_t threshold, float keep_scale, uint64_t seed, int threads) {
+                        uint32_t threshold, float keep_scale, uint64_t seed, int threads, int path) {
+    CHECK_ARGS
+    if (takes_rows(path, N, G, C))
+        return dtype == 0 ? rows_forward_f32((const float *)x, (float *)y, gamma, beta, shift, mean, rstd, N, HW, C,
+                                             G, eps, silu, threshold, keep_scale, seed, threads)
+                          : rows_forward_bf16((const bf16_t *)x, (bf16_t *)y, gamma, beta, shift, mean, rstd, N, HW,
+                                              C, G, eps, silu, threshold, keep_scale, seed, threads);
     RUN_ITEMS(forward_item_f32((const float *)x, (float *)y, gamma, beta, shift, mean, rstd, n, HW, C, G, g0, g1,
                                W, eps, silu, threshold, keep_scale, seed),
               forward_item_bf16((const bf16_t *)x, (bf16_t *)y, gamma, beta, shift, mean, rstd, n, HW, C, G, g0, g1,
@@ -386,7 +616,15 @@ int ddpm_gn_act_forward(int dtype, const void *x, void *y, const float *gamma, c
 int ddpm_gn_act_backward(int dtype, const void *dy, const void *x, const float *gamma, const float *beta,
                          const float *shift, const float *mean, const float *rstd, void *dx, float *sums,
                          float *dshift, int64_t N, int64_t HW, int64_t C, int64_t G, int silu, uint32_t threshold,
-                         float keep_scale, uint64_t seed, int threads) {
+                         float keep_scale, uint64_t seed, int threads, int path) {
+    CHECK_ARGS
+    if (takes_rows(path, N, G, C))
+        return dtype == 0 ? rows_backward_f32((const float *)dy, (const float *)x, gamma, beta, shift, mean, rstd,
+                                              (float *)dx, sums, dshift, N, HW, C, G, silu, threshold, keep_scale,
+                                              seed, threads)
+                          : rows_backward_bf16((const bf16_t *)dy, (const bf16_t *)x, gamma, beta, shift, mean, rstd,
+                                               (bf16_t *)dx, sums, dshift, N, HW, C, G, silu, threshold, keep_scale,
+                                               seed, threads);
     RUN_ITEMS(backward_item_f32((const float *)dy, (const float *)x, gamma, beta, shift, mean, rstd, (float *)dx,
                                 sums, dshift, n, HW, C, G, g0, g1, W, silu, threshold, keep_scale, seed),
               backward_item_bf16((const bf16_t *)dy, (const bf16_t *)x, gamma, beta, shift, mean, rstd,

@@ -76,6 +76,9 @@ def _flags() -> list[str]:
 
 _FLAGS = _flags()
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+# the kernel's path (the same bits on each): 0 its own choice by the shape, 1 work items of whole samples (or blocks
+# of their groups), 2 blocks of rows; for tests and benchmarks
+_path = 0
 _ERRORS = {-1: "arguments refused", -2: "out of memory for its buffers"}
 
 _lock = threading.Lock()
@@ -135,9 +138,10 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Give the loaded library's two entry points their C signatures (`_fused_cpu.c`); returns lib."""
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     lib.ddpm_gn_act_forward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32,
-                                        ctypes.c_int, ctypes.c_uint32, f32, ctypes.c_uint64, ctypes.c_int]
+                                        ctypes.c_int, ctypes.c_uint32, f32, ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
     lib.ddpm_gn_act_backward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64,
-                                         i64, i64, ctypes.c_int, ctypes.c_uint32, f32, ctypes.c_uint64, ctypes.c_int]
+                                         i64, i64, ctypes.c_int, ctypes.c_uint32, f32, ctypes.c_uint64, ctypes.c_int,
+                                         ctypes.c_int]
     lib.ddpm_gn_act_forward.restype = lib.ddpm_gn_act_backward.restype = ctypes.c_int
     return lib
 
@@ -272,7 +276,7 @@ class _GroupNormAct(torch.autograd.Function):
         rstd = torch.empty(N, groups, dtype=torch.float32)
         rc = lib.ddpm_gn_act_forward(_DTYPES[x.dtype], x.data_ptr(), y.data_ptr(), w32.data_ptr(), b32.data_ptr(),
                                      _ptr(s32), mean.data_ptr(), rstd.data_ptr(), N, H * W, C, groups, eps,
-                                     int(silu), threshold, scale, seed, torch.get_num_threads())
+                                     int(silu), threshold, scale, seed, torch.get_num_threads(), _path)
         if rc != 0:
             raise RuntimeError(f"fused group norm forward: {_ERRORS.get(rc, rc)} for x {tuple(x.shape)} {x.dtype}")
         ctx.save_for_backward(x, w32, b32, s32, mean, rstd)
@@ -294,7 +298,7 @@ class _GroupNormAct(torch.autograd.Function):
         rc = lib.ddpm_gn_act_backward(_DTYPES[x.dtype], dy.data_ptr(), x.data_ptr(), w32.data_ptr(),
                                       b32.data_ptr(), _ptr(s32), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
                                       sums.data_ptr(), _ptr(dshift), N, H * W, C, groups, int(silu), threshold,
-                                      scale, seed, torch.get_num_threads())
+                                      scale, seed, torch.get_num_threads(), _path)
         if rc != 0:
             raise RuntimeError(f"fused group norm backward: {_ERRORS.get(rc, rc)} for x {tuple(x.shape)} {x.dtype}")
         d = C // groups
