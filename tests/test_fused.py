@@ -225,6 +225,29 @@ def test_the_rows_and_the_items_paths_give_the_same_bits(monkeypatch, shape, dty
     assert (out[0][0] == 0).float().mean().item() == pytest.approx(0.2, abs=0.05)  # dropout ran
 
 
+def test_without_autograd_the_kernel_is_called_directly_with_the_same_bits(monkeypatch):
+    """No graph to record (inference mode, no_grad, or no input requiring grad): the kernel runs without the autograd
+    Function, drawing the same dropout seed, and gives the same bits as the recorded call."""
+    norm = _norm(64)
+    x = _x((3, 64, 5, 6))
+    shift = torch.randn(3, 64)
+    applied = []
+    apply = fused._GroupNormAct.apply
+    monkeypatch.setattr(fused._GroupNormAct, "apply", lambda *a: applied.append(1) or apply(*a))
+    torch.manual_seed(0)
+    want = fused.group_norm_act(x, norm, dropout=0.3, shift=shift)
+    assert want.grad_fn is not None and applied == [1]
+    for context in (torch.inference_mode, torch.no_grad):
+        torch.manual_seed(0)
+        with context():
+            got = fused.group_norm_act(x, norm, dropout=0.3, shift=shift)
+        assert torch.equal(got, want.detach()) and applied == [1]
+    torch.manual_seed(0)
+    frozen = _norm(64).requires_grad_(False)
+    got = fused.group_norm_act(x.detach(), frozen, dropout=0.3, shift=shift)
+    assert got.grad_fn is None and torch.equal(got, want.detach()) and applied == [1]
+
+
 def test_nan_stays_in_its_group():
     norm = _norm(64)
     x = _x((2, 64, 4, 4)).detach().clone()

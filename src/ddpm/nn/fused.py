@@ -260,26 +260,37 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """t detached as contiguous float32 (t itself where it already is)."""
+    t = t.detach()
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
+
+
+def _kernel_forward(x, weight, bias, shift, groups, eps, silu, p):
+    """The kernel's forward: y, and (w32, b32, s32, mean, rstd), (threshold, scale, seed) for its backward."""
+    N, C, H, W = x.shape
+    w32, b32 = _f32(weight), _f32(bias)
+    # the shift as x's dtype would hold it (group_norm_act's definition), handed to the kernel in float32
+    s32 = None if shift is None else _f32(shift.detach().to(x.dtype))
+    threshold, scale = _dropout_threshold(p) if p > 0 else (0, 1.0)
+    seed = _dropout_seed() if threshold else 0
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    stats = torch.empty(2, N, groups, dtype=torch.float32)
+    mean, rstd = stats[0], stats[1]
+    rc = _state["lib"].ddpm_gn_act_forward(_DTYPES[x.dtype], x.data_ptr(), y.data_ptr(), w32.data_ptr(),
+                                           b32.data_ptr(), _ptr(s32), mean.data_ptr(), rstd.data_ptr(), N, H * W, C,
+                                           groups, eps, int(silu), threshold, scale, seed, torch.get_num_threads(),
+                                           _path)
+    if rc != 0:
+        raise RuntimeError(f"fused group norm forward: {_ERRORS.get(rc, rc)} for x {tuple(x.shape)} {x.dtype}")
+    return y, (w32, b32, s32, mean, rstd), (threshold, scale, seed)
+
+
 class _GroupNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, shift, groups, eps, silu, p):
-        lib = _state["lib"]
-        N, C, H, W = x.shape
-        w32 = weight.detach().to(torch.float32).contiguous()
-        b32 = bias.detach().to(torch.float32).contiguous()
-        # the shift as x's dtype would hold it (group_norm_act's definition), handed to the kernel in float32
-        s32 = None if shift is None else shift.detach().to(x.dtype).to(torch.float32).contiguous()
-        threshold, scale = _dropout_threshold(p) if p > 0 else (0, 1.0)
-        seed = _dropout_seed() if threshold else 0
-        y = torch.empty_like(x, memory_format=torch.channels_last)
-        mean = torch.empty(N, groups, dtype=torch.float32)
-        rstd = torch.empty(N, groups, dtype=torch.float32)
-        rc = lib.ddpm_gn_act_forward(_DTYPES[x.dtype], x.data_ptr(), y.data_ptr(), w32.data_ptr(), b32.data_ptr(),
-                                     _ptr(s32), mean.data_ptr(), rstd.data_ptr(), N, H * W, C, groups, eps,
-                                     int(silu), threshold, scale, seed, torch.get_num_threads(), _path)
-        if rc != 0:
-            raise RuntimeError(f"fused group norm forward: {_ERRORS.get(rc, rc)} for x {tuple(x.shape)} {x.dtype}")
-        ctx.save_for_backward(x, w32, b32, s32, mean, rstd)
+        y, saved, (threshold, scale, seed) = _kernel_forward(x, weight, bias, shift, groups, eps, silu, p)
+        ctx.save_for_backward(x, *saved)
         ctx.args = (groups, silu, threshold, scale, seed, weight.dtype, bias.dtype,
                     None if shift is None else shift.dtype)
         return y
@@ -330,8 +341,10 @@ def group_norm_act(x: torch.Tensor, norm: nn.GroupNorm, silu: bool = True, dropo
     if shift is not None and (x.dim() != 4 or shift.shape != x.shape[:2]):
         raise ValueError(f"shift must be [N, C] = {list(x.shape[:2])} for x {list(x.shape)}; got {list(shift.shape)}")
     if fused and fused_applies(x, norm):
-        return _GroupNormAct.apply(x, norm.weight, norm.bias, shift, norm.num_groups, float(norm.eps), silu,
-                                   float(dropout))
+        args = (x, norm.weight, norm.bias, shift, norm.num_groups, float(norm.eps), silu, float(dropout))
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:4]):
+            return _GroupNormAct.apply(*args)
+        return _kernel_forward(*args)[0]  # no graph to record: the autograd Function's own cost saved (a few us)
     inplace = not torch.is_grad_enabled()
     h = norm(x if shift is None else x + shift.to(x.dtype)[:, :, None, None])
     if silu:
