@@ -379,6 +379,18 @@ static void input_grad_coefficients(const double *s_dz, const double *s_dzx, con
  * It runs where the items path would split a sample's groups into narrow items (a small batch: see takes_rows),
  * each reading a thin slice of every row; at batch 1 and 256 x 256 pixels those ran 5x slower than torch's
  * operators (benchmarks/RESULTS.md). */
+/* Item i of a rows call: sample n, its rows [r0, r1), its shift row sn. */
+#define ROWS_ITEM(i)                                                                                           \
+    int64_t n = (i) / nb, r0 = ((i) % nb) * ROW_BLOCK, r1 = r0 + ROW_BLOCK < HW ? r0 + ROW_BLOCK : HW;         \
+    const float *sn = shift ? shift + n * C : NULL
+/* A row buffer of `count` floats from the thread's scratch, or the item fails (inside the item loops). */
+#define ROWS_SCRATCH(v, count)                                                                                 \
+    float *v = scratch((size_t)(count));                                                                       \
+    if (!v) {                                                                                                  \
+        failed = 1;                                                                                            \
+        continue;                                                                                              \
+    }
+
 #define DEFINE_ROWS(SUF, T)                                                                                    \
     static int rows_forward_##SUF(const T *x, T *y, const float *gamma, const float *beta, const float *shift, \
                                   float *mean, float *rstd, int64_t N, int64_t HW, int64_t C, int64_t G,       \
@@ -393,8 +405,7 @@ static void input_grad_coefficients(const double *s_dz, const double *s_dzx, con
         for (int pass = 0; pass < 2; pass++) {                                                                 \
             _Pragma("omp parallel for schedule(static) num_threads(threads)")                                  \
             for (int64_t i = 0; i < items; i++) {                                                              \
-                int64_t n = i / nb, r0 = (i % nb) * ROW_BLOCK, r1 = r0 + ROW_BLOCK < HW ? r0 + ROW_BLOCK : HW; \
-                const float *sn = shift ? shift + n * C : NULL;                                                \
+                ROWS_ITEM(i);                                                                                  \
                 if (pass) {                                                                                    \
                     WIDTH_SWITCH(C, block_sums_##SUF(x + n * HW * C, sn, r0, r1, C, 0, W, b + n * C, part + i * C)); \
                 } else {                                                                                       \
@@ -422,13 +433,8 @@ static void input_grad_coefficients(const double *s_dz, const double *s_dzx, con
             affine_coefficients(gamma, beta, mean, rstd, n, G, D, 0, C, a + n * C, b + n * C);                 \
         _Pragma("omp parallel for schedule(static) num_threads(threads) reduction(| : failed)")                \
         for (int64_t i = 0; i < items; i++) {                                                                  \
-            int64_t n = i / nb, r0 = (i % nb) * ROW_BLOCK, r1 = r0 + ROW_BLOCK < HW ? r0 + ROW_BLOCK : HW;     \
-            const float *sn = shift ? shift + n * C : NULL;                                                    \
-            float *v = scratch((size_t)C);                                                                     \
-            if (!v) {                                                                                          \
-                failed = 1;                                                                                    \
-                continue;                                                                                      \
-            }                                                                                                  \
+            ROWS_ITEM(i);                                                                                      \
+            ROWS_SCRATCH(v, C);                                                                                \
             WIDTH_SWITCH(C, apply_rows_##SUF(x, y, sn, a + n * C, b + n * C, n, HW, C, 0, W, r0, r1, silu,     \
                                              threshold, keep_scale, seed, v));                                 \
         }                                                                                                      \
@@ -455,13 +461,8 @@ static void input_grad_coefficients(const double *s_dz, const double *s_dzx, con
         int failed = 0;                                                                                        \
         _Pragma("omp parallel for schedule(static) num_threads(threads) reduction(| : failed)")                \
         for (int64_t i = 0; i < items; i++) {                                                                  \
-            int64_t n = i / nb, r0 = (i % nb) * ROW_BLOCK, r1 = r0 + ROW_BLOCK < HW ? r0 + ROW_BLOCK : HW;     \
-            const float *sn = shift ? shift + n * C : NULL;                                                    \
-            float *xv = scratch((size_t)(2 * C));                                                              \
-            if (!xv) {                                                                                         \
-                failed = 1;                                                                                    \
-                continue;                                                                                      \
-            }                                                                                                  \
+            ROWS_ITEM(i);                                                                                      \
+            ROWS_SCRATCH(xv, 2 * C);                                                                           \
             WIDTH_SWITCH(C, grad_sums_##SUF(dy, x, sn, a + n * C, b + n * C, n, HW, C, 0, W, r0, r1, silu,     \
                                             threshold, keep_scale, seed, xv, xv + C, 0, p + 2 * i * C,         \
                                             p + (2 * i + 1) * C));                                             \
@@ -490,13 +491,8 @@ static void input_grad_coefficients(const double *s_dz, const double *s_dzx, con
         /* the last pass; p (free by now) takes the blocks' sums of dx */                                      \
         _Pragma("omp parallel for schedule(static) num_threads(threads) reduction(| : failed)")                \
         for (int64_t i = 0; i < items; i++) {                                                                  \
-            int64_t n = i / nb, r0 = (i % nb) * ROW_BLOCK, r1 = r0 + ROW_BLOCK < HW ? r0 + ROW_BLOCK : HW;     \
-            const float *sn = shift ? shift + n * C : NULL;                                                    \
-            float *xv = scratch((size_t)(2 * C));                                                              \
-            if (!xv) {                                                                                         \
-                failed = 1;                                                                                    \
-                continue;                                                                                      \
-            }                                                                                                  \
+            ROWS_ITEM(i);                                                                                      \
+            ROWS_SCRATCH(xv, 2 * C);                                                                           \
             WIDTH_SWITCH(C, input_grads_##SUF(dy, x, dx, sn, a + n * C, b + n * C, c2 + n * C, c3 + n * C, n,  \
                                               HW, C, 0, W, r0, r1, silu, threshold, keep_scale, seed, xv,      \
                                               xv + C, 0, dshift ? p + i * C : NULL));                          \
