@@ -248,6 +248,17 @@ def test_without_autograd_the_kernel_is_called_directly_with_the_same_bits(monke
     assert got.grad_fn is None and torch.equal(got, want.detach()) and applied == [1]
 
 
+@pytest.mark.parametrize("path", [1, 2])
+def test_an_empty_batch_gives_empty_results_and_zero_parameter_gradients(monkeypatch, path):
+    monkeypatch.setattr(fused, "_path", path)
+    norm = _norm(64)
+    x = _x((0, 64, 8, 8))
+    y = fused.group_norm_act(x, norm, dropout=0.1, shift=torch.zeros(0, 64))
+    assert y.shape == (0, 64, 8, 8)
+    dx, dw, db = torch.autograd.grad(y, [x, norm.weight, norm.bias], torch.ones_like(y))
+    assert dx.shape == x.shape and not dw.any() and not db.any()
+
+
 def test_nan_stays_in_its_group():
     norm = _norm(64)
     x = _x((2, 64, 4, 4)).detach().clone()

@@ -397,7 +397,7 @@ static void input_grad_coefficients(const double *s_dz, const double *s_dzx, con
                                   float eps, int silu, uint32_t threshold, float keep_scale, uint64_t seed,    \
                                   int threads) {                                                               \
         int64_t nb = (HW + ROW_BLOCK - 1) / ROW_BLOCK, items = N * nb, D = C / G;                              \
-        if (items < threads) threads = (int)items; /* no thread without a block (a tiny tensor: one block) */  \
+        if (items < threads) threads = items > 0 ? (int)items : 1; /* no thread without a block of rows */   \
         float *part = (float *)malloc(sizeof(float) * (size_t)((items + 2 * N) * C));                          \
         if (!part) return -2;                                                                                  \
         float *a = part + items * C, *b = a + N * C; /* b: the centres of pass 1, then the shifts */           \
@@ -449,7 +449,7 @@ static void input_grad_coefficients(const double *s_dz, const double *s_dzx, con
                                    int silu, uint32_t threshold, float keep_scale, uint64_t seed,              \
                                    int threads) {                                                              \
         int64_t nb = (HW + ROW_BLOCK - 1) / ROW_BLOCK, items = N * nb, D = C / G;                              \
-        if (items < threads) threads = (int)items; /* no thread without a block (a tiny tensor: one block) */  \
+        if (items < threads) threads = items > 0 ? (int)items : 1; /* no thread without a block of rows */   \
         float *p = (float *)malloc(sizeof(float) * (size_t)((2 * items + 4 * N) * C));                         \
         double *acc = (double *)malloc(sizeof(double) * (size_t)(2 * N * C));                                  \
         if (!p || !acc) {                                                                                      \
