@@ -259,6 +259,11 @@ static inline float xval_bf16(const bf16_t *row, const float *shift, int64_t c) 
         }                                                                                                      \
     }
 
+/* A group's mean and rstd from its sum s of x and of (x - mean)^2 over M elements: one definition for both paths,
+ * which must agree bit for bit. */
+static inline float group_mean(double s, double M) { return (float)(s / M); }
+static inline float group_rstd(double s, double M, float eps) { return (float)(1.0 / sqrt(s / M + (double)eps)); }
+
 /* Per group of D channels: dx's coefficients c2 and c3 (dx = a dz + c2 x + c3) from the group's sums
  * s_dz = sum(dz), s_dzx = sum(dz x) per channel (double), its gamma, mean, rstd and M = D HW elements. */
 static void input_grad_coefficients(const double *s_dz, const double *s_dzx, const float *gamma, double mu,
@@ -302,14 +307,14 @@ static void input_grad_coefficients(const double *s_dz, const double *s_dzx, con
         for (int64_t g = g0; g < g1; g++) {                                                                    \
             double s = 0.0;                                                                                    \
             for (int64_t d = 0; d < D; d++) s += total[(g - g0) * D + d];                                      \
-            mean[n * G + g] = (float)(s / M);                                                                  \
+            mean[n * G + g] = group_mean(s, M);                                                                \
             for (int64_t d = 0; d < D; d++) b[(g - g0) * D + d] = mean[n * G + g];                             \
         }                                                                                                      \
         channel_sums_##SUF(xn, sn, HW, C, c0, w, b, total, part);                                               \
         for (int64_t g = g0; g < g1; g++) {                                                                    \
             double s = 0.0;                                                                                    \
             for (int64_t d = 0; d < D; d++) s += total[(g - g0) * D + d];                                      \
-            rstd[n * G + g] = (float)(1.0 / sqrt(s / M + (double)eps));                                        \
+            rstd[n * G + g] = group_rstd(s, M, eps);                                                           \
         }                                                                                                      \
         affine_coefficients(gamma, beta, mean, rstd, n, G, D, c0, w, a, b);                                    \
         apply_rows_##SUF(x, y, sn, a, b, n, HW, C, c0, w, 0, HW, silu, threshold, keep_scale, seed, v);        \
@@ -423,9 +428,9 @@ static void input_grad_coefficients(const double *s_dz, const double *s_dzx, con
                     s += total;                                                                                \
                 }                                                                                              \
                 if (pass) {                                                                                    \
-                    rstd[i] = (float)(1.0 / sqrt(s / M + (double)eps));                                        \
+                    rstd[i] = group_rstd(s, M, eps);                                                           \
                 } else {                                                                                       \
-                    mean[i] = (float)(s / M);                                                                  \
+                    mean[i] = group_mean(s, M);                                                                \
                     for (int64_t d = 0; d < D; d++) b[n * C + c0 + d] = mean[i];                               \
                 }                                                                                              \
             }                                                                                                  \
