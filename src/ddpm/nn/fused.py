@@ -262,7 +262,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     """t detached as contiguous float32 (t itself where it already is; asked first, which skips the two calls:
-    21 against 24 us a kernel call at 1 x 64 x 7 x 7, interleaved)."""
+    21 against 24 us a kernel call at 1 x 64 x 7 x 7, interleaved, on an Intel Xeon with AMX)."""
     t = t.detach()
     return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
 
