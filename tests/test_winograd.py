@@ -242,7 +242,8 @@ def test_the_machine_decides_where_winograd_runs_and_keeps_its_answer(monkeypatc
     monkeypatch.delenv("DDPM_WINOGRAD")
     monkeypatch.setattr(winograd, "_measured", {})
     calls = []
-    table = {"train": {32: 1.3, 16: 0.8, 8: 1.1, 4: 0.5}, "inference": {32: 0.9, 16: 1.2, 8: 1.0, 4: 1.5}}
+    table = {"train": {32: 1.3, 16: 0.8, 8: 1.1, 4: 0.5}, "inference": {32: 0.9, 16: 1.2, 8: 1.0, 4: 1.5},
+             "fused": {"128x16": 0.9}}  # (never faster here: the torch Winograd path is chosen by the rest)
     monkeypatch.setattr(winograd, "measure_speedups", lambda: calls.append(1) or table)
     assert [winograd.pays(True, h) for h in (64, 32, 16, 8, 4, 2)] == [True, True, False, True, False, False]
     assert [winograd.pays(False, h) for h in (32, 16, 8, 4)] == [False, True, False, True]
@@ -261,7 +262,128 @@ def test_the_machine_decides_where_winograd_runs_and_keeps_its_answer(monkeypatc
 
 
 def test_the_machine_measurement_times_both_kernels_at_each_resolution(monkeypatch):
-    monkeypatch.setattr(winograd, "CALIBRATION", ((128, 8), (128, 4)))  # small: the real one takes ~1 s
+    monkeypatch.setattr(winograd, "CALIBRATION", ((128, 8), (128, 4)))  # small: the real one takes ~2 s
+    monkeypatch.setattr(winograd, "FUSED_CALIBRATION", ((32, 8), (64, 4)))
     got = winograd.measure_speedups(reps=1, batch=2)
-    assert set(got) == {"train", "inference"} and all(set(v) == {8, 4} for v in got.values())
+    assert set(got) == {"train", "inference", "fused"}
+    assert set(got["train"]) == set(got["inference"]) == {8, 4}
+    assert set(got["fused"]) == ({"32x8", "64x4"} if winograd.fused_library() else set())
     assert all(math.isfinite(r) and r > 0 for v in got.values() for r in v.values()), got  # times, not a stub
+
+
+# ---------------------------------------------------------------------- the fused inference kernel
+
+fused_kernel = pytest.mark.skipif(winograd.fused_library() is None, reason="no compiled kernel (ddpm.nn.fused.status)")
+
+
+def _f32_case(N, C, K, H, W, seed=0):
+    x, w, b = _case(N, C, K, H, W, dtype=torch.float32, channels_last=True, seed=seed)
+    return x, w, b
+
+
+def _width() -> int:
+    return winograd._vector_width(winograd.fused_library())
+
+
+@fused_kernel
+@pytest.mark.parametrize("N, C, H, W", [(2, 5, 8, 8), (1, 3, 7, 7), (3, 20, 14, 9), (1, 32, 1, 1), (2, 17, 2, 3),
+                                        (1, 64, 28, 28), (2, 48, 5, 12)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_kernel_is_the_convolution_at_any_size_and_width(N, C, H, W, bias):
+    K = 2 * _width()
+    x, w, b = _f32_case(N, C, K, H, W)
+    b = b if bias else None
+    with torch.no_grad():
+        y = winograd.conv3x3_fused(x, w, b)
+    exact = F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
+    assert y.shape == exact.shape and y.dtype == torch.float32
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    err = ((y.double() - exact).abs().max() / exact.abs().max()).item()
+    assert err < 3e-5, err  # F(4x4, 3x3)'s float32 rounding, as the torch Winograd path's
+
+
+@fused_kernel
+def test_fused_kernel_results_depend_on_neither_blocks_nor_threads(monkeypatch):
+    x, w, b = _f32_case(5, 24, 2 * _width(), 13, 11, seed=3)  # 5 x 4 x 3 = 60 tiles
+    u = winograd.fused_filter_tiles(w)
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for n_threads, block in ((1, None), (2, 6), (3, 12), (2, 60), (4, 18)):
+            torch.set_num_threads(n_threads)
+            if block:
+                monkeypatch.setattr(winograd, "tiles_per_block", lambda *a, _b=block: _b)
+            with torch.no_grad():
+                runs.append(winograd.conv3x3_fused(x, w, b, filter_tiles=u))
+    finally:
+        torch.set_num_threads(threads)
+    for y in runs[1:]:
+        assert torch.equal(y, runs[0])  # every output is its own tile's: the same bits
+
+
+@fused_kernel
+def test_fused_kernel_refuses_what_it_cannot_take():
+    x, w, b = _f32_case(1, 8, 2 * _width(), 8, 8)
+    assert winograd.fused_applies(x, w)
+    narrow = w[: _width() // 2 + 1]  # output channels not a multiple of the vector width
+    cases = [(x, narrow), (x.contiguous(), w), (x.double(), w.double()), (x, w.requires_grad_())]
+    for xi, wi in cases:
+        with torch.enable_grad():
+            assert not winograd.fused_applies(xi, wi)
+            with pytest.raises(ValueError, match="conv3x3_fused takes"):
+                winograd.conv3x3_fused(xi, wi)
+    with torch.no_grad():  # no graph to record: the same weights are taken
+        assert winograd.fused_applies(x, w)
+    empty = torch.zeros(0, 8, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert winograd.conv3x3_fused(empty, w.detach()).shape == (0, 2 * _width(), 8, 8)
+
+
+@fused_kernel
+def test_conv3x3_takes_the_fused_kernel_for_inference_and_keeps_its_filter_tiles(monkeypatch):
+    conv = Conv3x3(16, 2 * _width())
+    x = torch.randn(2, 16, 12, 12).contiguous(memory_format=torch.channels_last)
+    calls = []
+    real = winograd._fused_run
+    monkeypatch.setattr(winograd, "_fused_run", lambda *a: calls.append(a[3]) or real(*a))
+    assert not conv.uses_fused(x)  # training: autograd needs a backward, which the kernel does not have
+    conv(x)
+    assert calls == []
+    with torch.no_grad():
+        assert conv.uses_fused(x)
+        y1 = conv(x)
+        conv(x)
+        assert len(calls) == 2 and calls[0] is calls[1]  # the filter tiles computed once
+        torch.testing.assert_close(y1, F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=0, atol=3e-5 * y1.abs().max())
+        conv.weight.mul_(-2)  # an in-place change (an optimizer step, an EMA update, load_state_dict)
+        y2 = conv(x)
+        assert calls[2] is not calls[1]
+        torch.testing.assert_close(y2, F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=0, atol=3e-5 * y2.abs().max())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not conv.uses_fused(x)
+        assert not conv.uses_fused(x.contiguous())  # NCHW: the direct kernel
+        conv.winograd = False
+        assert not conv.uses_fused(x)
+
+
+@fused_kernel
+def test_the_machine_decides_where_the_fused_kernel_runs(monkeypatch, tmp_path):
+    monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("DDPM_WINOGRAD")
+    monkeypatch.setattr(winograd, "_measured", {})
+    table = {"train": {32: 1.0}, "inference": {32: 1.0},
+             "fused": {"32x32": 1.5, "64x16": 0.9, "256x8": 1.2, "256x4": 0.7}}
+    monkeypatch.setattr(winograd, "measure_speedups", lambda: table)
+    many = winograd.MIN_TILES
+    assert [winograd.fused_pays(c, h, many) for c, h in ((32, 28), (48, 32), (64, 14), (64, 16), (256, 8),
+                                                         (512, 8), (256, 4), (128, 2))] == \
+        [True, True, False, False, True, True, False, False]
+    assert not winograd.fused_pays(32, 32, many - 1)  # too few tiles for the filter tiles it reads
+    conv = Conv3x3(32, 2 * _width())
+    with torch.no_grad():
+        assert conv.uses_fused(torch.randn(1, 32, 28, 28).contiguous(memory_format=torch.channels_last))  # 49 tiles
+        assert not conv.uses_fused(torch.randn(1, 32, 12, 12).contiguous(memory_format=torch.channels_last))  # 9
+    monkeypatch.setenv("DDPM_WINOGRAD", "0")
+    assert not winograd.fused_pays(32, 32, many)
+    monkeypatch.setenv("DDPM_WINOGRAD", "1")
+    assert winograd.fused_pays(64, 16, 1)

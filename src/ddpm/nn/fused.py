@@ -15,7 +15,8 @@ instruction set (`-O3 -march=native -fopenmp`, 512-bit vectors on x86-64; 2-8 se
 torch's own (torch ships libgomp.so.1, and the library resolves to the copy already loaded). With no compiler,
 or `DDPM_FUSED_CPU=0`, or anything but a float32/bfloat16 channels-last tensor on the CPU, `group_norm_act`
 runs torch's own operators instead: the same function, torch's speed. `status()` says which and why. Its
-results do not depend on the number of threads (the sums run in a fixed order within a work item).
+results do not depend on the number of threads (the sums run in a fixed order within a work item). The same
+library holds the fused Winograd convolution for inference (`_winograd_cpu.c`, used by ddpm.nn.winograd).
 
 Dropout: element (n, c, h, w) is dropped when 32 random bits, a hash of (its flat index in the channels-last
 layout, ((n H + h) W + w) C + c, and a 64-bit seed), fall below p * 2^32; the survivors are multiplied by
@@ -54,6 +55,8 @@ from torch import nn
 from ddpm.runtime import cache_dir
 
 _SOURCE = Path(__file__).with_name("_fused_cpu.c")
+# built into the same library: the fused Winograd convolution for inference (ddpm.nn.winograd)
+_SOURCES = (_SOURCE, Path(__file__).with_name("_winograd_cpu.c"))
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 # ATEN_CPU_CAPABILITY (torch's own switch) holding torch's kernels below the machine's instruction set holds
 # this one there too, so that an AVX-512 machine can stand in for an AVX2 one (benchmarks/RESULTS.md)
@@ -107,9 +110,9 @@ def c_compiler() -> list[str]:
 
 
 def _compile(compiler: list[str]) -> Path:
-    source = _SOURCE.read_bytes()
+    sources = [p.read_bytes() for p in _SOURCES]
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(_FLAGS).encode(), version.encode(),
                                      cpu_key().encode()])).hexdigest()[:16]
     for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"ddpm-kernels-{os.getuid()}"):
         target = folder / f"fused_cpu-{key}.so"
@@ -122,10 +125,11 @@ def _compile(compiler: list[str]) -> Path:
         except OSError:
             continue  # not writable: the next folder
         try:
-            done = subprocess.run([*compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True,
+            done = subprocess.run([*compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True,
                                   text=True, timeout=300)
             if done.returncode != 0:
-                raise RuntimeError(f"{' '.join(compiler)} failed on {_SOURCE}:\n{done.stderr[-2000:]}")
+                raise RuntimeError(f"{' '.join(compiler)} failed on {', '.join(map(str, _SOURCES))}:\n"
+                                   f"{done.stderr[-2000:]}")
             os.replace(tmp, target)  # atomic: a process compiling beside this one finds a whole file or none
             return target
         finally:
@@ -135,7 +139,8 @@ def _compile(compiler: list[str]) -> Path:
 
 
 def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    """Give the loaded library's two entry points their C signatures (`_fused_cpu.c`); returns lib."""
+    """Give the loaded library's entry points their C signatures (`_fused_cpu.c`, `_winograd_cpu.c`); returns
+    lib."""
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     lib.ddpm_gn_act_forward.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32,
                                         ctypes.c_int, ctypes.c_uint32, f32, ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
@@ -143,6 +148,10 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                                          i64, i64, ctypes.c_int, ctypes.c_uint32, f32, ctypes.c_uint64, ctypes.c_int,
                                          ctypes.c_int]
     lib.ddpm_gn_act_forward.restype = lib.ddpm_gn_act_backward.restype = ctypes.c_int
+    if hasattr(lib, "ddpm_winograd_forward"):  # absent from builds of _fused_cpu.c alone (benchmarks/gn_builds.py)
+        lib.ddpm_winograd_forward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_int]
+        lib.ddpm_winograd_vector_width.argtypes = []
+        lib.ddpm_winograd_forward.restype = lib.ddpm_winograd_vector_width.restype = ctypes.c_int
     return lib
 
 
@@ -175,6 +184,11 @@ def _load() -> ctypes.CDLL | None:
         _state["why"] = why
         _state["lib"] = lib  # last: its presence says the state is whole
         return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled library (built on first use), or None where it is off or could not be built (`status`)."""
+    return _load()
 
 
 def status() -> tuple[bool, str]:

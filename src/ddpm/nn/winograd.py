@@ -16,10 +16,18 @@ machine on the paper's network's widest layers, one per resolution, for training
 the answer on disk (`ddpm.runtime.cache_dir("winograd")`, keyed by the CPU's flags, torch's version, the
 thread count and the instruction-set switches), so that every process on the machine runs the same kernels.
 `DDPM_WINOGRAD=1` or `0` decides without measuring.
+
+Without autograd (sampling, evaluation) `conv3x3_fused` runs the same method as one compiled kernel
+(`_winograd_cpu.c`, built with the fused group norm's, `ddpm.nn.fused`): per block of tiles the input transform,
+the 36 products and the output transform run while the block stays in the core's cache, so the transformed tiles
+never go through memory. It takes any width (K a multiple of the vector width) and any height and width, and ran
+1.6-2.9x oneDNN's direct kernel per layer on the small presets' 32-128 channels, natively and held to AVX2, where
+the path above lost (RESULTS.md). Where it pays is measured per machine the same way (`fused_pays`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -27,6 +35,7 @@ import os
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +44,7 @@ from torch import nn
 from ddpm.runtime import cache_dir
 
 from .fused import cpu_key
+from .fused import library as fused_library
 
 _BT = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
        [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
@@ -240,14 +250,111 @@ def conv3x3_winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return _forward(x, u, bias)[0]
 
 
+def _l2_bytes() -> int:
+    """The first CPU's level-2 cache in bytes (Linux's sysfs), 1 MiB where it cannot be read."""
+    if "l2" not in _FUSED_STATE:
+        size = 1 << 20
+        try:
+            for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+                if (index / "level").read_text().strip() == "2" and (index / "type").read_text().strip() != "Instruction":
+                    text = (index / "size").read_text().strip().upper()
+                    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+                    size = int(text.rstrip("KM")) * scale
+                    break
+        except (OSError, ValueError):
+            pass
+        _FUSED_STATE["l2"] = size
+    return _FUSED_STATE["l2"]
+
+
+_FUSED_STATE: dict[str, int] = {}
+_TILE_ROWS = 6  # the fused kernel's register block of tiles (R in _winograd_cpu.c): a block is a multiple of it
+
+
+def tiles_per_block(C: int, K: int, tiles: int, threads: int) -> int:
+    """The fused kernel's block of tiles: its transformed inputs and products (36 (C + K) floats a tile) in half
+    the L2 cache, a multiple of the kernel's 6, and no more than an even share of the tiles per thread."""
+    rows = _TILE_ROWS
+    fit = max(rows, _l2_bytes() // 2 // (36 * 4 * (C + K)) // rows * rows)
+    share = -(-max(tiles, 1) // max(threads, 1))
+    return max(rows, min(fit, -(-share // rows) * rows))
+
+
+def fused_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `conv3x3_fused` can run this convolution: the compiled kernel loaded (ddpm.nn.fused), float32
+    channels-last x [N, C, H, W] on the CPU, weight [K, C, 3, 3] in float32 with K a multiple of the kernel's
+    vector width, and no graph to record (it has no backward)."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.dim() == 4 and weight.dim() == 4 and weight.shape[1:] == (x.shape[1], 3, 3)
+            and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    lib = fused_library()
+    return lib is not None and weight.shape[0] % _vector_width(lib) == 0
+
+
+def _vector_width(lib) -> int:
+    if "width" not in _FUSED_STATE:
+        _FUSED_STATE["width"] = int(lib.ddpm_winograd_vector_width())
+    return _FUSED_STATE["width"]
+
+
+def fused_filter_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """G w G^T per (c, k), laid out [36, C, K] as the fused kernel reads them (filter_transform's [36, K, C]
+    transposed), from w [K, C, 3, 3]."""
+    K, C = weight.shape[:2]
+    kg = _mats(weight.dtype)[1]
+    return torch.mm(kg, weight.detach().permute(1, 0, 2, 3).reshape(C * K, 9).t()).view(36, C, K)
+
+
+def conv3x3_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  filter_tiles: torch.Tensor | None = None) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1) by Winograd F(4x4, 3x3) in one compiled kernel (`_winograd_cpu.c`),
+    for inference: each block of tiles is transformed, multiplied and transformed back while it stays in the
+    cache, where `conv3x3_winograd` passes whole batch chunks through memory between torch's operators. Any
+    height and width (the last tiles are cut short). Where `fused_applies` says no, ValueError. Returns a
+    channels-last [N, K, H, W]; `filter_tiles` may pass `fused_filter_tiles(weight)` computed once."""
+    if not fused_applies(x, weight):
+        raise ValueError(f"conv3x3_fused takes float32 channels-last x [N, C, H, W] and weight [K, C, 3, 3] on the "
+                         f"CPU, without autograd, with the compiled kernel loaded; got x {tuple(x.shape)} {x.dtype}, "
+                         f"weight {tuple(weight.shape)} {weight.dtype}")
+    return _fused_run(x, weight, bias, fused_filter_tiles(weight) if filter_tiles is None else filter_tiles)
+
+
+def _fused_run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+    """conv3x3_fused's call of the kernel, for arguments `fused_applies` has passed."""
+    N, C, H, W = x.shape
+    K = weight.shape[0]
+    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    y = torch.empty((N, K, H, W), dtype=torch.float32, memory_format=torch.channels_last)
+    if N == 0:
+        return y
+    threads = torch.get_num_threads()
+    tiles = N * -(-H // 4) * -(-W // 4)
+    rc = fused_library().ddpm_winograd_forward(x.data_ptr(), u.data_ptr(), None if b is None else b.data_ptr(),
+                                               y.data_ptr(), N, H, W, C, K, tiles_per_block(C, K, tiles, threads),
+                                               threads)
+    if rc != 0:
+        raise RuntimeError(f"fused Winograd convolution: {'out of memory' if rc == -2 else 'arguments refused'} "
+                           f"for x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    return y
+
+
 # ---------------------------------------------------------------------- where it pays: measured per machine
 
 # (channels, height = width) of the paper's CIFAR-10 network's widest 3x3 layers, one per resolution, timed at
 # batch 16 in the channels-last layout the U-Net runs in; narrower layers lost everywhere measured (0.3-1.0x)
 CALIBRATION = ((128, 32), (256, 16), (256, 8), (256, 4))
+# (channels, height = width) of the layers the fused inference kernel is timed on, C -> C at batch 16: the small
+# presets' widths and the paper's, each resolution
+FUSED_CALIBRATION = ((32, 32), (64, 16), (64, 8), (128, 32), (256, 16), (256, 8), (256, 4))
 MIN_SPEEDUP = 1.05  # below it the direct kernel keeps its smaller rounding error
-_ISA_SWITCHES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE")
-_measured: dict[str, dict[str, dict[int, float]]] = {}
+_SWITCHES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE",
+             "DDPM_FUSED_CPU")  # instruction sets, and the compiled kernels off
+_keys: dict[tuple, str] = {}
+_measured: dict[str, dict[str, dict]] = {}
+_KERNEL_SOURCE = Path(__file__).with_name("_winograd_cpu.c")  # a new kernel is timed again
 _measure_lock = threading.Lock()
 
 
@@ -272,10 +379,12 @@ def _call_of(kernel, args: tuple[torch.Tensor, ...]):
 
 
 def measure_speedups(reps: int = 3, batch: int = 16) -> dict[str, dict[int, float]]:
-    """{"train" | "inference": {height: direct time / Winograd time}} on this machine, now: the CALIBRATION
-    layers, forward + backward (x, weight, bias) for training and forward alone for inference, the two kernels
-    interleaved, best of `reps` each."""
-    out: dict[str, dict[int, float]] = {"train": {}, "inference": {}}
+    """{"train" | "inference": {height: direct time / Winograd time}, "fused": {"CxH": direct time / fused
+    kernel's time}} on this machine, now: the CALIBRATION layers, forward + backward (x, weight, bias) for
+    training and forward alone for inference, and the FUSED_CALIBRATION layers' forward by `conv3x3_fused`
+    (empty where the compiled kernel is not available), the two kernels interleaved, at `batch`, best of `reps`
+    each."""
+    out: dict[str, dict] = {"train": {}, "inference": {}}
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode(False), torch.autocast("cpu", enabled=False):
         for C, H in CALIBRATION:
@@ -291,17 +400,41 @@ def measure_speedups(reps: int = 3, batch: int = 16) -> dict[str, dict[int, floa
             with torch.no_grad():
                 ms = [best_ms(_call_of(k, (x, w, b)), reps) for k in kernels]
             out["inference"][H] = ms[0] / ms[1]
+        out["fused"] = {}
+        with torch.no_grad():
+            for C, H in FUSED_CALIBRATION:
+                x = torch.randn(batch, C, H, H, generator=g).contiguous(memory_format=torch.channels_last)
+                w = torch.randn(C, C, 3, 3, generator=g) / (3 * C**0.5)
+                b = torch.randn(C, generator=g)
+                if not fused_applies(x, w):
+                    break  # no compiled kernel (or not this width): the fused kernel is never chosen
+                calls = (_call_of(lambda *a: F.conv2d(*a, padding=1), (x, w, b)),
+                         _call_of(conv3x3_fused, (x, w, b, fused_filter_tiles(w))))
+                ms = [best_ms(call, reps) for call in calls]
+                out["fused"][f"{C}x{H}"] = ms[0] / ms[1]
     release_scratch()
     return out
 
 
+@functools.cache
+def _kernel_digest() -> str:
+    return hashlib.sha256(_KERNEL_SOURCE.read_bytes()).hexdigest()
+
+
 def _machine_key() -> str:
-    parts = [cpu_key(), torch.__version__, str(torch.get_num_threads()), repr(CALIBRATION),
-             *(f"{k}={os.environ.get(k, '')}" for k in _ISA_SWITCHES)]
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    """The measurement's key: the CPU, torch, the thread count, the calibration layers, the kernel's source and
+    the instruction-set switches (the hash kept per state of the parts that can change in a process: a call costs
+    a few microseconds, on every wide convolution)."""
+    state = (torch.get_num_threads(), *(os.environ.get(k, "") for k in _SWITCHES))
+    key = _keys.get(state)
+    if key is None:
+        parts = [cpu_key(), torch.__version__, repr(CALIBRATION), repr(FUSED_CALIBRATION), _kernel_digest(),
+                 *map(str, state)]
+        key = _keys[state] = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    return key
 
 
-def machine_speedups() -> dict[str, dict[int, float]]:
+def machine_speedups() -> dict[str, dict]:
     """`measure_speedups()` for this machine, measured once and kept on disk (then read back by every process);
     measured again where no cache folder is writable (once per process)."""
     key = _machine_key()
@@ -313,10 +446,11 @@ def machine_speedups() -> dict[str, dict[int, float]]:
         path = cache_dir("winograd") / f"speedups-{key}.json"
         found = None
         try:
-            found = {mode: {int(h): float(r) for h, r in v.items()} for mode, v in json.loads(path.read_text()).items()}
+            found = {mode: {(k if mode == "fused" else int(k)): float(r) for k, r in v.items()}
+                     for mode, v in json.loads(path.read_text()).items()}
         except (OSError, ValueError, AttributeError):
             pass
-        if found is None or set(found) != {"train", "inference"}:
+        if found is None or set(found) != {"train", "inference", "fused"}:
             found = measure_speedups()
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -342,6 +476,38 @@ def pays(training: bool, height: int) -> bool:
     return table[nearest] >= MIN_SPEEDUP
 
 
+def fused_pays(channels: int, height: int, tiles: int) -> bool:
+    """Whether `conv3x3_fused` is the faster kernel on this machine for a layer of about this many channels (the
+    wider of input and output) and this height, cut into this many 4x4 tiles: the FUSED_CALIBRATION layer
+    nearest to it in octaves of both, and at least MIN_TILES tiles. DDPM_WINOGRAD=1 / 0: yes / no without
+    measuring."""
+    forced = os.environ.get("DDPM_WINOGRAD", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if tiles < MIN_TILES:
+        return False
+    table = machine_speedups()["fused"]
+    memo = (id(table), channels, height)
+    if memo not in _fused_choices:  # (the table is kept with the answer, so its id is not reused meanwhile)
+
+        def distance(key: str) -> float:
+            c, h = map(int, key.split("x"))
+            return math.log2(max(channels, 1) / c) ** 2 + math.log2(max(height, 1) / h) ** 2
+
+        _fused_choices[memo] = (table, bool(table) and table[min(table, key=distance)] >= MIN_SPEEDUP)
+    return _fused_choices[memo][1]
+
+
+# Each call reads the filter tiles, 36 C K floats (4x the weights), and multiplies them by 6 tiles at a time: with
+# T tiles, 2 T flops a byte of them (T rounded up to 6s). Below 16 tiles the kernel waits on memory where the
+# direct one reads 9 C K floats: at batch 1 in the paper's network, 4 tiles (8x8) ran 0.6x the direct kernel and
+# 1 tile (4x4) 0.5x, 16 tiles (16x16) 1.0-1.4x, 64 tiles 1.7x (RESULTS.md). Timed alone, with the tiles still in
+# the cache from the call before, the same layers measured faster than the direct kernel, so this is not left to
+# the calibration's timing.
+MIN_TILES = 16
+_fused_choices: dict[tuple[int, int, int], tuple[dict, bool]] = {}
+
+
 class Conv3x3(nn.Conv2d):
     """nn.Conv2d(in_ch, out_ch, 3, padding=1) (same parameters, same state dict) that runs
     `conv3x3_winograd` where it is faster than the direct kernel (`benchmarks/winograd_layers.py`,
@@ -355,6 +521,7 @@ class Conv3x3(nn.Conv2d):
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__(in_ch, out_ch, 3, padding=1)
         self.winograd = True
+        self._fused_tiles: tuple[tuple[int, int], torch.Tensor] | None = None
 
     def uses_winograd(self, x: torch.Tensor) -> bool:
         return (self.winograd and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
@@ -363,7 +530,28 @@ class Conv3x3(nn.Conv2d):
                 and x.shape[2] % 4 == 0 and x.shape[3] % 4 == 0 and not torch.compiler.is_compiling()
                 and pays(torch.is_grad_enabled(), x.shape[2]))
 
+    def uses_fused(self, x: torch.Tensor) -> bool:
+        """Whether this call takes `conv3x3_fused`: without a graph to record (sampling, evaluation), on the
+        CPU in float32 outside autocast, any width and size, where this machine measured it faster
+        (`fused_pays`)."""
+        return (self.winograd and not torch.is_autocast_enabled("cpu") and fused_applies(x, self.weight)
+                and fused_pays(max(self.in_channels, self.out_channels), x.shape[2],
+                               x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4)))
+
+    def fused_filter_tiles(self) -> torch.Tensor:
+        """`fused_filter_tiles(self.weight)`, kept while the weights stay the same tensor at the same version (an
+        optimizer step, an EMA update or load_state_dict changes the version): at batch 1 computing them on every
+        call took longer than the convolution itself (RESULTS.md). They take 4x the weights' memory, only in
+        networks that run without autograd."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        kept = self._fused_tiles
+        if kept is None or kept[0] != key:
+            kept = self._fused_tiles = (key, fused_filter_tiles(self.weight))
+        return kept[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_fused(x):
+            return _fused_run(x, self.weight, self.bias, self.fused_filter_tiles())
         if self.uses_winograd(x):
             return conv3x3_winograd(x, self.weight, self.bias)
         return super().forward(x)

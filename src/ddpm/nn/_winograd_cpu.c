@@ -1,0 +1,223 @@
+/* A 3x3 convolution (stride 1, zero padding 1) over channels-last float32 tensors by Winograd's F(4x4, 3x3),
+ * inference only, with the three stages fused per block of tiles so that the transformed tiles never leave the
+ * core's cache. Loaded with the group-norm kernel (same library, see ddpm/nn/fused.py for the build).
+ *
+ * x [N][H][W][C] -> y [N][H][W][K], from filter tiles u [36][C][K] (G g G^T per (c, k), ddpm.nn.winograd's
+ * filter_transform transposed) and an optional bias [K]. The output is cut into 4x4 tiles (the last row and
+ * column of tiles cut short where H or W is not a multiple of 4); tile (ty, tx) reads the 6x6 input patch from
+ * row 4 ty - 1 and column 4 tx - 1, zero outside the image. Per block of TB tiles, on one thread:
+ *   V[36][TB][C] = B^T d B for each tile and channel (the input transform, rows then columns),
+ *   M[p][TB][K] = V[p][TB][C] @ u[p][C][K] for each of the 36 positions p (a register-blocked product: 6 tiles
+ *   by NV vectors of K at a time),
+ *   y = A^T M A + bias on each tile's 4x4 outputs inside the image.
+ * Where torch's Winograd (ddpm.nn.winograd._forward) writes V and M for a whole batch chunk to memory and reads
+ * them back in separate operators, these stay in the cache: the memory traffic is x read once (the 6x6 patches
+ * overlap, the rows come from cache) and y written once. Every output depends only on its own tile, so the
+ * result does not depend on the block size or the number of threads.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define VL 16
+#elif defined(__AVX__)
+#define VL 8
+#else
+#define VL 4
+#endif
+#define R 6 /* tiles per register block of the product */
+
+typedef float vf __attribute__((vector_size(VL * sizeof(float)), aligned(sizeof(float))));
+
+/* vf's alignment is a float's: these are unaligned vector loads and stores (memcpy here went through the stack
+ * in gcc's AVX2 builds) */
+static inline vf vload(const float *p) { return *(const vf *)p; }
+static inline void vstore(float *p, vf v) { *(vf *)p = v; }
+
+/* Rows of the input transform: r = B^T d for six rows d0..d5 of C channels each, written once for vectors and
+ * once for the scalars past the last whole vector (the same arithmetic). */
+#define INPUT_ROWS(T, LOAD, STORE, c)                                                                        \
+    {                                                                                                        \
+        T d0 = LOAD(d[0] + c), d1 = LOAD(d[1] + c), d2 = LOAD(d[2] + c), d3 = LOAD(d[3] + c);               \
+        T d4 = LOAD(d[4] + c), d5 = LOAD(d[5] + c);                                                          \
+        T a = d4 - 4.0f * d2, b = d3 - 4.0f * d1; /* rows 1 and 2 */                                        \
+        T e = d4 - d2, f = 2.0f * (d3 - d1);      /* rows 3 and 4 */                                        \
+        STORE(r[0] + c, 4.0f * d0 - 5.0f * d2 + d4);                                                         \
+        STORE(r[1] + c, a + b);                                                                              \
+        STORE(r[2] + c, a - b);                                                                              \
+        STORE(r[3] + c, e + f);                                                                              \
+        STORE(r[4] + c, e - f);                                                                              \
+        STORE(r[5] + c, 4.0f * d1 - 5.0f * d3 + d5);                                                         \
+    }
+#define SLOAD(p) (*(p))
+#define SSTORE(p, v) (*(p) = (v))
+
+static inline void input_rows(const float *const d[6], float *const r[6], int64_t C) {
+    int64_t c = 0;
+    for (; c + VL <= C; c += VL) INPUT_ROWS(vf, vload, vstore, c)
+    for (; c < C; c++) INPUT_ROWS(float, SLOAD, SSTORE, c)
+}
+
+/* Rows of the output transform: o = A^T m for six rows m0..m5 of K values (four out). */
+#define OUTPUT_ROWS(T, LOAD, STORE, k)                                                                       \
+    {                                                                                                        \
+        T m0 = LOAD(m[0] + k), m1 = LOAD(m[1] + k), m2 = LOAD(m[2] + k), m3 = LOAD(m[3] + k);               \
+        T m4 = LOAD(m[4] + k), m5 = LOAD(m[5] + k);                                                          \
+        T s12 = m1 + m2, d12 = m1 - m2, s34 = m3 + m4, d34 = m3 - m4;                                        \
+        STORE(o[0] + k, m0 + s12 + s34);                                                                     \
+        STORE(o[1] + k, d12 + 2.0f * d34);                                                                   \
+        STORE(o[2] + k, s12 + 4.0f * s34);                                                                   \
+        STORE(o[3] + k, d12 + 8.0f * d34 + m5);                                                              \
+    }
+
+static inline void output_rows(const float *const m[6], float *const o[4], int64_t K) {
+    int64_t k = 0;
+    for (; k + VL <= K; k += VL) OUTPUT_ROWS(vf, vload, vstore, k)
+    for (; k < K; k++) OUTPUT_ROWS(float, SLOAD, SSTORE, k)
+}
+
+/* m[R][ldm] (+)= v[R][ldv] @ u[C][ldu] over NV vectors of columns. */
+#define PRODUCT(NV)                                                                                          \
+    static void product_##NV(const float *restrict v, int64_t ldv, const float *restrict u, int64_t ldu,    \
+                             float *restrict m, int64_t ldm, int64_t C) {                                    \
+        vf acc[R][NV];                                                                                       \
+        for (int r = 0; r < R; r++)                                                                          \
+            for (int j = 0; j < NV; j++) acc[r][j] = (vf){0};                                                \
+        for (int64_t c = 0; c < C; c++) {                                                                    \
+            vf w[NV];                                                                                        \
+            for (int j = 0; j < NV; j++) w[j] = vload(u + c * ldu + j * VL);                                 \
+            for (int r = 0; r < R; r++) {                                                                    \
+                float b = v[r * ldv + c]; /* broadcast */                                                    \
+                for (int j = 0; j < NV; j++) acc[r][j] += b * w[j];                                          \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int r = 0; r < R; r++)                                                                          \
+            for (int j = 0; j < NV; j++) vstore(m + r * ldm + j * VL, acc[r][j]);                            \
+    }
+PRODUCT(1)
+PRODUCT(2)
+PRODUCT(3)
+PRODUCT(4)
+
+#if VL == 16
+#define NV_MAX 4
+#else
+#define NV_MAX 2
+#endif
+
+static void products(const float *v, const float *u, float *m, int64_t TB, int64_t C, int64_t K) {
+    for (int64_t r0 = 0; r0 < TB; r0 += R)
+        for (int64_t k0 = 0; k0 < K; k0 += NV_MAX * VL) {
+            int64_t nv = (K - k0) / VL < NV_MAX ? (K - k0) / VL : NV_MAX;
+            const float *vr = v + r0 * C;
+            const float *uk = u + k0;
+            float *mr = m + r0 * K + k0;
+            switch (nv) {
+            case 1: product_1(vr, C, uk, K, mr, K, C); break;
+            case 2: product_2(vr, C, uk, K, mr, K, C); break;
+            case 3: product_3(vr, C, uk, K, mr, K, C); break;
+            default: product_4(vr, C, uk, K, mr, K, C); break;
+            }
+        }
+}
+
+static float *aligned_floats(int64_t n) {
+    size_t bytes = ((size_t)n * sizeof(float) + 63) & ~(size_t)63;
+    return (float *)aligned_alloc(64, bytes ? bytes : 64);
+}
+
+/* The vector width in floats this build was compiled for: K must be a multiple of it. */
+int ddpm_winograd_vector_width(void) { return VL; }
+
+/* Returns 0, -1 for arguments refused (K not a multiple of the vector width, a block not a multiple of R), -2
+ * when out of memory. */
+int ddpm_winograd_forward(const float *x, const float *u, const float *bias, float *y, int64_t N, int64_t H,
+                          int64_t W, int64_t C, int64_t K, int64_t TB, int threads) {
+    if (N < 0 || H <= 0 || W <= 0 || C <= 0 || K <= 0 || K % VL || TB <= 0 || TB % R) return -1;
+    int64_t th = (H + 3) / 4, tw = (W + 3) / 4, tiles = N * th * tw;
+    int64_t blocks = (tiles + TB - 1) / TB;
+    if (threads < 1) threads = 1;
+    if (threads > blocks) threads = blocks > 0 ? (int)blocks : 1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t width = C > K ? C : K;
+        float *V = aligned_floats(36 * TB * C), *M = aligned_floats(36 * TB * K);
+        float *T = aligned_floats(36 * width), *zero = aligned_floats(width), *sink = aligned_floats(K);
+        if (!V || !M || !T || !zero || !sink) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            memset(zero, 0, (size_t)width * sizeof(float));
+            memset(V, 0, (size_t)(36 * TB * C) * sizeof(float)); /* rows past the last tile: finite */
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(static)
+            for (int64_t blk = 0; blk < blocks; blk++) {
+                int64_t t0 = blk * TB, nt = tiles - t0 < TB ? tiles - t0 : TB;
+                for (int64_t t = 0; t < nt; t++) {
+                    int64_t id = t0 + t, n = id / (th * tw), ty = id / tw % th, tx = id % tw;
+                    /* rows of the patch through B^T, one patch column at a time, into T[i][b][C] */
+                    for (int b = 0; b < 6; b++) {
+                        int64_t col = 4 * tx - 1 + b;
+                        const float *d[6];
+                        float *r[6];
+                        for (int a = 0; a < 6; a++) {
+                            int64_t row = 4 * ty - 1 + a;
+                            d[a] = (row >= 0 && row < H && col >= 0 && col < W)
+                                       ? x + ((n * H + row) * W + col) * C : zero;
+                            r[a] = T + (a * 6 + b) * C;
+                        }
+                        input_rows(d, r, C);
+                    }
+                    /* then the columns: V[i * 6 + j][t] */
+                    for (int i = 0; i < 6; i++) {
+                        const float *d[6];
+                        float *r[6];
+                        for (int j = 0; j < 6; j++) {
+                            d[j] = T + (i * 6 + j) * C;
+                            r[j] = V + ((i * 6 + j) * TB + t) * C;
+                        }
+                        input_rows(d, r, C);
+                    }
+                }
+                for (int p = 0; p < 36; p++) products(V + p * TB * C, u + p * C * K, M + p * TB * K, TB, C, K);
+                for (int64_t t = 0; t < nt; t++) {
+                    int64_t id = t0 + t, n = id / (th * tw), ty = id / tw % th, tx = id % tw;
+                    /* columns of the products through A^T into T[i][q][K], then the rows, stored in y */
+                    for (int i = 0; i < 6; i++) {
+                        const float *m[6];
+                        float *o[4];
+                        for (int j = 0; j < 6; j++) m[j] = M + ((i * 6 + j) * TB + t) * K;
+                        for (int q = 0; q < 4; q++) o[q] = T + (i * 4 + q) * K;
+                        output_rows(m, o, K);
+                    }
+                    for (int q = 0; q < 4; q++) {
+                        int64_t col = 4 * tx + q;
+                        const float *m[6];
+                        float *o[4];
+                        for (int i = 0; i < 6; i++) m[i] = T + (i * 4 + q) * K;
+                        for (int p = 0; p < 4; p++) {
+                            int64_t row = 4 * ty + p;
+                            o[p] = (row < H && col < W) ? y + ((n * H + row) * W + col) * K : sink;
+                        }
+                        output_rows(m, o, K);
+                        if (bias)
+                            for (int p = 0; p < 4; p++) {
+                                float *restrict out = o[p];
+                                for (int64_t k = 0; k < K; k++) out[k] += bias[k];
+                            }
+                    }
+                }
+            }
+        }
+        free(V);
+        free(M);
+        free(T);
+        free(zero);
+        free(sink);
+    }
+    return failed ? -2 : 0;
+}
