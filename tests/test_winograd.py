@@ -243,7 +243,7 @@ def test_the_machine_decides_where_winograd_runs_and_keeps_its_answer(monkeypatc
     monkeypatch.setattr(winograd, "_measured", {})
     calls = []
     table = {"train": {32: 1.3, 16: 0.8, 8: 1.1, 4: 0.5}, "inference": {32: 0.9, 16: 1.2, 8: 1.0, 4: 1.5},
-             "fused": {"128x16": 0.9}}  # (never faster here: the torch Winograd path is chosen by the rest)
+             "fused": {"128x16": 0.9}, "fused train": {"128x16": 0.9}}  # never faster: the rest chooses
     monkeypatch.setattr(winograd, "measure_speedups", lambda: calls.append(1) or table)
     assert [winograd.pays(True, h) for h in (64, 32, 16, 8, 4, 2)] == [True, True, False, True, False, False]
     assert [winograd.pays(False, h) for h in (32, 16, 8, 4)] == [False, True, False, True]
@@ -265,9 +265,9 @@ def test_the_machine_measurement_times_both_kernels_at_each_resolution(monkeypat
     monkeypatch.setattr(winograd, "CALIBRATION", ((128, 8), (128, 4)))  # small: the real one takes ~2 s
     monkeypatch.setattr(winograd, "FUSED_CALIBRATION", ((32, 8), (64, 4)))
     got = winograd.measure_speedups(reps=1, batch=2)
-    assert set(got) == {"train", "inference", "fused"}
+    assert set(got) == {"train", "inference", "fused", "fused train"}
     assert set(got["train"]) == set(got["inference"]) == {8, 4}
-    assert set(got["fused"]) == ({"32x8", "64x4"} if winograd.fused_library() else set())
+    assert set(got["fused"]) == set(got["fused train"]) == ({"32x8", "64x4"} if winograd.fused_library() else set())
     assert all(math.isfinite(r) and r > 0 for v in got.values() for r in v.values()), got  # times, not a stub
 
 
@@ -346,9 +346,10 @@ def test_conv3x3_takes_the_fused_kernel_for_inference_and_keeps_its_filter_tiles
     calls = []
     real = winograd._fused_run
     monkeypatch.setattr(winograd, "_fused_run", lambda *a: calls.append(a[3]) or real(*a))
-    assert not conv.uses_fused(x)  # training: autograd needs a backward, which the kernel does not have
+    assert not conv.uses_fused(x)  # training: `trains_fused`, which computes the tiles of each step's weights
     conv(x)
-    assert calls == []
+    assert len(calls) == 1 and conv._fused_tiles is None
+    calls.clear()
     with torch.no_grad():
         assert conv.uses_fused(x)
         y1 = conv(x)
@@ -372,18 +373,47 @@ def test_the_machine_decides_where_the_fused_kernel_runs(monkeypatch, tmp_path):
     monkeypatch.delenv("DDPM_WINOGRAD")
     monkeypatch.setattr(winograd, "_measured", {})
     table = {"train": {32: 1.0}, "inference": {32: 1.0},
-             "fused": {"32x32": 1.5, "64x16": 0.9, "256x8": 1.2, "256x4": 0.7}}
+             "fused": {"32x32": 1.5, "64x16": 0.9, "256x8": 1.2, "256x4": 0.7},
+             "fused train": {"32x32": 0.9, "64x16": 1.1, "256x8": 1.2, "256x4": 0.7}}
     monkeypatch.setattr(winograd, "measure_speedups", lambda: table)
     many = winograd.MIN_TILES
     assert [winograd.fused_pays(c, h, many) for c, h in ((32, 28), (48, 32), (64, 14), (64, 16), (256, 8),
                                                          (512, 8), (256, 4), (128, 2))] == \
         [True, True, False, False, True, True, False, False]
     assert not winograd.fused_pays(32, 32, many - 1)  # too few tiles for the filter tiles it reads
+    assert [winograd.fused_pays(c, h, many, training=True) for c, h in ((32, 28), (64, 14), (256, 8))] == \
+        [False, True, True]  # training by its own measurement
     conv = Conv3x3(32, 2 * _width())
+    x28 = torch.randn(1, 32, 28, 28).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        assert conv.uses_fused(torch.randn(1, 32, 28, 28).contiguous(memory_format=torch.channels_last))  # 49 tiles
+        assert conv.uses_fused(x28)  # 49 tiles
         assert not conv.uses_fused(torch.randn(1, 32, 12, 12).contiguous(memory_format=torch.channels_last))  # 9
+    assert not conv.uses_fused(x28) and not conv.trains_fused(x28)  # training at 32 channels measured 0.9x
+    wide = Conv3x3(64, 2 * _width())
+    assert wide.trains_fused(torch.randn(1, 64, 16, 16).contiguous(memory_format=torch.channels_last))
     monkeypatch.setenv("DDPM_WINOGRAD", "0")
     assert not winograd.fused_pays(32, 32, many)
     monkeypatch.setenv("DDPM_WINOGRAD", "1")
     assert winograd.fused_pays(64, 16, 1)
+
+
+@fused_kernel
+@pytest.mark.parametrize("bias", [True, False])
+def test_training_with_the_fused_forward_has_the_direct_kernels_gradients(bias):
+    conv = Conv3x3(24, 2 * _width())
+    if not bias:
+        conv.bias = None
+    x = torch.randn(3, 24, 10, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert conv.trains_fused(x) and not conv.uses_fused(x)  # DDPM_WINOGRAD=1 (conftest): wherever it can
+    y = conv(x)
+    ref = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    torch.testing.assert_close(y, ref, rtol=0, atol=3e-5 * ref.abs().max().item())  # Winograd's rounding forward
+    gy = torch.randn_like(ref)
+    leaves = [x, conv.weight] + ([conv.bias] if bias else [])
+    for a, r in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(ref, leaves, gy, retain_graph=True),
+                    strict=True):
+        assert torch.equal(a, r)  # the backward is oneDNN's own, on the same x and weights: the same bits
+    only_x = torch.autograd.grad(conv(x), [x], gy)[0]  # gradients asked for some inputs only
+    assert torch.equal(only_x, torch.autograd.grad(ref, [x], gy)[0])
+    conv.winograd = False
+    assert not conv.trains_fused(x)

@@ -284,11 +284,16 @@ def fused_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `conv3x3_fused` can run this convolution: the compiled kernel loaded (ddpm.nn.fused), float32
     channels-last x [N, C, H, W] on the CPU, weight [K, C, 3, 3] in float32 with K a multiple of the kernel's
     vector width, and no graph to record (it has no backward)."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    return _fused_takes(x, weight)
+
+
+def _fused_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """fused_applies without the question of autograd."""
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.dim() == 4 and weight.dim() == 4 and weight.shape[1:] == (x.shape[1], 3, 3)
             and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()):
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
     lib = fused_library()
     return lib is not None and weight.shape[0] % _vector_width(lib) == 0
@@ -341,6 +346,28 @@ def _fused_run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return y
 
 
+class _FusedForward(torch.autograd.Function):
+    """Training with the fused kernel's forward and the direct convolution's own backward (oneDNN's, as
+    F.conv2d's autograd calls it, on the same saved x and weights): the gradients are the direct kernel's,
+    bitwise, for this x; only the forward's rounding is Winograd's. For the layers the Winograd-domain
+    backward above does not take or does not pay."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _fused_run(x.detach(), weight.detach(), bias, fused_filter_tiles(weight))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(gy, x, weight, [weight.shape[0]] if ctx.has_bias else None,
+                                                         [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+        return gx, gw, gb
+
+
 # ---------------------------------------------------------------------- where it pays: measured per machine
 
 # (channels, height = width) of the paper's CIFAR-10 network's widest 3x3 layers, one per resolution, timed at
@@ -370,6 +397,20 @@ def best_ms(fn, reps: int, warmup: int = 1) -> float:
     return 1e3 * min(times)
 
 
+def _interleaved_ratio(a, b, reps: int) -> float:
+    """a()'s fastest time over b()'s, the two called in turn `reps` times each after one warm-up call each (the
+    fused kernel's gains in training are 1.1-1.2x per layer, within what one machine drifts between two runs of
+    `best_ms` one after the other)."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(reps + 1):
+        for k, fn in enumerate((a, b) if i % 2 else (b, a)):
+            t0 = time.perf_counter()
+            fn()
+            if i:
+                times[k if i % 2 else 1 - k].append(time.perf_counter() - t0)
+    return min(times[0]) / min(times[1])
+
+
 def _backward_of(kernel, leaves: list[torch.Tensor], gy: torch.Tensor):
     return lambda: torch.autograd.grad(kernel(*leaves), leaves, gy)
 
@@ -379,11 +420,11 @@ def _call_of(kernel, args: tuple[torch.Tensor, ...]):
 
 
 def measure_speedups(reps: int = 3, batch: int = 16) -> dict[str, dict[int, float]]:
-    """{"train" | "inference": {height: direct time / Winograd time}, "fused": {"CxH": direct time / fused
-    kernel's time}} on this machine, now: the CALIBRATION layers, forward + backward (x, weight, bias) for
-    training and forward alone for inference, and the FUSED_CALIBRATION layers' forward by `conv3x3_fused`
-    (empty where the compiled kernel is not available), the two kernels interleaved, at `batch`, best of `reps`
-    each."""
+    """{"train" | "inference": {height: direct time / Winograd time}, "fused" | "fused train": {"CxH": direct
+    time / fused kernel's time}} on this machine, now: the CALIBRATION layers, forward + backward (x, weight,
+    bias) for training and forward alone for inference, and the FUSED_CALIBRATION layers' forward by
+    `conv3x3_fused` and forward + backward by `_FusedForward` (both empty where the compiled kernel is not
+    available), the two kernels interleaved, at `batch`, best of `reps` each."""
     out: dict[str, dict] = {"train": {}, "inference": {}}
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode(False), torch.autocast("cpu", enabled=False):
@@ -400,18 +441,23 @@ def measure_speedups(reps: int = 3, batch: int = 16) -> dict[str, dict[int, floa
             with torch.no_grad():
                 ms = [best_ms(_call_of(k, (x, w, b)), reps) for k in kernels]
             out["inference"][H] = ms[0] / ms[1]
-        out["fused"] = {}
-        with torch.no_grad():
-            for C, H in FUSED_CALIBRATION:
-                x = torch.randn(batch, C, H, H, generator=g).contiguous(memory_format=torch.channels_last)
-                w = torch.randn(C, C, 3, 3, generator=g) / (3 * C**0.5)
-                b = torch.randn(C, generator=g)
-                if not fused_applies(x, w):
-                    break  # no compiled kernel (or not this width): the fused kernel is never chosen
-                calls = (_call_of(lambda *a: F.conv2d(*a, padding=1), (x, w, b)),
-                         _call_of(conv3x3_fused, (x, w, b, fused_filter_tiles(w))))
-                ms = [best_ms(call, reps) for call in calls]
-                out["fused"][f"{C}x{H}"] = ms[0] / ms[1]
+        out["fused"], out["fused train"] = {}, {}
+        for C, H in FUSED_CALIBRATION:
+            x = torch.randn(batch, C, H, H, generator=g).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(C, C, 3, 3, generator=g) / (3 * C**0.5)
+            b = torch.randn(C, generator=g)
+            gy = torch.randn(batch, C, H, H, generator=g).contiguous(memory_format=torch.channels_last)
+            if not _fused_takes(x, w):
+                break  # no compiled kernel (or not this width): the fused kernel is never chosen
+            with torch.no_grad():
+                out["fused"][f"{C}x{H}"] = _interleaved_ratio(_call_of(lambda *a: F.conv2d(*a, padding=1), (x, w, b)),
+                                                              _call_of(conv3x3_fused, (x, w, b, fused_filter_tiles(w))),
+                                                              2 * reps + 1)
+            leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+            with torch.enable_grad():
+                out["fused train"][f"{C}x{H}"] = _interleaved_ratio(
+                    _backward_of(lambda *a: F.conv2d(*a, padding=1), leaves, gy),
+                    _backward_of(_FusedForward.apply, leaves, gy), 2 * reps + 1)
     release_scratch()
     return out
 
@@ -428,7 +474,8 @@ def _machine_key() -> str:
     state = (torch.get_num_threads(), *(os.environ.get(k, "") for k in _SWITCHES))
     key = _keys.get(state)
     if key is None:
-        parts = [cpu_key(), torch.__version__, repr(CALIBRATION), repr(FUSED_CALIBRATION), _kernel_digest(),
+        parts = [cpu_key(), torch.__version__, repr(CALIBRATION), repr(FUSED_CALIBRATION), "fused train",
+                 _kernel_digest(),
                  *map(str, state)]
         key = _keys[state] = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     return key
@@ -446,11 +493,11 @@ def machine_speedups() -> dict[str, dict]:
         path = cache_dir("winograd") / f"speedups-{key}.json"
         found = None
         try:
-            found = {mode: {(k if mode == "fused" else int(k)): float(r) for k, r in v.items()}
+            found = {mode: {(k if mode.startswith("fused") else int(k)): float(r) for k, r in v.items()}
                      for mode, v in json.loads(path.read_text()).items()}
         except (OSError, ValueError, AttributeError):
             pass
-        if found is None or set(found) != {"train", "inference", "fused"}:
+        if found is None or set(found) != {"train", "inference", "fused", "fused train"}:
             found = measure_speedups()
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -476,17 +523,17 @@ def pays(training: bool, height: int) -> bool:
     return table[nearest] >= MIN_SPEEDUP
 
 
-def fused_pays(channels: int, height: int, tiles: int) -> bool:
-    """Whether `conv3x3_fused` is the faster kernel on this machine for a layer of about this many channels (the
-    wider of input and output) and this height, cut into this many 4x4 tiles: the FUSED_CALIBRATION layer
-    nearest to it in octaves of both, and at least MIN_TILES tiles. DDPM_WINOGRAD=1 / 0: yes / no without
-    measuring."""
+def fused_pays(channels: int, height: int, tiles: int, training: bool = False) -> bool:
+    """Whether the fused kernel is the faster on this machine for a layer of about this many channels (the wider
+    of input and output) and this height, cut into this many 4x4 tiles, for inference (`conv3x3_fused`) or in
+    training (`_FusedForward`): the FUSED_CALIBRATION layer nearest to it in octaves of both, and at least
+    MIN_TILES tiles. DDPM_WINOGRAD=1 / 0: yes / no without measuring."""
     forced = os.environ.get("DDPM_WINOGRAD", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
     if tiles < MIN_TILES:
         return False
-    table = machine_speedups()["fused"]
+    table = machine_speedups()["fused train" if training else "fused"]
     memo = (id(table), channels, height)
     if memo not in _fused_choices:  # (the table is kept with the answer, so its id is not reused meanwhile)
 
@@ -549,9 +596,21 @@ class Conv3x3(nn.Conv2d):
             kept = self._fused_tiles = (key, fused_filter_tiles(self.weight))
         return kept[1]
 
+    def trains_fused(self, x: torch.Tensor) -> bool:
+        """Whether this call, with a graph to record, takes the fused kernel's forward and the direct kernel's
+        backward (`_FusedForward`): where the Winograd-domain backward (`uses_winograd`) does not run and the
+        fused forward measured faster. The backward is the same as without it, so the forward's gain is the
+        step's."""
+        return (self.winograd and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+                and _fused_takes(x, self.weight) and not self.uses_winograd(x)
+                and fused_pays(max(self.in_channels, self.out_channels), x.shape[2],
+                               x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4), training=True))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_fused(x):
             return _fused_run(x, self.weight, self.bias, self.fused_filter_tiles())
         if self.uses_winograd(x):
             return conv3x3_winograd(x, self.weight, self.bias)
+        if self.trains_fused(x):
+            return _FusedForward.apply(x, self.weight, self.bias)
         return super().forward(x)
