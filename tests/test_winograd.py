@@ -399,21 +399,30 @@ def test_the_machine_decides_where_the_fused_kernel_runs(monkeypatch, tmp_path):
 
 @fused_kernel
 @pytest.mark.parametrize("bias", [True, False])
-def test_training_with_the_fused_forward_has_the_direct_kernels_gradients(bias):
-    conv = Conv3x3(24, 2 * _width())
+@pytest.mark.parametrize("in_width", [1, 1.5])  # input channels a multiple of the vector width, or not
+def test_training_with_the_fused_kernel_has_the_direct_kernels_gradients(bias, in_width):
+    C = int(in_width * _width())
+    conv = Conv3x3(C, 2 * _width())
     if not bias:
         conv.bias = None
-    x = torch.randn(3, 24, 10, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = torch.randn(3, C, 10, 14).contiguous(memory_format=torch.channels_last).requires_grad_()
     assert conv.trains_fused(x) and not conv.uses_fused(x)  # DDPM_WINOGRAD=1 (conftest): wherever it can
     y = conv(x)
     ref = F.conv2d(x, conv.weight, conv.bias, padding=1)
     torch.testing.assert_close(y, ref, rtol=0, atol=3e-5 * ref.abs().max().item())  # Winograd's rounding forward
     gy = torch.randn_like(ref)
     leaves = [x, conv.weight] + ([conv.bias] if bias else [])
-    for a, r in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(ref, leaves, gy, retain_graph=True),
-                    strict=True):
-        assert torch.equal(a, r)  # the backward is oneDNN's own, on the same x and weights: the same bits
+    ours, direct = torch.autograd.grad(y, leaves, gy), torch.autograd.grad(ref, leaves, gy, retain_graph=True)
+    for a, r in zip(ours[1:], direct[1:], strict=True):
+        assert torch.equal(a, r)  # weights and bias: oneDNN's own backward on the same x, the same bits
+    if C % _width():  # the input gradient's convolution has C outputs: the kernel cannot take it, oneDNN does
+        assert torch.equal(ours[0], direct[0])
+    else:  # by the fused kernel (flipped weights, channels swapped): Winograd's rounding
+        assert not torch.equal(ours[0], direct[0])
+        torch.testing.assert_close(ours[0], direct[0], rtol=0, atol=3e-5 * direct[0].abs().max().item())
     only_x = torch.autograd.grad(conv(x), [x], gy)[0]  # gradients asked for some inputs only
-    assert torch.equal(only_x, torch.autograd.grad(ref, [x], gy)[0])
+    assert torch.equal(only_x, ours[0])
+    only_w = torch.autograd.grad(conv(x), [conv.weight], gy)[0]
+    assert torch.equal(only_w, ours[1])
     conv.winograd = False
     assert not conv.trains_fused(x)
