@@ -381,8 +381,10 @@ def test_the_machine_decides_where_the_fused_kernel_runs(monkeypatch, tmp_path):
                                                          (512, 8), (256, 4), (128, 2))] == \
         [True, True, False, False, True, True, False, False]
     assert not winograd.fused_pays(32, 32, many - 1)  # too few tiles for the filter tiles it reads
-    assert [winograd.fused_pays(c, h, many, training=True) for c, h in ((32, 28), (64, 14), (256, 8))] == \
-        [False, True, True]  # training by its own measurement
+    enough = winograd.MIN_TRAINING_TILES
+    assert [winograd.fused_pays(c, h, enough, training=True) for c, h in ((32, 28), (64, 14), (256, 8))] == \
+        [False, True, True]  # training by its own measurement, from more tiles
+    assert not winograd.fused_pays(64, 14, enough - 1, training=True)
     conv = Conv3x3(32, 2 * _width())
     x28 = torch.randn(1, 32, 28, 28).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -390,7 +392,8 @@ def test_the_machine_decides_where_the_fused_kernel_runs(monkeypatch, tmp_path):
         assert not conv.uses_fused(torch.randn(1, 32, 12, 12).contiguous(memory_format=torch.channels_last))  # 9
     assert not conv.uses_fused(x28) and not conv.trains_fused(x28)  # training at 32 channels measured 0.9x
     wide = Conv3x3(64, 2 * _width())
-    assert wide.trains_fused(torch.randn(1, 64, 16, 16).contiguous(memory_format=torch.channels_last))
+    assert wide.trains_fused(torch.randn(16, 64, 16, 16).contiguous(memory_format=torch.channels_last))  # 256
+    assert not wide.trains_fused(torch.randn(1, 64, 16, 16).contiguous(memory_format=torch.channels_last))
     monkeypatch.setenv("DDPM_WINOGRAD", "0")
     assert not winograd.fused_pays(32, 32, many)
     monkeypatch.setenv("DDPM_WINOGRAD", "1")

@@ -536,11 +536,11 @@ def fused_pays(channels: int, height: int, tiles: int, training: bool = False) -
     """Whether the fused kernel is the faster on this machine for a layer of about this many channels (the wider
     of input and output) and this height, cut into this many 4x4 tiles, for inference (`conv3x3_fused`) or in
     training (`_FusedForward`): the FUSED_CALIBRATION layer nearest to it in octaves of both, and at least
-    MIN_TILES tiles. DDPM_WINOGRAD=1 / 0: yes / no without measuring."""
+    MIN_TILES tiles (MIN_TRAINING_TILES in training). DDPM_WINOGRAD=1 / 0: yes / no without measuring."""
     forced = os.environ.get("DDPM_WINOGRAD", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
-    if tiles < MIN_TILES:
+    if tiles < (MIN_TRAINING_TILES if training else MIN_TILES):
         return False
     table = machine_speedups()["fused train" if training else "fused"]
     memo = (id(table), channels, height)
@@ -561,6 +561,11 @@ def fused_pays(channels: int, height: int, tiles: int, training: bool = False) -
 # the cache from the call before, the same layers measured faster than the direct kernel, so this is not left to
 # the calibration's timing.
 MIN_TILES = 16
+# In training each call also transforms the weights twice (forward, input gradient) and passes through an autograd
+# Function: the fashion network's step at batch 1, 2 and 4 (49-196 tiles at 28x28) ran 0.92-0.99x without the
+# fused kernel's training path and 1.05x at batch 8, 1.19x at 64 (RESULTS.md), so calls below this many tiles
+# train on the direct kernel
+MIN_TRAINING_TILES = 256
 _fused_choices: dict[tuple[int, int, int], tuple[dict, bool]] = {}
 
 
