@@ -334,9 +334,10 @@ def test_fused_kernel_refuses_what_it_cannot_take():
                 winograd.conv3x3_fused(xi, wi)
     with torch.no_grad():  # no graph to record: the same weights are taken
         assert winograd.fused_applies(x, w)
-    empty = torch.zeros(0, 8, 8, 8).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        assert winograd.conv3x3_fused(empty, w.detach()).shape == (0, 2 * _width(), 8, 8)
+    for shape in ((0, 8, 8, 8), (2, 8, 0, 5)):
+        empty = torch.zeros(shape).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            assert winograd.conv3x3_fused(empty, w.detach()).shape == (shape[0], 2 * _width(), *shape[2:])
 
 
 @fused_kernel

@@ -333,7 +333,7 @@ def _fused_run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     K = weight.shape[0]
     b = None if bias is None else bias.detach().to(torch.float32).contiguous()
     y = torch.empty((N, K, H, W), dtype=torch.float32, memory_format=torch.channels_last)
-    if N == 0:
+    if y.numel() == 0:
         return y
     threads = torch.get_num_threads()
     tiles = N * -(-H // 4) * -(-W // 4)
@@ -430,7 +430,7 @@ def _call_of(kernel, args: tuple[torch.Tensor, ...]):
     return lambda: kernel(*args)
 
 
-def measure_speedups(reps: int = 3, batch: int = 16) -> dict[str, dict[int, float]]:
+def measure_speedups(reps: int = 3, batch: int = 16) -> dict[str, dict]:
     """{"train" | "inference": {height: direct time / Winograd time}, "fused" | "fused train": {"CxH": direct
     time / fused kernel's time}} on this machine, now: the CALIBRATION layers, forward + backward (x, weight,
     bias) for training and forward alone for inference, and the FUSED_CALIBRATION layers' forward by
@@ -570,12 +570,15 @@ _fused_choices: dict[tuple[int, int, int], tuple[dict, bool]] = {}
 
 
 class Conv3x3(nn.Conv2d):
-    """nn.Conv2d(in_ch, out_ch, 3, padding=1) (same parameters, same state dict) that runs
-    `conv3x3_winograd` where it is faster than the direct kernel (`benchmarks/winograd_layers.py`,
-    RESULTS.md): on the CPU in float32 outside autocast, both widths >= 128 (narrower layers ran 0.3-1.0x on
-    every machine measured), height and width multiples of 4, outside torch.compile (Inductor gets the direct
-    convolution), and where this machine measured it faster at that resolution (`pays`). Set
-    `winograd = False` for the direct kernel everywhere."""
+    """nn.Conv2d(in_ch, out_ch, 3, padding=1) (same parameters, same state dict) that runs Winograd where it
+    is faster than the direct kernel, on the CPU in float32 outside autocast and torch.compile (Inductor gets the
+    direct convolution), each path where this machine measured it faster: without autograd the fused kernel
+    (`uses_fused`: any width and size, from 16 tiles a call, its filter tiles kept); then `conv3x3_winograd`
+    (`uses_winograd`: both widths >= 128, where its torch operators ran 0.3-1.0x below that on every machine
+    measured, height and width multiples of 4; in training its Winograd-domain backward); then in training the
+    fused kernel's forward and input gradient (`trains_fused`); else oneDNN's direct kernel
+    (`benchmarks/winograd_layers.py`, `benchmarks/winograd_fused.py`, RESULTS.md). Set `winograd = False` for
+    the direct kernel everywhere."""
 
     MIN_CHANNELS = 128
 
