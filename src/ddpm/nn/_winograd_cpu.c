@@ -18,6 +18,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 
 #if defined(__AVX512F__)
 #define VL 16
@@ -75,6 +76,75 @@ static inline void output_rows(const float *const m[6], float *const o[4], int64
     int64_t k = 0;
     for (; k + VL <= K; k += VL) OUTPUT_ROWS(vf, vload, vstore, k)
     for (; k < K; k++) OUTPUT_ROWS(float, SLOAD, SSTORE, k)
+}
+
+/* The input transform of tile (n, ty, tx) of x [N][H][W][C]: v[p * stride + c] for the 36 positions p, through
+ * T[36][C] (rows of the patch through B^T, one patch column at a time, then the columns). */
+static void input_tile(const float *x, int64_t n, int64_t ty, int64_t tx, int64_t H, int64_t W, int64_t C,
+                       const float *zero, float *T, float *v, int64_t stride) {
+    for (int b = 0; b < 6; b++) {
+        int64_t col = 4 * tx - 1 + b;
+        const float *d[6];
+        float *r[6];
+        for (int a = 0; a < 6; a++) {
+            int64_t row = 4 * ty - 1 + a;
+            d[a] = (row >= 0 && row < H && col >= 0 && col < W) ? x + ((n * H + row) * W + col) * C : zero;
+            r[a] = T + (a * 6 + b) * C;
+        }
+        input_rows(d, r, C);
+    }
+    for (int i = 0; i < 6; i++) {
+        const float *d[6];
+        float *r[6];
+        for (int j = 0; j < 6; j++) {
+            d[j] = T + (i * 6 + j) * C;
+            r[j] = v + (i * 6 + j) * stride;
+        }
+        input_rows(d, r, C);
+    }
+}
+
+/* Rows of the output gradient's transform: r = A g for four rows g0..g3 of K values (six out; A = (A^T)^T). */
+#define GRAD_ROWS(T, LOAD, STORE, k)                                                                         \
+    {                                                                                                        \
+        T g0 = LOAD(g[0] + k), g1 = LOAD(g[1] + k), g2 = LOAD(g[2] + k), g3 = LOAD(g[3] + k);               \
+        T s02 = g0 + g2, s13 = g1 + g3, f02 = g0 + 4.0f * g2, f13 = 2.0f * g1 + 8.0f * g3;                 \
+        STORE(r[0] + k, g0);                                                                                 \
+        STORE(r[1] + k, s02 + s13);                                                                          \
+        STORE(r[2] + k, s02 - s13);                                                                          \
+        STORE(r[3] + k, f02 + f13);                                                                          \
+        STORE(r[4] + k, f02 - f13);                                                                          \
+        STORE(r[5] + k, g3);                                                                                 \
+    }
+
+static inline void grad_rows(const float *const g[4], float *const r[6], int64_t K) {
+    int64_t k = 0;
+    for (; k + VL <= K; k += VL) GRAD_ROWS(vf, vload, vstore, k)
+    for (; k < K; k++) GRAD_ROWS(float, SLOAD, SSTORE, k)
+}
+
+/* A g A^T for tile (n, ty, tx) of the output gradient gy [N][H][W][K] (zero outside the image): m[p * stride + k]
+ * for the 36 positions, through T[24][K]. The products' gradient: the forward's y = A^T m A. */
+static void grad_tile(const float *gy, int64_t n, int64_t ty, int64_t tx, int64_t H, int64_t W, int64_t K,
+                      const float *zero, float *T, float *m, int64_t stride) {
+    for (int q = 0; q < 4; q++) {
+        int64_t col = 4 * tx + q;
+        const float *g[4];
+        float *r[6];
+        for (int a = 0; a < 4; a++) {
+            int64_t row = 4 * ty + a;
+            g[a] = (row < H && col < W) ? gy + ((n * H + row) * W + col) * K : zero;
+        }
+        for (int i = 0; i < 6; i++) r[i] = T + (i * 4 + q) * K;
+        grad_rows(g, r, K);
+    }
+    for (int i = 0; i < 6; i++) {
+        const float *g[4];
+        float *r[6];
+        for (int q = 0; q < 4; q++) g[q] = T + (i * 4 + q) * K;
+        for (int j = 0; j < 6; j++) r[j] = m + (i * 6 + j) * stride;
+        grad_rows(g, r, K);
+    }
 }
 
 /* m[R][ldm] (+)= v[R][ldv] @ u[C][ldu] over NV vectors of columns. */
@@ -158,30 +228,8 @@ int ddpm_winograd_forward(const float *x, const float *u, const float *bias, flo
             for (int64_t blk = 0; blk < blocks; blk++) {
                 int64_t t0 = blk * TB, nt = tiles - t0 < TB ? tiles - t0 : TB;
                 for (int64_t t = 0; t < nt; t++) {
-                    int64_t id = t0 + t, n = id / (th * tw), ty = id / tw % th, tx = id % tw;
-                    /* rows of the patch through B^T, one patch column at a time, into T[i][b][C] */
-                    for (int b = 0; b < 6; b++) {
-                        int64_t col = 4 * tx - 1 + b;
-                        const float *d[6];
-                        float *r[6];
-                        for (int a = 0; a < 6; a++) {
-                            int64_t row = 4 * ty - 1 + a;
-                            d[a] = (row >= 0 && row < H && col >= 0 && col < W)
-                                       ? x + ((n * H + row) * W + col) * C : zero;
-                            r[a] = T + (a * 6 + b) * C;
-                        }
-                        input_rows(d, r, C);
-                    }
-                    /* then the columns: V[i * 6 + j][t] */
-                    for (int i = 0; i < 6; i++) {
-                        const float *d[6];
-                        float *r[6];
-                        for (int j = 0; j < 6; j++) {
-                            d[j] = T + (i * 6 + j) * C;
-                            r[j] = V + ((i * 6 + j) * TB + t) * C;
-                        }
-                        input_rows(d, r, C);
-                    }
+                    int64_t id = t0 + t;
+                    input_tile(x, id / (th * tw), id / tw % th, id % tw, H, W, C, zero, T, V + t * C, TB * C);
                 }
                 for (int p = 0; p < 36; p++) products(V + p * TB * C, u + p * C * K, M + p * TB * K, TB, C, K);
                 for (int64_t t = 0; t < nt; t++) {
@@ -218,6 +266,101 @@ int ddpm_winograd_forward(const float *x, const float *u, const float *bias, flo
         free(T);
         free(zero);
         free(sink);
+    }
+    return failed ? -2 : 0;
+}
+
+/* out[R][ldo] += v[T][ldv]^T @ g[T][ldg] over R rows of v's columns and NV vectors of g's: the weight gradient's
+ * product, summed over the block's tiles. */
+#define WPRODUCT(NV)                                                                                         \
+    static void wproduct_##NV(const float *restrict v, int64_t ldv, const float *restrict g, int64_t ldg,   \
+                              float *restrict out, int64_t ldo, int64_t T) {                                 \
+        vf acc[R][NV];                                                                                       \
+        for (int r = 0; r < R; r++)                                                                          \
+            for (int j = 0; j < NV; j++) acc[r][j] = (vf){0};                                                \
+        for (int64_t t = 0; t < T; t++) {                                                                    \
+            vf w[NV];                                                                                        \
+            for (int j = 0; j < NV; j++) w[j] = vload(g + t * ldg + j * VL);                                 \
+            for (int r = 0; r < R; r++) {                                                                    \
+                float b = v[t * ldv + r]; /* broadcast */                                                    \
+                for (int j = 0; j < NV; j++) acc[r][j] += b * w[j];                                          \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int r = 0; r < R; r++)                                                                          \
+            for (int j = 0; j < NV; j++) vstore(out + r * ldo + j * VL, vload(out + r * ldo + j * VL) + acc[r][j]); \
+    }
+WPRODUCT(1)
+WPRODUCT(2)
+WPRODUCT(3)
+WPRODUCT(4)
+
+/* gu[p][Cp][K] += V[p][TB][Cp]^T @ G[p][TB][K] for the 36 positions. */
+static void weight_products(const float *V, const float *G, float *gu, int64_t TB, int64_t Cp, int64_t K) {
+    for (int p = 0; p < 36; p++)
+        for (int64_t k0 = 0; k0 < K; k0 += NV_MAX * VL)
+            for (int64_t c0 = 0; c0 < Cp; c0 += R) {
+                int64_t nv = (K - k0) / VL < NV_MAX ? (K - k0) / VL : NV_MAX;
+                const float *v = V + p * TB * Cp + c0;
+                const float *g = G + p * TB * K + k0;
+                float *out = gu + (p * Cp + c0) * K + k0;
+                switch (nv) {
+                case 1: wproduct_1(v, Cp, g, K, out, K, TB); break;
+                case 2: wproduct_2(v, Cp, g, K, out, K, TB); break;
+                case 3: wproduct_3(v, Cp, g, K, out, K, TB); break;
+                default: wproduct_4(v, Cp, g, K, out, K, TB); break;
+                }
+            }
+}
+
+/* The weight gradient of the convolution in the transformed domain: for thread i of `threads`, parts[i][36][Cp][K]
+ * (Cp = C rounded up to R, the caller's zeroed buffer) = the sum over its blocks of tiles of V^T G, V the input
+ * tiles' transform (as in the forward) and G = A g A^T the output gradient's tiles'; the caller adds the parts
+ * and maps them back through G^T . G. Blocks go to threads in a static schedule, so the sums' order depends on the
+ * number of threads only. Returns 0, -1 for arguments refused, -2 when out of memory. */
+int ddpm_winograd_weight_grad(const float *x, const float *gy, float *parts, int64_t N, int64_t H, int64_t W,
+                              int64_t C, int64_t K, int64_t TB, int threads) {
+    if (N <= 0 || H <= 0 || W <= 0 || C <= 0 || K <= 0 || K % VL || TB <= 0 || threads < 1) return -1;
+    int64_t Cp = (C + R - 1) / R * R;
+    int64_t th = (H + 3) / 4, tw = (W + 3) / 4, tiles = N * th * tw;
+    int64_t blocks = (tiles + TB - 1) / TB;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t width = Cp > K ? Cp : K;
+        float *V = aligned_floats(36 * TB * Cp), *G = aligned_floats(36 * TB * K);
+        float *T = aligned_floats(36 * width), *zero = aligned_floats(width);
+        if (!V || !G || !T || !zero) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            memset(zero, 0, (size_t)width * sizeof(float));
+            /* the padding channels and the rows past the last tile stay zero: they add nothing */
+            memset(V, 0, (size_t)(36 * TB * Cp) * sizeof(float));
+            memset(G, 0, (size_t)(36 * TB * K) * sizeof(float));
+        }
+#pragma omp barrier
+        if (!failed) {
+            float *gu = parts + (int64_t)omp_get_thread_num() * 36 * Cp * K;
+#pragma omp for schedule(static)
+            for (int64_t blk = 0; blk < blocks; blk++) {
+                int64_t t0 = blk * TB, nt = tiles - t0 < TB ? tiles - t0 : TB;
+                for (int64_t t = 0; t < nt; t++) {
+                    int64_t id = t0 + t, n = id / (th * tw), ty = id / tw % th, tx = id % tw;
+                    input_tile(x, n, ty, tx, H, W, C, zero, T, V + t * Cp, TB * Cp);
+                    grad_tile(gy, n, ty, tx, H, W, K, zero, T, G + t * K, TB * K);
+                }
+                if (nt < TB)
+                    for (int p = 0; p < 36; p++) {
+                        memset(V + (p * TB + nt) * Cp, 0, (size_t)((TB - nt) * Cp) * sizeof(float));
+                        memset(G + (p * TB + nt) * K, 0, (size_t)((TB - nt) * K) * sizeof(float));
+                    }
+                weight_products(V, G, gu, TB, Cp, K);
+            }
+        }
+        free(V);
+        free(G);
+        free(T);
+        free(zero);
     }
     return failed ? -2 : 0;
 }

@@ -150,6 +150,8 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ddpm_gn_act_forward.restype = lib.ddpm_gn_act_backward.restype = ctypes.c_int
     if hasattr(lib, "ddpm_winograd_forward"):  # absent from builds of _fused_cpu.c alone (benchmarks/gn_builds.py)
         lib.ddpm_winograd_forward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_int]
+        lib.ddpm_winograd_weight_grad.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_int]
+        lib.ddpm_winograd_weight_grad.restype = ctypes.c_int
         lib.ddpm_winograd_vector_width.argtypes = []
         lib.ddpm_winograd_forward.restype = lib.ddpm_winograd_vector_width.restype = ctypes.c_int
     return lib

@@ -346,6 +346,27 @@ def _fused_run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return y
 
 
+def _fused_weight_grad(x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of the convolution x [N, C, H, W] -> gy [N, K, H, W] (both channels-last float32, K
+    a multiple of the vector width) in Winograd's domain: the kernel sums V^T (A g A^T) over each thread's tiles,
+    the parts are added here in thread order and mapped back through G^T . G. Its rounding depends on the thread
+    count, as oneDNN's own weight gradient's does."""
+    N, C, H, W = x.shape
+    K = gy.shape[1]
+    rows = _TILE_ROWS
+    padded = -(-C // rows) * rows  # the kernel's register block runs over 6 input channels at a time
+    threads = torch.get_num_threads()
+    parts = torch.zeros(threads, 36, padded, K)
+    tiles = N * -(-H // 4) * -(-W // 4)
+    rc = fused_library().ddpm_winograd_weight_grad(x.data_ptr(), gy.data_ptr(), parts.data_ptr(), N, H, W, C, K,
+                                                   tiles_per_block(padded, K, tiles, threads), threads)
+    if rc != 0:
+        raise RuntimeError(f"fused Winograd weight gradient: {'out of memory' if rc == -2 else 'arguments refused'} "
+                           f"for x {tuple(x.shape)}, gradient {tuple(gy.shape)}")
+    gu = parts.sum(0)[:, :C].reshape(36, C * K)
+    return (_mats(torch.float32)[1].t() @ gu).view(3, 3, C, K).permute(3, 2, 0, 1).contiguous()
+
+
 class _FusedForward(torch.autograd.Function):
     """Training with the fused kernel: the forward, and the input gradient, which is itself a 3x3 convolution (of
     the output gradient, by the weights flipped in space with input and output channels swapped); the weight and
@@ -369,13 +390,16 @@ class _FusedForward(torch.autograd.Function):
             flipped = weight.detach().flip(2, 3).transpose(0, 1)  # [C, K, 3, 3]
             if _fused_takes(gy, flipped):
                 gx = _fused_run(gy, flipped, None, fused_filter_tiles(flipped))
-        mask = [ctx.needs_input_grad[0] and gx is None, ctx.needs_input_grad[1],
-                ctx.has_bias and ctx.needs_input_grad[2]]
+        if ctx.needs_input_grad[1] and x.numel() and _fused_takes(x.detach(), weight.detach()):
+            gw = _fused_weight_grad(x.detach(), gy)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.sum((0, 2, 3))
+        mask = [ctx.needs_input_grad[0] and gx is None, ctx.needs_input_grad[1] and gw is None, False]
         if any(mask):
-            dx, gw, gb = torch.ops.aten.convolution_backward(
-                gy, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0],
-                1, mask)
+            dx, dw, _ = torch.ops.aten.convolution_backward(gy, x, weight, None, [1, 1], [1, 1], [1, 1], False,
+                                                            [0, 0], 1, mask)
             gx = dx if gx is None else gx
+            gw = dw if gw is None else gw
         return gx, gw, gb
 
 
