@@ -422,7 +422,7 @@ def test_training_with_the_fused_kernel_has_the_convolutions_gradients(bias, in_
     ours = torch.autograd.grad(y, leaves, gy)
     exact = torch.autograd.grad(ref, leaves64, gy64)
     direct = torch.autograd.grad(F.conv2d(x, conv.weight, conv.bias, padding=1), leaves, gy)
-    for name, a, e, d in zip(("x", "weight", "bias"), ours, exact, direct):
+    for name, a, e, d in zip(("x", "weight", "bias")[: len(ours)], ours, exact, direct, strict=True):
         scale = e.abs().max()
         err, err_direct = ((a.double() - e).abs().max() / scale).item(), ((d.double() - e).abs().max() / scale).item()
         assert err < 3e-5, (name, err)  # the input and weight gradients by the kernel: Winograd's rounding

@@ -22,7 +22,8 @@ Without autograd (sampling, evaluation) `conv3x3_fused` runs the same method as 
 the 36 products and the output transform run while the block stays in the core's cache, so the transformed tiles
 never go through memory. It takes any width (K a multiple of the vector width) and any height and width, and ran
 1.6-2.9x oneDNN's direct kernel per layer on the small presets' 32-128 channels, natively and held to AVX2, where
-the path above lost (RESULTS.md). Where it pays is measured per machine the same way (`fused_pays`).
+the path above lost (RESULTS.md). In training it computes the forward and, by two more kernels, the input and
+weight gradients (`_FusedForward`). Where it pays is measured per machine the same way (`fused_pays`).
 """
 
 from __future__ import annotations
@@ -368,11 +369,13 @@ def _fused_weight_grad(x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
 
 
 class _FusedForward(torch.autograd.Function):
-    """Training with the fused kernel: the forward, and the input gradient, which is itself a 3x3 convolution (of
-    the output gradient, by the weights flipped in space with input and output channels swapped); the weight and
-    bias gradients are oneDNN's (as F.conv2d's autograd computes them, on the same saved x). Only the rounding
-    differs from the direct kernel's: Winograd's, about 1e-5 of the scale. For the layers the Winograd-domain
-    backward above does not take or does not pay."""
+    """Training with the fused kernels: the forward; the input gradient, which is itself a 3x3 convolution (of
+    the output gradient, by the weights flipped in space with input and output channels swapped); and the weight
+    gradient in Winograd's domain (`_fused_weight_grad`, from the saved x). The bias gradient is the output
+    gradient's sum. Only the rounding differs from the direct kernel's: Winograd's, about 1e-5 of the scale.
+    Where a width does not suit the kernel (the input gradient's output channels not a multiple of the vector
+    width), oneDNN's backward computes that gradient. For the layers the Winograd-domain backward above does not
+    take or does not pay."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -600,7 +603,7 @@ class Conv3x3(nn.Conv2d):
     (`uses_fused`: any width and size, from 16 tiles a call, its filter tiles kept); then `conv3x3_winograd`
     (`uses_winograd`: both widths >= 128, where its torch operators ran 0.3-1.0x below that on every machine
     measured, height and width multiples of 4; in training its Winograd-domain backward); then in training the
-    fused kernel's forward and input gradient (`trains_fused`); else oneDNN's direct kernel
+    fused kernels for the forward, input and weight gradients (`trains_fused`); else oneDNN's direct kernel
     (`benchmarks/winograd_layers.py`, `benchmarks/winograd_fused.py`, RESULTS.md). Set `winograd = False` for
     the direct kernel everywhere."""
 
@@ -638,10 +641,10 @@ class Conv3x3(nn.Conv2d):
         return kept[1]
 
     def trains_fused(self, x: torch.Tensor) -> bool:
-        """Whether this call, with a graph to record, takes the fused kernel for its forward and its input
-        gradient (`_FusedForward`; the weight gradient stays oneDNN's): where the Winograd-domain backward
-        (`uses_winograd`, the faster of the two where both ran: 1.7-2.1x the direct kernel against 1.2-1.6x on
-        the paper's network's layers, RESULTS.md) does not run, and this machine measured it faster."""
+        """Whether this call, with a graph to record, takes the fused kernels for its forward and its input and
+        weight gradients (`_FusedForward`): where the Winograd-domain backward in torch's operators
+        (`uses_winograd`, on the paper's network's layers 1.7-1.8x the direct kernel on the Xeon measured, the
+        fused kernels 1.5-1.9x there, RESULTS.md) does not run, and this machine measured it faster."""
         return (self.winograd and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
                 and _fused_takes(x, self.weight) and not self.uses_winograd(x)
                 and fused_pays(max(self.in_channels, self.out_channels), x.shape[2],
