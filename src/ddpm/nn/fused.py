@@ -9,7 +9,7 @@ then a pass to scale) this part took 30% of a bf16 training step. Fused: bf16 tr
 (benchmarks/RESULTS.md).
 
 The kernel is C (`_fused_cpu.c`), compiled on first use with the machine's C compiler for the machine's own
-instruction set (`-O3 -march=native -fopenmp`, 512-bit vectors on x86-64; 2-8 seconds, once; `-march=haswell` when
+instruction set (`-O3 -march=native -fopenmp`, 512-bit vectors on x86-64; 2-11 seconds, once; `-march=haswell` when
 `ATEN_CPU_CAPABILITY=avx2` holds torch's own kernels to AVX2), cached under
 `$DDPM_CACHE_DIR/kernels` or `~/.cache/ddpm/kernels`, and loaded through ctypes. Its OpenMP threads are
 torch's own (torch ships libgomp.so.1, and the library resolves to the copy already loaded). With no compiler,
