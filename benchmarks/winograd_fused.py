@@ -119,12 +119,12 @@ def networks(name: str, batch: int, rounds: int) -> None:
     res, ch = net.config.resolution, net.config.in_channels
     x, t = torch.randn(batch, ch, res, res), torch.randint(0, 1000, (batch,))
     eps = torch.randn_like(x)
-    real_uses, real_trains = Conv3x3.uses_fused, Conv3x3.trains_fused
+    real = (Conv3x3.uses_fused, Conv3x3.trains_fused, Conv3x3._fused_trains_faster)
+    off = (lambda self, x: False,) * 3
 
     def setting(mode: str) -> None:
         net.set_winograd(mode != "direct")
-        Conv3x3.uses_fused = real_uses if mode == "fused" else (lambda self, x: False)
-        Conv3x3.trains_fused = real_trains if mode == "fused" else (lambda self, x: False)
+        Conv3x3.uses_fused, Conv3x3.trains_fused, Conv3x3._fused_trains_faster = real if mode == "fused" else off
 
     def forward(mode: str):
         def run():
@@ -153,7 +153,7 @@ def networks(name: str, batch: int, rounds: int) -> None:
                   f"**{med['before'] / med['fused']:.2f}** ({paired[0]:.2f}-{paired[-1]:.2f}) | "
                   f"{med['direct'] / med['fused']:.2f} |")
     finally:
-        Conv3x3.uses_fused, Conv3x3.trains_fused = real_uses, real_trains
+        Conv3x3.uses_fused, Conv3x3.trains_fused, Conv3x3._fused_trains_faster = real
 
 
 def main() -> int:

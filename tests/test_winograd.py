@@ -457,3 +457,21 @@ def test_the_fused_weight_gradient_depends_on_the_thread_count_only(monkeypatch)
     exact = torch.autograd.grad(F.conv2d(x.double(), w64, padding=1), [w64], gy.double())
     for g in grads.values():
         torch.testing.assert_close(g.double(), exact[0], rtol=0, atol=3e-5 * exact[0].abs().max().item())
+
+
+@fused_kernel
+def test_training_takes_whichever_winograd_path_measured_faster(monkeypatch, tmp_path):
+    monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("DDPM_WINOGRAD")
+    monkeypatch.setattr(winograd, "_measured", {})
+    table = {"train": {32: 1.8, 16: 1.7}, "inference": {32: 1.5, 16: 1.5},
+             "fused": {"128x32": 2.0, "128x16": 2.0}, "fused train": {"128x32": 1.9, "128x16": 1.2}}
+    monkeypatch.setattr(winograd, "measure_speedups", lambda: table)
+    conv = Conv3x3(128, 128)
+    x32, x16 = (torch.randn(16, 128, h, h).contiguous(memory_format=torch.channels_last) for h in (32, 16))
+    assert not conv.uses_winograd(x32) and conv.trains_fused(x32)  # 1.9x against 1.8x: the fused kernels
+    assert conv.uses_winograd(x16) and not conv.trains_fused(x16)  # 1.2x against 1.7x: the torch path
+    with torch.no_grad():
+        assert conv.uses_fused(x32) and conv.uses_fused(x16)  # inference: the fused kernel first, as measured
+    few = torch.randn(1, 128, 32, 32).contiguous(memory_format=torch.channels_last)  # 64 tiles
+    assert conv.uses_winograd(few) and not conv.trains_fused(few)  # too few tiles for the fused training path

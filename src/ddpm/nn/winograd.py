@@ -554,9 +554,28 @@ def pays(training: bool, height: int) -> bool:
     forced = os.environ.get("DDPM_WINOGRAD", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
+    return speedup(training, height) >= MIN_SPEEDUP
+
+
+def speedup(training: bool, height: int) -> float:
+    """The torch Winograd path's measured speed-up over the direct kernel at the resolution nearest to `height`."""
     table = machine_speedups()["train" if training else "inference"]
-    nearest = min(table, key=lambda h: abs(math.log2(max(height, 1) / h)))
-    return table[nearest] >= MIN_SPEEDUP
+    return table[min(table, key=lambda h: abs(math.log2(max(height, 1) / h)))]
+
+
+def fused_speedup(channels: int, height: int, training: bool = False) -> float:
+    """The fused kernels' measured speed-up over the direct kernel at the FUSED_CALIBRATION layer nearest to
+    (channels, height) in octaves of both; 0 where the compiled kernel is not available."""
+    table = machine_speedups()["fused train" if training else "fused"]
+    memo = (id(table), channels, height)
+    if memo not in _fused_choices:  # (the table is kept with the answer, so its id is not reused meanwhile)
+
+        def distance(key: str) -> float:
+            c, h = map(int, key.split("x"))
+            return math.log2(max(channels, 1) / c) ** 2 + math.log2(max(height, 1) / h) ** 2
+
+        _fused_choices[memo] = (table, table[min(table, key=distance)] if table else 0.0)
+    return _fused_choices[memo][1]
 
 
 def fused_pays(channels: int, height: int, tiles: int, training: bool = False) -> bool:
@@ -569,16 +588,7 @@ def fused_pays(channels: int, height: int, tiles: int, training: bool = False) -
         return forced == "1"
     if tiles < (MIN_TRAINING_TILES if training else MIN_TILES):
         return False
-    table = machine_speedups()["fused train" if training else "fused"]
-    memo = (id(table), channels, height)
-    if memo not in _fused_choices:  # (the table is kept with the answer, so its id is not reused meanwhile)
-
-        def distance(key: str) -> float:
-            c, h = map(int, key.split("x"))
-            return math.log2(max(channels, 1) / c) ** 2 + math.log2(max(height, 1) / h) ** 2
-
-        _fused_choices[memo] = (table, bool(table) and table[min(table, key=distance)] >= MIN_SPEEDUP)
-    return _fused_choices[memo][1]
+    return fused_speedup(channels, height, training) >= MIN_SPEEDUP
 
 
 # Each call reads the filter tiles, 36 C K floats (4x the weights), and multiplies them by 6 tiles at a time: with
@@ -593,7 +603,7 @@ MIN_TILES = 16
 # fused kernel's training path and 1.05x at batch 8, 1.19x at 64 (RESULTS.md), so calls below this many tiles
 # train on the direct kernel
 MIN_TRAINING_TILES = 256
-_fused_choices: dict[tuple[int, int, int], tuple[dict, bool]] = {}
+_fused_choices: dict[tuple[int, int, int], tuple[dict, float]] = {}
 
 
 class Conv3x3(nn.Conv2d):
@@ -615,11 +625,25 @@ class Conv3x3(nn.Conv2d):
         self._fused_tiles: tuple[tuple[int, int], torch.Tensor] | None = None
 
     def uses_winograd(self, x: torch.Tensor) -> bool:
+        """Whether this call takes `conv3x3_winograd` (where `uses_fused` has not taken it): in training, not
+        where the fused kernels measured faster still on this machine."""
         return (self.winograd and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
                 and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
                 and min(self.in_channels, self.out_channels) >= self.MIN_CHANNELS
                 and x.shape[2] % 4 == 0 and x.shape[3] % 4 == 0 and not torch.compiler.is_compiling()
-                and pays(torch.is_grad_enabled(), x.shape[2]))
+                and pays(torch.is_grad_enabled(), x.shape[2]) and not self._fused_trains_faster(x))
+
+    def _fused_trains_faster(self, x: torch.Tensor) -> bool:
+        """In training, measured: the fused kernels' speed-up above the torch Winograd path's at this layer (at
+        the paper's network's 32x32 layers they measured 1.90x against 1.81x on the Xeon of RESULTS.md; on a
+        machine where MKL's products are slow the torch path's margin is thin). With DDPM_WINOGRAD forced, no."""
+        if not torch.is_grad_enabled() or os.environ.get("DDPM_WINOGRAD", "").strip() in ("0", "1"):
+            return False
+        tiles = x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4)
+        if tiles < MIN_TRAINING_TILES or not _fused_takes(x, self.weight):
+            return False
+        channels = max(self.in_channels, self.out_channels)
+        return fused_speedup(channels, x.shape[2], training=True) > speedup(True, x.shape[2])
 
     def uses_fused(self, x: torch.Tensor) -> bool:
         """Whether this call takes `conv3x3_fused`: without a graph to record (sampling, evaluation), on the
