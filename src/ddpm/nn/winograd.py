@@ -612,8 +612,9 @@ class Conv3x3(nn.Conv2d):
     direct convolution), each path where this machine measured it faster: without autograd the fused kernel
     (`uses_fused`: any width and size, from 16 tiles a call, its filter tiles kept); then `conv3x3_winograd`
     (`uses_winograd`: both widths >= 128, where its torch operators ran 0.3-1.0x below that on every machine
-    measured, height and width multiples of 4; in training its Winograd-domain backward); then in training the
-    fused kernels for the forward, input and weight gradients (`trains_fused`); else oneDNN's direct kernel
+    measured, height and width multiples of 4; in training its Winograd-domain backward, unless the fused kernels
+    measured faster still); then in training the fused kernels for the forward, input and weight gradients
+    (`trains_fused`); else oneDNN's direct kernel
     (`benchmarks/winograd_layers.py`, `benchmarks/winograd_fused.py`, RESULTS.md). Set `winograd = False` for
     the direct kernel everywhere."""
 
@@ -667,8 +668,8 @@ class Conv3x3(nn.Conv2d):
     def trains_fused(self, x: torch.Tensor) -> bool:
         """Whether this call, with a graph to record, takes the fused kernels for its forward and its input and
         weight gradients (`_FusedForward`): where the Winograd-domain backward in torch's operators
-        (`uses_winograd`, on the paper's network's layers 1.7-1.8x the direct kernel on the Xeon measured, the
-        fused kernels 1.5-1.9x there, RESULTS.md) does not run, and this machine measured it faster."""
+        (`uses_winograd`) does not run or measured slower than these, and this machine measured them faster than
+        the direct kernel (RESULTS.md)."""
         return (self.winograd and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
                 and _fused_takes(x, self.weight) and not self.uses_winograd(x)
                 and fused_pays(max(self.in_channels, self.out_channels), x.shape[2],
