@@ -254,6 +254,8 @@ def test_the_machine_decides_where_winograd_runs_and_keeps_its_answer(monkeypatc
     assert not conv.uses_winograd(x)  # training at 16x16 measured 0.8x
     with torch.no_grad():
         assert conv.uses_winograd(x)  # inference there 1.2x
+        assert conv.uses_winograd(torch.randn(16, 128, 4, 4))  # 1.5x at 4x4, with 16 tiles
+        assert not conv.uses_winograd(torch.randn(1, 128, 4, 4))  # but one tile: the direct kernel
     monkeypatch.setenv("DDPM_WINOGRAD", "1")
     assert conv.uses_winograd(x) and winograd.pays(True, 4)
     monkeypatch.setenv("DDPM_WINOGRAD", "0")
@@ -382,6 +384,9 @@ def test_the_machine_decides_where_the_fused_kernel_runs(monkeypatch, tmp_path):
                                                          (512, 8), (256, 4), (128, 2))] == \
         [True, True, False, False, True, True, False, False]
     assert not winograd.fused_pays(32, 32, many - 1)  # too few tiles for the filter tiles it reads
+    big = winograd._l2_bytes()  # filter tiles that do not stay in half the L2: four times as many tiles
+    assert not winograd.fused_pays(32, 32, 4 * many - 1, filter_bytes=big)
+    assert winograd.fused_pays(32, 32, 4 * many, filter_bytes=big)
     enough = winograd.MIN_TRAINING_TILES
     assert [winograd.fused_pays(c, h, enough, training=True) for c, h in ((32, 28), (64, 14), (256, 8))] == \
         [False, True, True]  # training by its own measurement, from more tiles

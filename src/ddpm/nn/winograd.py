@@ -578,25 +578,29 @@ def fused_speedup(channels: int, height: int, training: bool = False) -> float:
     return _fused_choices[memo][1]
 
 
-def fused_pays(channels: int, height: int, tiles: int, training: bool = False) -> bool:
+def fused_pays(channels: int, height: int, tiles: int, training: bool = False, filter_bytes: int = 0) -> bool:
     """Whether the fused kernel is the faster on this machine for a layer of about this many channels (the wider
     of input and output) and this height, cut into this many 4x4 tiles, for inference (`conv3x3_fused`) or in
     training (`_FusedForward`): the FUSED_CALIBRATION layer nearest to it in octaves of both, and at least
-    MIN_TILES tiles (MIN_TRAINING_TILES in training). DDPM_WINOGRAD=1 / 0: yes / no without measuring."""
+    MIN_TILES tiles (4x as many where the layer's filter tiles, `filter_bytes`, do not fit in half the L2 cache;
+    MIN_TRAINING_TILES in training). DDPM_WINOGRAD=1 / 0: yes / no without measuring."""
     forced = os.environ.get("DDPM_WINOGRAD", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
-    if tiles < (MIN_TRAINING_TILES if training else MIN_TILES):
+    floor = MIN_TRAINING_TILES if training else MIN_TILES * (4 if filter_bytes > _l2_bytes() // 2 else 1)
+    if tiles < floor:
         return False
     return fused_speedup(channels, height, training) >= MIN_SPEEDUP
 
 
 # Each call reads the filter tiles, 36 C K floats (4x the weights), and multiplies them by 6 tiles at a time: with
-# T tiles, 2 T flops a byte of them (T rounded up to 6s). Below 16 tiles the kernel waits on memory where the
+# T tiles, T / 2 flops a byte of them (T rounded up to 6s). With few tiles the kernel waits on memory where the
 # direct one reads 9 C K floats: at batch 1 in the paper's network, 4 tiles (8x8) ran 0.6x the direct kernel and
-# 1 tile (4x4) 0.5x, 16 tiles (16x16) 1.0-1.4x, 64 tiles 1.7x (RESULTS.md). Timed alone, with the tiles still in
-# the cache from the call before, the same layers measured faster than the direct kernel, so this is not left to
-# the calibration's timing.
+# 1 tile (4x4) 0.5x, 16 tiles (16x16) 1.0-1.4x, 64 tiles 1.7x (RESULTS.md). Where the filter tiles do not stay in
+# L2 it takes more: over a pool of such layers (their tiles out of cache, as in a network), 16 tiles of 512 -> 256
+# channels ran 0.64x the direct kernel, 64 tiles of 256 channels 1.36x. Timed alone, with the tiles still in the
+# cache from the call before, the same layers measured faster than the direct kernel, so this is not left to the
+# calibration's timing.
 MIN_TILES = 16
 # In training each call also transforms the weights twice (forward, input gradient) and passes through an autograd
 # Function: the fashion network's step at batch 1, 2 and 4 (49-196 tiles at 28x28) ran 0.92-0.99x without the
@@ -627,11 +631,15 @@ class Conv3x3(nn.Conv2d):
 
     def uses_winograd(self, x: torch.Tensor) -> bool:
         """Whether this call takes `conv3x3_winograd` (where `uses_fused` has not taken it): in training, not
-        where the fused kernels measured faster still on this machine."""
+        where the fused kernels measured faster still on this machine; in inference from MIN_TILES tiles (below,
+        its filter transform and fixed costs lose to the direct kernel as the fused kernel's reading of its
+        filter tiles does: at batch 1 the paper's network's 8x8 and 4x4 layers ran 0.3-0.5x, RESULTS.md)."""
         return (self.winograd and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
                 and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
                 and min(self.in_channels, self.out_channels) >= self.MIN_CHANNELS
                 and x.shape[2] % 4 == 0 and x.shape[3] % 4 == 0 and not torch.compiler.is_compiling()
+                and (torch.is_grad_enabled() or os.environ.get("DDPM_WINOGRAD", "").strip() in ("0", "1")
+                     or x.shape[0] * (x.shape[2] // 4) * (x.shape[3] // 4) >= MIN_TILES)
                 and pays(torch.is_grad_enabled(), x.shape[2]) and not self._fused_trains_faster(x))
 
     def _fused_trains_faster(self, x: torch.Tensor) -> bool:
@@ -652,7 +660,8 @@ class Conv3x3(nn.Conv2d):
         (`fused_pays`)."""
         return (self.winograd and not torch.is_autocast_enabled("cpu") and fused_applies(x, self.weight)
                 and fused_pays(max(self.in_channels, self.out_channels), x.shape[2],
-                               x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4)))
+                               x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4),
+                               filter_bytes=36 * 4 * self.in_channels * self.out_channels))
 
     def fused_filter_tiles(self) -> torch.Tensor:
         """`fused_filter_tiles(self.weight)`, kept while the weights stay the same tensor at the same version (an
