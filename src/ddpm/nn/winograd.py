@@ -251,24 +251,30 @@ def conv3x3_winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return _forward(x, u, bias)[0]
 
 
+@functools.cache
 def _l2_bytes() -> int:
     """The first CPU's level-2 cache in bytes (Linux's sysfs), 1 MiB where it cannot be read."""
-    if "l2" not in _FUSED_STATE:
-        size = 1 << 20
-        try:
-            for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-                if (index / "level").read_text().strip() == "2" and (index / "type").read_text().strip() != "Instruction":
-                    text = (index / "size").read_text().strip().upper()
-                    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
-                    size = int(text.rstrip("KM")) * scale
-                    break
-        except (OSError, ValueError):
-            pass
-        _FUSED_STATE["l2"] = size
-    return _FUSED_STATE["l2"]
+    try:
+        for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+            if (index / "level").read_text().strip() == "2" and (index / "type").read_text().strip() != "Instruction":
+                text = (index / "size").read_text().strip().upper()
+                return int(text.rstrip("KM")) * {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+    except (OSError, ValueError):
+        pass
+    return 1 << 20
 
 
-_FUSED_STATE: dict[str, int] = {}
+def _tiles(shape) -> int:
+    """The 4x4 output tiles of an [N, C, H, W] convolution (the last row and column cut short)."""
+    return shape[0] * -(-shape[2] // 4) * -(-shape[3] // 4)
+
+
+def _forced() -> str | None:
+    """DDPM_WINOGRAD's "1" or "0" (Winograd wherever it can run, or nowhere, without measuring), else None."""
+    forced = os.environ.get("DDPM_WINOGRAD", "").strip()
+    return forced if forced in ("0", "1") else None
+
+
 _TILE_ROWS = 6  # the fused kernel's register block of tiles (R in _winograd_cpu.c): a block is a multiple of it
 
 
@@ -296,22 +302,19 @@ def _fused_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.dim() == 4 and weight.dim() == 4 and weight.shape[1:] == (x.shape[1], 3, 3)
             and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()):
         return False
-    lib = fused_library()
-    return lib is not None and weight.shape[0] % _vector_width(lib) == 0
+    return fused_library() is not None and weight.shape[0] % _vector_width() == 0
 
 
-def _vector_width(lib) -> int:
-    if "width" not in _FUSED_STATE:
-        _FUSED_STATE["width"] = int(lib.ddpm_winograd_vector_width())
-    return _FUSED_STATE["width"]
+@functools.cache
+def _vector_width() -> int:
+    """The compiled kernel's vector width in floats (asked once; only where the library loaded)."""
+    return int(fused_library().ddpm_winograd_vector_width())
 
 
 def fused_filter_tiles(weight: torch.Tensor) -> torch.Tensor:
     """G w G^T per (c, k), laid out [36, C, K] as the fused kernel reads them (filter_transform's [36, K, C]
     transposed), from w [K, C, 3, 3]."""
-    K, C = weight.shape[:2]
-    kg = _mats(weight.dtype)[1]
-    return torch.mm(kg, weight.detach().permute(1, 0, 2, 3).reshape(C * K, 9).t()).view(36, C, K)
+    return filter_transform(weight.detach().transpose(0, 1))
 
 
 def conv3x3_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -337,7 +340,7 @@ def _fused_run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if y.numel() == 0:
         return y
     threads = torch.get_num_threads()
-    tiles = N * -(-H // 4) * -(-W // 4)
+    tiles = _tiles(x.shape)
     rc = fused_library().ddpm_winograd_forward(x.data_ptr(), u.data_ptr(), None if b is None else b.data_ptr(),
                                                y.data_ptr(), N, H, W, C, K, tiles_per_block(C, K, tiles, threads),
                                                threads)
@@ -358,7 +361,7 @@ def _fused_weight_grad(x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
     padded = -(-C // rows) * rows  # the kernel's register block runs over 6 input channels at a time
     threads = torch.get_num_threads()
     parts = torch.zeros(threads, 36, padded, K)
-    tiles = N * -(-H // 4) * -(-W // 4)
+    tiles = _tiles(x.shape)
     rc = fused_library().ddpm_winograd_weight_grad(x.data_ptr(), gy.data_ptr(), parts.data_ptr(), N, H, W, C, K,
                                                    tiles_per_block(padded, K, tiles, threads), threads)
     if rc != 0:
@@ -551,8 +554,8 @@ def pays(training: bool, height: int) -> bool:
     """Whether Winograd is the faster kernel on this machine for a wide layer of this height (the measured
     resolution nearest to it in octaves) in training (autograd on) or inference. DDPM_WINOGRAD=1 / 0: yes / no
     without measuring."""
-    forced = os.environ.get("DDPM_WINOGRAD", "").strip()
-    if forced in ("0", "1"):
+    forced = _forced()
+    if forced:
         return forced == "1"
     return speedup(training, height) >= MIN_SPEEDUP
 
@@ -584,8 +587,8 @@ def fused_pays(channels: int, height: int, tiles: int, training: bool = False, f
     training (`_FusedForward`): the FUSED_CALIBRATION layer nearest to it in octaves of both, and at least
     MIN_TILES tiles (4x as many where the layer's filter tiles, `filter_bytes`, do not fit in half the L2 cache;
     MIN_TRAINING_TILES in training). DDPM_WINOGRAD=1 / 0: yes / no without measuring."""
-    forced = os.environ.get("DDPM_WINOGRAD", "").strip()
-    if forced in ("0", "1"):
+    forced = _forced()
+    if forced:
         return forced == "1"
     floor = MIN_TRAINING_TILES if training else MIN_TILES * (4 if filter_bytes > _l2_bytes() // 2 else 1)
     if tiles < floor:
@@ -638,18 +641,16 @@ class Conv3x3(nn.Conv2d):
                 and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
                 and min(self.in_channels, self.out_channels) >= self.MIN_CHANNELS
                 and x.shape[2] % 4 == 0 and x.shape[3] % 4 == 0 and not torch.compiler.is_compiling()
-                and (torch.is_grad_enabled() or os.environ.get("DDPM_WINOGRAD", "").strip() in ("0", "1")
-                     or x.shape[0] * (x.shape[2] // 4) * (x.shape[3] // 4) >= MIN_TILES)
+                and (torch.is_grad_enabled() or _forced() or _tiles(x.shape) >= MIN_TILES)
                 and pays(torch.is_grad_enabled(), x.shape[2]) and not self._fused_trains_faster(x))
 
     def _fused_trains_faster(self, x: torch.Tensor) -> bool:
         """In training, measured: the fused kernels' speed-up above the torch Winograd path's at this layer (at
-        the paper's network's 32x32 layers they measured 1.90x against 1.81x on the Xeon of RESULTS.md; on a
+        the paper's network's 32x32 layers they measured 2.08x against 1.69x on the Xeon of RESULTS.md; on a
         machine where MKL's products are slow the torch path's margin is thin). With DDPM_WINOGRAD forced, no."""
-        if not torch.is_grad_enabled() or os.environ.get("DDPM_WINOGRAD", "").strip() in ("0", "1"):
+        if not torch.is_grad_enabled() or _forced():
             return False
-        tiles = x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4)
-        if tiles < MIN_TRAINING_TILES or not _fused_takes(x, self.weight):
+        if _tiles(x.shape) < MIN_TRAINING_TILES or not _fused_takes(x, self.weight):
             return False
         channels = max(self.in_channels, self.out_channels)
         return fused_speedup(channels, x.shape[2], training=True) > speedup(True, x.shape[2])
@@ -659,8 +660,7 @@ class Conv3x3(nn.Conv2d):
         CPU in float32 outside autocast, any width and size, where this machine measured it faster
         (`fused_pays`)."""
         return (self.winograd and not torch.is_autocast_enabled("cpu") and fused_applies(x, self.weight)
-                and fused_pays(max(self.in_channels, self.out_channels), x.shape[2],
-                               x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4),
+                and fused_pays(max(self.in_channels, self.out_channels), x.shape[2], _tiles(x.shape),
                                filter_bytes=36 * 4 * self.in_channels * self.out_channels))
 
     def fused_filter_tiles(self) -> torch.Tensor:
@@ -679,16 +679,19 @@ class Conv3x3(nn.Conv2d):
         weight gradients (`_FusedForward`): where the Winograd-domain backward in torch's operators
         (`uses_winograd`) does not run or measured slower than these, and this machine measured them faster than
         the direct kernel (RESULTS.md)."""
+        return self._fused_training_pays(x) and not self.uses_winograd(x)
+
+    def _fused_training_pays(self, x: torch.Tensor) -> bool:
+        """trains_fused without the question of the torch path (which `forward` has asked already)."""
         return (self.winograd and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-                and _fused_takes(x, self.weight) and not self.uses_winograd(x)
-                and fused_pays(max(self.in_channels, self.out_channels), x.shape[2],
-                               x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4), training=True))
+                and _fused_takes(x, self.weight)
+                and fused_pays(max(self.in_channels, self.out_channels), x.shape[2], _tiles(x.shape), training=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_fused(x):
             return _fused_run(x, self.weight, self.bias, self.fused_filter_tiles())
         if self.uses_winograd(x):
             return conv3x3_winograd(x, self.weight, self.bias)
-        if self.trains_fused(x):
+        if self._fused_training_pays(x):
             return _FusedForward.apply(x, self.weight, self.bias)
         return super().forward(x)
