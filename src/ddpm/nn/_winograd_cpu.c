@@ -103,6 +103,35 @@ static void input_tile(const float *x, int64_t n, int64_t ty, int64_t tx, int64_
     }
 }
 
+/* The output transform of tile (n, ty, tx) from its products m[p * stride + k]: A^T m A + bias into y [N][H][W][K],
+ * the outputs past the image's edge into `sink`, through T[24][K] (the columns first, then the rows). */
+static void output_tile(const float *m, int64_t stride, const float *bias, int64_t n, int64_t ty, int64_t tx,
+                        int64_t H, int64_t W, int64_t K, float *T, float *sink, float *y) {
+    for (int i = 0; i < 6; i++) {
+        const float *r[6];
+        float *o[4];
+        for (int j = 0; j < 6; j++) r[j] = m + (i * 6 + j) * stride;
+        for (int q = 0; q < 4; q++) o[q] = T + (i * 4 + q) * K;
+        output_rows(r, o, K);
+    }
+    for (int q = 0; q < 4; q++) {
+        int64_t col = 4 * tx + q;
+        const float *r[6];
+        float *o[4];
+        for (int i = 0; i < 6; i++) r[i] = T + (i * 4 + q) * K;
+        for (int p = 0; p < 4; p++) {
+            int64_t row = 4 * ty + p;
+            o[p] = (row < H && col < W) ? y + ((n * H + row) * W + col) * K : sink;
+        }
+        output_rows(r, o, K);
+        if (bias)
+            for (int p = 0; p < 4; p++) {
+                float *restrict out = o[p];
+                for (int64_t k = 0; k < K; k++) out[k] += bias[k];
+            }
+    }
+}
+
 /* Rows of the output gradient's transform: r = A g for four rows g0..g3 of K values (six out; A = (A^T)^T). */
 #define GRAD_ROWS(T, LOAD, STORE, k)                                                                         \
     {                                                                                                        \
@@ -237,31 +266,8 @@ int ddpm_winograd_forward(const float *x, const float *u, const float *bias, flo
                 }
                 for (int p = 0; p < 36; p++) products(V + p * TB * C, u + p * C * K, M + p * TB * K, TB, C, K);
                 for (int64_t t = 0; t < nt; t++) {
-                    int64_t id = t0 + t, n = id / (th * tw), ty = id / tw % th, tx = id % tw;
-                    /* columns of the products through A^T into T[i][q][K], then the rows, stored in y */
-                    for (int i = 0; i < 6; i++) {
-                        const float *m[6];
-                        float *o[4];
-                        for (int j = 0; j < 6; j++) m[j] = M + ((i * 6 + j) * TB + t) * K;
-                        for (int q = 0; q < 4; q++) o[q] = T + (i * 4 + q) * K;
-                        output_rows(m, o, K);
-                    }
-                    for (int q = 0; q < 4; q++) {
-                        int64_t col = 4 * tx + q;
-                        const float *m[6];
-                        float *o[4];
-                        for (int i = 0; i < 6; i++) m[i] = T + (i * 4 + q) * K;
-                        for (int p = 0; p < 4; p++) {
-                            int64_t row = 4 * ty + p;
-                            o[p] = (row < H && col < W) ? y + ((n * H + row) * W + col) * K : sink;
-                        }
-                        output_rows(m, o, K);
-                        if (bias)
-                            for (int p = 0; p < 4; p++) {
-                                float *restrict out = o[p];
-                                for (int64_t k = 0; k < K; k++) out[k] += bias[k];
-                            }
-                    }
+                    int64_t id = t0 + t;
+                    output_tile(M + t * K, TB * K, bias, id / (th * tw), id / tw % th, id % tw, H, W, K, T, sink, y);
                 }
             }
         }
