@@ -16,7 +16,7 @@ torch's own (torch ships libgomp.so.1, and the library resolves to the copy alre
 or `DDPM_FUSED_CPU=0`, or anything but a float32/bfloat16 channels-last tensor on the CPU, `group_norm_act`
 runs torch's own operators instead: the same function, torch's speed. `status()` says which and why. Its
 results do not depend on the number of threads (the sums run in a fixed order within a work item). The same
-library holds the fused Winograd convolution for inference (`_winograd_cpu.c`, used by ddpm.nn.winograd).
+library holds the fused Winograd convolution's kernels (`_winograd_cpu.c`, used by ddpm.nn.winograd).
 
 Dropout: element (n, c, h, w) is dropped when 32 random bits, a hash of (its flat index in the channels-last
 layout, ((n H + h) W + w) C + c, and a 64-bit seed), fall below p * 2^32; the survivors are multiplied by
@@ -55,7 +55,7 @@ from torch import nn
 from ddpm.runtime import cache_dir
 
 _SOURCE = Path(__file__).with_name("_fused_cpu.c")
-# built into the same library: the fused Winograd convolution for inference (ddpm.nn.winograd)
+# built into the same library: the fused Winograd convolution's kernels (ddpm.nn.winograd)
 _SOURCES = (_SOURCE, Path(__file__).with_name("_winograd_cpu.c"))
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 # ATEN_CPU_CAPABILITY (torch's own switch) holding torch's kernels below the machine's instruction set holds
@@ -151,9 +151,9 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     if hasattr(lib, "ddpm_winograd_forward"):  # absent from builds of _fused_cpu.c alone (benchmarks/gn_builds.py)
         lib.ddpm_winograd_forward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_int]
         lib.ddpm_winograd_weight_grad.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_int]
-        lib.ddpm_winograd_weight_grad.restype = ctypes.c_int
         lib.ddpm_winograd_vector_width.argtypes = []
-        lib.ddpm_winograd_forward.restype = lib.ddpm_winograd_vector_width.restype = ctypes.c_int
+        for entry in (lib.ddpm_winograd_forward, lib.ddpm_winograd_weight_grad, lib.ddpm_winograd_vector_width):
+            entry.restype = ctypes.c_int
     return lib
 
 
