@@ -7,10 +7,13 @@ inference (the fused kernel with its filter tiles kept, as `Conv3x3` keeps them)
 direct/fused pair called in turn; medians. Networks (--networks): the forward (inference mode) and the training step
 (forward, loss, backward, Adam) in three settings called in turn: "fused" (the package as it is: every layer where
 this machine measured it faster), "before" (the fused kernel turned off: the torch Winograd path where it pays,
-else direct, as before session 18) and "direct" (winograd=False); medians and the range of paired ratios.
+else direct, as before session 18) and "direct" (winograd=False); medians and the range of paired ratios. With
+--blocks a fourth, "half-L2 blocks": the package with session 18's blocks of tiles (as many as filled half the L2
+cache, not evened out over the threads) in place of `tiles_per_block`'s.
 
     .venv/bin/python benchmarks/winograd_fused.py [--network fashion|digits|cifar10] [--batch 64] [--rounds 21]
-    .venv/bin/python benchmarks/winograd_fused.py --networks [--network ...] [--batch 64] [--rounds 9]
+        [--blocks]
+    .venv/bin/python benchmarks/winograd_fused.py --networks [--network ...] [--batch 64] [--rounds 9] [--blocks]
 
 Hold the machine to AVX2 with `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`
 (the kernel then builds for -march=haswell).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import statistics
 import sys
 import time
@@ -114,7 +118,54 @@ def layers(name: str, batch: int, rounds: int) -> None:
           f"{total['training fused']:.1f} | **{total['training direct'] / max(total['training fused'], 1e-9):.2f}** |")
 
 
-def networks(name: str, batch: int, rounds: int) -> None:
+def half_l2_blocks(C: int, K: int, tiles: int, threads: int) -> int:
+    """Session 18's block of tiles: its transforms (36 (C + K) floats a tile) in half the L2 cache, a multiple of
+    6, at most an even share of the tiles per thread."""
+    fit = max(6, winograd._l2_bytes() // 2 // (36 * 4 * (C + K)) // 6 * 6)
+    share = -(-max(tiles, 1) // max(threads, 1))
+    return max(6, min(fit, -(-share // 6) * 6))
+
+
+def block_rules(name: str, batch: int, rounds: int) -> None:
+    """Per layer, the two compiled kernels alone (the forward with its filter tiles given, the weight gradient's
+    per-thread sums) with session 18's half-L2 blocks and with `tiles_per_block`'s, called in turn; medians."""
+    lib, threads = winograd.fused_library(), torch.get_num_threads()
+    print(f"| layer (batch {batch}) | tiles | forward blocks, half-L2 / now | ms | ms | **x** "
+          f"| weight gradient blocks | ms | ms | **x** |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    total = collections.Counter()
+    for (C, K, H, W), n in sorted(conv_shapes(build(name), batch).items()):
+        x = torch.randn(batch, C, H, W).contiguous(memory_format=torch.channels_last)
+        gy = torch.randn(batch, K, H, W).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(K, C, 3, 3)
+        if not winograd._fused_takes(x, w):
+            continue
+        u, y = winograd.fused_filter_tiles(w), torch.empty_like(gy)
+        padded = -(-C // 6) * 6
+        parts = torch.zeros(threads, 36, padded, K)
+        tiles = winograd._tiles(x.shape)
+        fb = {"half": half_l2_blocks(C, K, tiles, threads), "now": winograd.tiles_per_block(C, K, tiles, threads)}
+        gb = {"half": half_l2_blocks(padded, K, tiles, threads),
+              "now": winograd.tiles_per_block(padded, K, tiles, threads)}
+
+        shape = (batch, H, W, C, K)
+        forward = functools.partial(lib.ddpm_winograd_forward, x.data_ptr(), u.data_ptr(), None, y.data_ptr(), *shape)
+        grad = functools.partial(lib.ddpm_winograd_weight_grad, x.data_ptr(), gy.data_ptr(), parts.data_ptr(), *shape)
+        med = {k: statistics.median(v) * 1e3 for k, v in in_turn(
+            {"f half": functools.partial(forward, fb["half"], threads), "f now": functools.partial(forward, fb["now"], threads),
+             "g half": functools.partial(grad, gb["half"], threads), "g now": functools.partial(grad, gb["now"], threads)},
+            rounds).items()}
+        for k, v in med.items():
+            total[k] += n * v
+        print(f"| {C} -> {K}, {H}x{W} | {tiles} | {fb['half']} / {fb['now']} | {med['f half']:.3f} | "
+              f"{med['f now']:.3f} | **{med['f half'] / med['f now']:.2f}** | {gb['half']} / {gb['now']} | "
+              f"{med['g half']:.3f} | {med['g now']:.3f} | **{med['g half'] / med['g now']:.2f}** |")
+    print(f"| all, per forward | | | {total['f half']:.2f} | {total['f now']:.2f} | "
+          f"**{total['f half'] / total['f now']:.2f}** | | {total['g half']:.2f} | {total['g now']:.2f} | "
+          f"**{total['g half'] / total['g now']:.2f}** |")
+
+
+def networks(name: str, batch: int, rounds: int, blocks: bool = False) -> None:
     net = build(name)
     res, ch = net.config.resolution, net.config.in_channels
     x, t = torch.randn(batch, ch, res, res), torch.randint(0, 1000, (batch,))
@@ -122,9 +173,13 @@ def networks(name: str, batch: int, rounds: int) -> None:
     real = (Conv3x3.uses_fused, Conv3x3.trains_fused, Conv3x3._fused_trains_faster)
     off = (lambda self, x: False,) * 3
 
+    rule = winograd.tiles_per_block
+
     def setting(mode: str) -> None:
         net.set_winograd(mode != "direct")
-        Conv3x3.uses_fused, Conv3x3.trains_fused, Conv3x3._fused_trains_faster = real if mode == "fused" else off
+        fused = mode in ("fused", "half-L2 blocks")
+        Conv3x3.uses_fused, Conv3x3.trains_fused, Conv3x3._fused_trains_faster = real if fused else off
+        winograd.tiles_per_block = half_l2_blocks if mode == "half-L2 blocks" else rule
 
     def forward(mode: str):
         def run():
@@ -144,16 +199,23 @@ def networks(name: str, batch: int, rounds: int) -> None:
             opt.step()
         return run
 
+    modes = ("fused", "before", "direct", "half-L2 blocks") if blocks else ("fused", "before", "direct")
     try:
         for what, make in (("forward", forward), ("training step", step)):
-            times = in_turn({m: make(m) for m in ("fused", "before", "direct")}, rounds)
+            times = in_turn({m: make(m) for m in modes}, rounds)
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             paired = sorted(b / a for a, b in zip(times["fused"], times["before"], strict=True))
-            print(f"| {name}, batch {batch}, {what} | {med['fused']:.1f} | {med['before']:.1f} | {med['direct']:.1f} | "
-                  f"**{med['before'] / med['fused']:.2f}** ({paired[0]:.2f}-{paired[-1]:.2f}) | "
-                  f"{med['direct'] / med['fused']:.2f} |")
+            line = (f"| {name}, batch {batch}, {what} | {med['fused']:.1f} | {med['before']:.1f} | {med['direct']:.1f} | "
+                    f"**{med['before'] / med['fused']:.2f}** ({paired[0]:.2f}-{paired[-1]:.2f}) | "
+                    f"{med['direct'] / med['fused']:.2f} |")
+            if blocks:
+                paired = sorted(b / a for a, b in zip(times["fused"], times["half-L2 blocks"], strict=True))
+                line += (f" {med['half-L2 blocks']:.1f} | **{med['half-L2 blocks'] / med['fused']:.2f}** "
+                         f"({paired[0]:.2f}-{paired[-1]:.2f}) |")
+            print(line, flush=True)
     finally:
         Conv3x3.uses_fused, Conv3x3.trains_fused, Conv3x3._fused_trains_faster = real
+        winograd.tiles_per_block = rule
 
 
 def main() -> int:
@@ -162,15 +224,20 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=None, help="calls of each (21 per layer, 9 per network)")
     p.add_argument("--networks", action="store_true", help="whole networks instead of layers")
+    p.add_argument("--blocks", action="store_true",
+                   help="session 18's half-L2 blocks against tiles_per_block's (per layer: the two kernels alone)")
     args = p.parse_args()
     torch.set_num_threads(2)
     keep_freed_memory()
     print(f"{time.strftime('%Y-%m-%d')}, {cpu()}, 2 threads, torch {torch.__version__}; "
           f"fused kernel: {'on' if winograd.fused_library() else 'off'}\n")
     if args.networks:
-        print("| network | fused ms | before ms | direct ms | **fused x before** (paired) | fused x direct |")
-        print("|---|---|---|---|---|---|")
-        networks(args.network, args.batch, args.rounds or 9)
+        extra = (" half-L2 blocks ms | **fused x half-L2** (paired) |", "---|---|") if args.blocks else ("", "")
+        print("| network | fused ms | before ms | direct ms | **fused x before** (paired) | fused x direct |" + extra[0])
+        print("|---|---|---|---|---|---|" + extra[1])
+        networks(args.network, args.batch, args.rounds or 9, args.blocks)
+    elif args.blocks:
+        block_rules(args.network, args.batch, args.rounds or 21)
     else:
         layers(args.network, args.batch, args.rounds or 21)
     return 0

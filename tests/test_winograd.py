@@ -1,6 +1,7 @@
 """Winograd F(4x4, 3x3) convolution: the same function and gradients as F.conv2d(padding=1) to float64
 rounding, float32 within its stated error, batch chunks invisible, and Conv3x3's choice of path."""
 
+import itertools
 import math
 
 import pytest
@@ -320,6 +321,19 @@ def test_fused_kernel_results_depend_on_neither_blocks_nor_threads(monkeypatch):
         torch.set_num_threads(threads)
     for y in runs[1:]:
         assert torch.equal(y, runs[0])  # every output is its own tile's: the same bits
+
+
+def test_fused_blocks_grow_with_the_width_and_even_out_over_the_threads():
+    for C, K in ((32, 32), (64, 64), (96, 32), (256, 256), (512, 256)):
+        # many tiles: about C K / (C + K) a block, the filter tiles read per block no more than the tiles' data
+        assert abs(winograd.tiles_per_block(C, K, 10**6, 2) - C * K / (C + K)) <= 6
+        for tiles, threads in itertools.product((1, 16, 64, 100, 128, 256, 512, 3136), (1, 2, 3, 8)):
+            block = winograd.tiles_per_block(C, K, tiles, threads)
+            assert block % 6 == 0 and block > 0
+            most = math.ceil(math.ceil(tiles / block) / threads)  # blocks of the busiest thread (a static schedule)
+            # its tiles exceed an even share by the blocks' rounding to 6 only (blocks of 54 over 128 tiles,
+            # the half-L2 rule's, gave one thread 108 and the other 20)
+            assert min(tiles, most * block) <= math.ceil(tiles / threads) + 6 * most, (C, K, tiles, threads, block)
 
 
 @fused_kernel

@@ -279,12 +279,17 @@ _TILE_ROWS = 6  # the fused kernel's register block of tiles (R in _winograd_cpu
 
 
 def tiles_per_block(C: int, K: int, tiles: int, threads: int) -> int:
-    """The fused kernel's block of tiles: its transformed inputs and products (36 (C + K) floats a tile) in half
-    the L2 cache, a multiple of the kernel's 6, and no more than an even share of the tiles per thread."""
+    """The fused kernels' block of tiles, a multiple of their 6. Each block reads every filter tile (36 C K floats;
+    in the weight gradient, the thread's sums, as many) beside its own tiles' transforms (36 (C + K) floats a
+    tile), so blocks of about C K / (C + K) tiles move no more filter than tile data; the tiles are then cut into
+    the same number of blocks on every thread (a thread with one block more than the other ran the whole call).
+    Against blocks that filled half the L2 cache: RESULTS.md, "Blocks of tiles by the filter's traffic"."""
     rows = _TILE_ROWS
-    fit = max(rows, _l2_bytes() // 2 // (36 * 4 * (C + K)) // rows * rows)
-    share = -(-max(tiles, 1) // max(threads, 1))
-    return max(rows, min(fit, -(-share // rows) * rows))
+    tiles, threads = max(tiles, 1), max(threads, 1)
+    target = max(rows, C * K / (C + K))
+    per_thread = max(1, round(tiles / (threads * target)))  # blocks on each thread
+    block = -(-tiles // (per_thread * threads))
+    return max(rows, -(-block // rows) * rows)
 
 
 def fused_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -465,7 +470,8 @@ def measure_speedups(reps: int = 3, batch: int = 16) -> dict[str, dict]:
     time / fused kernel's time}} on this machine, now: the CALIBRATION layers, forward + backward (x, weight,
     bias) for training and forward alone for inference, and the FUSED_CALIBRATION layers' forward by
     `conv3x3_fused` and forward + backward by `_FusedForward` (both empty where the compiled kernel is not
-    available), the two kernels called in turn at `batch`, the fastest of 2 `reps` + 1 calls each."""
+    available), the two kernels called in turn at `batch` (the fused kernels' training at MIN_TRAINING_TILES tiles
+    where `batch` has fewer), the fastest of 2 `reps` + 1 calls each."""
     out: dict[str, dict] = {"train": {}, "inference": {}}
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode(False), torch.autocast("cpu", enabled=False):
@@ -482,15 +488,19 @@ def measure_speedups(reps: int = 3, batch: int = 16) -> dict[str, dict]:
                 out["inference"][H] = _interleaved_ratio(*(_call_of(k, (x, w, b)) for k in kernels), 2 * reps + 1)
         out["fused"], out["fused train"] = {}, {}
         for C, H in FUSED_CALIBRATION:
-            x = torch.randn(batch, C, H, H, generator=g).contiguous(memory_format=torch.channels_last)
+            # training from MIN_TRAINING_TILES tiles a call only, so timed there (at batch 16 the 8x8 layer's 64
+            # tiles measured 0.95x where the digits network's 512 ran 1.1-1.7x)
+            trained = max(batch, -(-MIN_TRAINING_TILES // _tiles((1, C, H, H))))
+            x = torch.randn(trained, C, H, H, generator=g).contiguous(memory_format=torch.channels_last)
             w = torch.randn(C, C, 3, 3, generator=g) / (3 * C**0.5)
             b = torch.randn(C, generator=g)
-            gy = torch.randn(batch, C, H, H, generator=g).contiguous(memory_format=torch.channels_last)
+            gy = torch.randn(trained, C, H, H, generator=g).contiguous(memory_format=torch.channels_last)
             if not _fused_takes(x, w):
                 break  # no compiled kernel (or not this width): the fused kernel is never chosen
             with torch.no_grad():
-                out["fused"][f"{C}x{H}"] = _interleaved_ratio(_call_of(lambda *a: F.conv2d(*a, padding=1), (x, w, b)),
-                                                              _call_of(conv3x3_fused, (x, w, b, fused_filter_tiles(w))),
+                args = (x[:batch], w, b)
+                out["fused"][f"{C}x{H}"] = _interleaved_ratio(_call_of(lambda *a: F.conv2d(*a, padding=1), args),
+                                                              _call_of(conv3x3_fused, (*args, fused_filter_tiles(w))),
                                                               2 * reps + 1)
             leaves = [t.clone().requires_grad_() for t in (x, w, b)]
             with torch.enable_grad():
