@@ -170,16 +170,25 @@ def networks(name: str, batch: int, rounds: int, blocks: bool = False) -> None:
     res, ch = net.config.resolution, net.config.in_channels
     x, t = torch.randn(batch, ch, res, res), torch.randint(0, 1000, (batch,))
     eps = torch.randn_like(x)
-    real = (Conv3x3.uses_fused, Conv3x3.trains_fused, Conv3x3._fused_trains_faster)
+    real = (Conv3x3.uses_fused, Conv3x3._fused_training_pays, Conv3x3._fused_trains_faster)
     off = (lambda self, x: False,) * 3
 
-    rule = winograd.tiles_per_block
+    rule, run_kernel = winograd.tiles_per_block, winograd._fused_run
+    calls = collections.Counter()
+
+    def counted(*args):
+        calls[mode_now[0]] += 1
+        return run_kernel(*args)
+
+    mode_now = ["fused"]
+    winograd._fused_run = counted
 
     def setting(mode: str) -> None:
         net.set_winograd(mode != "direct")
         fused = mode in ("fused", "half-L2 blocks")
-        Conv3x3.uses_fused, Conv3x3.trains_fused, Conv3x3._fused_trains_faster = real if fused else off
+        Conv3x3.uses_fused, Conv3x3._fused_training_pays, Conv3x3._fused_trains_faster = real if fused else off
         winograd.tiles_per_block = half_l2_blocks if mode == "half-L2 blocks" else rule
+        mode_now[0] = mode
 
     def forward(mode: str):
         def run():
@@ -203,6 +212,8 @@ def networks(name: str, batch: int, rounds: int, blocks: bool = False) -> None:
     try:
         for what, make in (("forward", forward), ("training step", step)):
             times = in_turn({m: make(m) for m in modes}, rounds)
+            if calls["before"] or calls["direct"]:  # the settings without the fused kernels must not reach them
+                raise SystemExit(f"the fused kernel ran where turned off: {dict(calls)}")
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             paired = sorted(b / a for a, b in zip(times["fused"], times["before"], strict=True))
             line = (f"| {name}, batch {batch}, {what} | {med['fused']:.1f} | {med['before']:.1f} | {med['direct']:.1f} | "
@@ -214,8 +225,8 @@ def networks(name: str, batch: int, rounds: int, blocks: bool = False) -> None:
                          f"({paired[0]:.2f}-{paired[-1]:.2f}) |")
             print(line, flush=True)
     finally:
-        Conv3x3.uses_fused, Conv3x3.trains_fused, Conv3x3._fused_trains_faster = real
-        winograd.tiles_per_block = rule
+        Conv3x3.uses_fused, Conv3x3._fused_training_pays, Conv3x3._fused_trains_faster = real
+        winograd.tiles_per_block, winograd._fused_run = rule, run_kernel
 
 
 def main() -> int:
