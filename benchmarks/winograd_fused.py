@@ -128,7 +128,7 @@ def half_l2_blocks(C: int, K: int, tiles: int, threads: int) -> int:
 
 def block_rules(name: str, batch: int, rounds: int) -> None:
     """Per layer, the two compiled kernels alone (the forward with its filter tiles given, the weight gradient's
-    per-thread sums) with session 18's half-L2 blocks and with `tiles_per_block`'s, called in turn; medians."""
+    sums in Winograd's domain) with session 18's half-L2 blocks and with `tiles_per_block`'s, called in turn; medians."""
     lib, threads = winograd.fused_library(), torch.get_num_threads()
     print(f"| layer (batch {batch}) | tiles | forward blocks, half-L2 / now | ms | ms | **x** "
           f"| weight gradient blocks | ms | ms | **x** |")
@@ -142,7 +142,7 @@ def block_rules(name: str, batch: int, rounds: int) -> None:
             continue
         u, y = winograd.fused_filter_tiles(w), torch.empty_like(gy)
         padded = -(-C // 6) * 6
-        parts = torch.zeros(threads, 36, padded, K)
+        gu, parts = torch.empty(36, C, K), torch.empty(threads, 36, padded, K)
         tiles = winograd._tiles(x.shape)
         fb = {"half": half_l2_blocks(C, K, tiles, threads), "now": winograd.tiles_per_block(C, K, tiles, threads)}
         gb = {"half": half_l2_blocks(padded, K, tiles, threads),
@@ -150,7 +150,8 @@ def block_rules(name: str, batch: int, rounds: int) -> None:
 
         shape = (batch, H, W, C, K)
         forward = functools.partial(lib.ddpm_winograd_forward, x.data_ptr(), u.data_ptr(), None, y.data_ptr(), *shape)
-        grad = functools.partial(lib.ddpm_winograd_weight_grad, x.data_ptr(), gy.data_ptr(), parts.data_ptr(), *shape)
+        grad = functools.partial(lib.ddpm_winograd_weight_grad, x.data_ptr(), gy.data_ptr(), gu.data_ptr(),
+                                 parts.data_ptr(), *shape)
         med = {k: statistics.median(v) * 1e3 for k, v in in_turn(
             {"f half": functools.partial(forward, fb["half"], threads), "f now": functools.partial(forward, fb["now"], threads),
              "g half": functools.partial(grad, gb["half"], threads), "g now": functools.partial(grad, gb["now"], threads)},

@@ -459,19 +459,20 @@ def test_training_with_the_fused_kernel_has_the_convolutions_gradients(bias, in_
 
 
 @fused_kernel
-def test_the_fused_weight_gradient_depends_on_the_thread_count_only(monkeypatch):
-    x, w, _ = _f32_case(5, 13, 2 * _width(), 9, 11, seed=4)
-    gy = torch.randn(5, 2 * _width(), 9, 11).contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("n, h, w", [(5, 9, 11), (1, 4, 5)])  # 45 tiles; 2, fewer than some thread counts
+def test_the_fused_weight_gradient_depends_on_the_thread_count_only(n, h, w):
+    x, weight, _ = _f32_case(n, 13, 2 * _width(), h, w, seed=4)
+    gy = torch.randn(n, 2 * _width(), h, w).contiguous(memory_format=torch.channels_last)
     threads = torch.get_num_threads()
     try:
         grads = {}
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            grads[n] = winograd._fused_weight_grad(x, gy)
-            assert torch.equal(winograd._fused_weight_grad(x, gy), grads[n])  # run to run: the same bits
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            grads[t] = winograd._fused_weight_grad(x, gy)
+            assert torch.equal(winograd._fused_weight_grad(x, gy), grads[t])  # run to run: the same bits
     finally:
         torch.set_num_threads(threads)
-    w64 = w.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
     exact = torch.autograd.grad(F.conv2d(x.double(), w64, padding=1), [w64], gy.double())
     for g in grads.values():
         torch.testing.assert_close(g.double(), exact[0], rtol=0, atol=3e-5 * exact[0].abs().max().item())

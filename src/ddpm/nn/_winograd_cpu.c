@@ -210,6 +210,7 @@ static void grad_tile(const float *gy, int64_t n, int64_t ty, int64_t tx, int64_
     }
 PRODUCTS(forward_block, r * ldv + s, 0)
 PRODUCTS(weight_block, s * ldv + r, 1)
+PRODUCTS(weight_first, s * ldv + r, 0)
 
 #if VL == 16
 #define NV_MAX 4
@@ -280,33 +281,43 @@ int ddpm_winograd_forward(const float *x, const float *u, const float *bias, flo
     return failed ? -2 : 0;
 }
 
-/* gu[p][Cp][K] += V[p][TB][Cp]^T @ G[p][TB][K] for the 36 positions. */
-static void weight_products(const float *V, const float *G, float *gu, int64_t TB, int64_t Cp, int64_t K) {
+/* gu[p][Cp][K] (+= where add, else =) V[p][TB][Cp]^T @ G[p][TB][K] for the 36 positions. */
+static void weight_products(const float *V, const float *G, float *gu, int64_t TB, int64_t Cp, int64_t K, int add) {
     for (int p = 0; p < 36; p++)
         for (int64_t k0 = 0; k0 < K; k0 += NV_MAX * VL)
             for (int64_t c0 = 0; c0 < Cp; c0 += R) {
                 int64_t nv = (K - k0) / VL < NV_MAX ? (K - k0) / VL : NV_MAX;
-                weight_block(nv, V + p * TB * Cp + c0, Cp, G + p * TB * K + k0, K, gu + (p * Cp + c0) * K + k0, K, TB);
+                const float *v = V + p * TB * Cp + c0, *g = G + p * TB * K + k0;
+                float *out = gu + (p * Cp + c0) * K + k0;
+                if (add)
+                    weight_block(nv, v, Cp, g, K, out, K, TB);
+                else
+                    weight_first(nv, v, Cp, g, K, out, K, TB);
             }
 }
 
-/* The weight gradient of the convolution in the transformed domain: for thread i of `threads`, parts[i][36][Cp][K]
- * (Cp = C rounded up to R, the caller's zeroed buffer) = the sum over its blocks of tiles of V^T G, V the input
- * tiles' transform (as in the forward) and G = A g A^T the output gradient's tiles'; the caller adds the parts
- * and maps them back through G^T . G. Blocks go to threads in a static schedule, so the sums' order depends on the
- * number of threads only. Returns 0, -1 for arguments refused, -2 when out of memory. */
-int ddpm_winograd_weight_grad(const float *x, const float *gy, float *parts, int64_t N, int64_t H, int64_t W,
-                              int64_t C, int64_t K, int64_t TB, int threads) {
+/* The weight gradient of the convolution in the transformed domain: gu[36][C][K] = the sum over all tiles of
+ * V^T G, V the input tiles' transform (as in the forward) and G = A g A^T the output gradient's tiles'; the caller
+ * maps it back through G^T . G. Each thread sums its blocks of tiles into its own part of `parts` (scratch,
+ * threads x 36 x Cp x K floats, Cp = C rounded up to R; the first block is stored, the rest added), then the
+ * threads add the parts in thread order, each over a share of gu. Blocks go to threads in a static schedule, so
+ * the sums' order depends on the block size and the number of threads only. Returns 0, -1 for arguments refused,
+ * -2 when out of memory. */
+int ddpm_winograd_weight_grad(const float *x, const float *gy, float *gu, float *parts, int64_t N, int64_t H,
+                              int64_t W, int64_t C, int64_t K, int64_t TB, int threads) {
     if (N <= 0 || H <= 0 || W <= 0 || C <= 0 || K <= 0 || K % VL || TB <= 0 || threads < 1) return -1;
     int64_t Cp = (C + R - 1) / R * R;
     int64_t th = (H + 3) / 4, tw = (W + 3) / 4, tiles = N * th * tw;
     int64_t blocks = (tiles + TB - 1) / TB;
-    int failed = 0;
+    if (threads > blocks) threads = (int)blocks; /* every thread of the team then has a block */
+    int failed = 0, team = 1;
 #pragma omp parallel num_threads(threads)
     {
         int64_t width = Cp > K ? Cp : K;
         float *V = aligned_floats(36 * TB * Cp), *G = aligned_floats(36 * TB * K);
         float *T = aligned_floats(36 * width), *zero = aligned_floats(width);
+#pragma omp single
+        team = omp_get_num_threads();
         if (!V || !G || !T || !zero) {
 #pragma omp atomic write
             failed = 1;
@@ -318,7 +329,8 @@ int ddpm_winograd_weight_grad(const float *x, const float *gy, float *parts, int
         }
 #pragma omp barrier
         if (!failed) {
-            float *gu = parts + (int64_t)omp_get_thread_num() * 36 * Cp * K;
+            float *part = parts + (int64_t)omp_get_thread_num() * 36 * Cp * K;
+            int first = 1;
 #pragma omp for schedule(static)
             for (int64_t blk = 0; blk < blocks; blk++) {
                 int64_t t0 = blk * TB, nt = tiles - t0 < TB ? tiles - t0 : TB;
@@ -332,7 +344,18 @@ int ddpm_winograd_weight_grad(const float *x, const float *gy, float *parts, int
                         memset(V + (p * TB + nt) * Cp, 0, (size_t)((TB - nt) * Cp) * sizeof(float));
                         memset(G + (p * TB + nt) * K, 0, (size_t)((TB - nt) * K) * sizeof(float));
                     }
-                weight_products(V, G, gu, TB, Cp, K);
+                weight_products(V, G, part, TB, Cp, K, !first);
+                first = 0;
+            }
+            /* (the loop's end is a barrier: every part is complete) */
+#pragma omp for schedule(static)
+            for (int64_t row = 0; row < 36 * C; row++) {
+                int64_t p = row / C, c = row % C;
+                const float *src = parts + (p * Cp + c) * K;
+                float *dst = gu + row * K;
+                memcpy(dst, src, (size_t)K * sizeof(float));
+                for (int t = 1; t < team; t++)
+                    for (int64_t k = 0; k < K; k++) dst[k] += src[(int64_t)t * 36 * Cp * K + k];
             }
         }
         free(V);

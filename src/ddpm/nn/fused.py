@@ -150,7 +150,7 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ddpm_gn_act_forward.restype = lib.ddpm_gn_act_backward.restype = ctypes.c_int
     if hasattr(lib, "ddpm_winograd_forward"):  # absent from builds of _fused_cpu.c alone (benchmarks/gn_builds.py)
         lib.ddpm_winograd_forward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_int]
-        lib.ddpm_winograd_weight_grad.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_int]
+        lib.ddpm_winograd_weight_grad.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_int]
         lib.ddpm_winograd_vector_width.argtypes = []
         for entry in (lib.ddpm_winograd_forward, lib.ddpm_winograd_weight_grad, lib.ddpm_winograd_vector_width):
             entry.restype = ctypes.c_int

@@ -357,23 +357,23 @@ def _fused_run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 def _fused_weight_grad(x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
     """The weight gradient of the convolution x [N, C, H, W] -> gy [N, K, H, W] (both channels-last float32, K
-    a multiple of the vector width) in Winograd's domain: the kernel sums V^T (A g A^T) over each thread's tiles,
-    the parts are added here in thread order and mapped back through G^T . G. Its rounding depends on the thread
-    count, as oneDNN's own weight gradient's does."""
+    a multiple of the vector width) in Winograd's domain: the kernel sums V^T (A g A^T) over each thread's tiles
+    and adds the threads' sums in thread order; mapped back here through G^T . G. Its rounding depends on the
+    thread count, as oneDNN's own weight gradient's does."""
     N, C, H, W = x.shape
     K = gy.shape[1]
     rows = _TILE_ROWS
     padded = -(-C // rows) * rows  # the kernel's register block runs over 6 input channels at a time
     threads = torch.get_num_threads()
-    parts = torch.zeros(threads, 36, padded, K)
-    tiles = _tiles(x.shape)
-    rc = fused_library().ddpm_winograd_weight_grad(x.data_ptr(), gy.data_ptr(), parts.data_ptr(), N, H, W, C, K,
-                                                   tiles_per_block(padded, K, tiles, threads), threads)
+    gu = torch.empty(36, C, K)
+    parts = torch.empty(threads, 36, padded, K)  # the threads' sums: scratch, every element written first
+    rc = fused_library().ddpm_winograd_weight_grad(x.data_ptr(), gy.data_ptr(), gu.data_ptr(), parts.data_ptr(),
+                                                   N, H, W, C, K, tiles_per_block(padded, K, _tiles(x.shape), threads),
+                                                   threads)
     if rc != 0:
         raise RuntimeError(f"fused Winograd weight gradient: {'out of memory' if rc == -2 else 'arguments refused'} "
                            f"for x {tuple(x.shape)}, gradient {tuple(gy.shape)}")
-    gu = parts.sum(0)[:, :C].reshape(36, C * K)
-    return (_mats(torch.float32)[1].t() @ gu).view(3, 3, C, K).permute(3, 2, 0, 1).contiguous()
+    return (_mats(torch.float32)[1].t() @ gu.view(36, C * K)).view(3, 3, C, K).permute(3, 2, 0, 1).contiguous()
 
 
 class _FusedForward(torch.autograd.Function):
