@@ -281,15 +281,22 @@ _TILE_ROWS = 6  # the fused kernel's register block of tiles (R in _winograd_cpu
 def tiles_per_block(C: int, K: int, tiles: int, threads: int) -> int:
     """The fused kernels' block of tiles, a multiple of their 6. Each block reads every filter tile (36 C K floats;
     in the weight gradient, the thread's sums, as many) beside its own tiles' transforms (36 (C + K) floats a
-    tile), so blocks of about C K / (C + K) tiles move no more filter than tile data; the tiles are then cut into
-    the same number of blocks on every thread (a thread with one block more than the other ran the whole call).
-    Against blocks that filled half the L2 cache: RESULTS.md, "Blocks of tiles by the filter's traffic"."""
+    tile), so blocks of about C K / (C + K) tiles move no more filter than tile data. Within half an octave of
+    that (and no more than an even share), the block that gives the busiest thread the fewest tiles, then the
+    nearest: blocks go to threads in a static schedule, and one block more on one thread than on the other made
+    that thread run the whole call. Against blocks that filled half the L2 cache: RESULTS.md, "Blocks of tiles by
+    the filter's traffic"."""
     rows = _TILE_ROWS
     tiles, threads = max(tiles, 1), max(threads, 1)
     target = max(rows, C * K / (C + K))
-    per_thread = max(1, round(tiles / (threads * target)))  # blocks on each thread
-    block = -(-tiles // (per_thread * threads))
-    return max(rows, -(-block // rows) * rows)
+    share = math.ceil(tiles / threads / rows) * rows
+    high = min(share, int(target * 2**0.5) // rows * rows or rows)
+    low = min(share, math.ceil(target / 2**0.5 / rows) * rows)
+
+    def busiest(block: int) -> int:
+        return min(tiles, math.ceil(math.ceil(tiles / block) / threads) * block)
+
+    return min(range(low, max(low, high) + 1, rows), key=lambda b: (busiest(b), abs(math.log(b / target))))
 
 
 def fused_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
