@@ -1,6 +1,8 @@
 /* A 3x3 convolution (stride 1, zero padding 1) over channels-last float32 tensors by Winograd's F(4x4, 3x3),
- * inference only, with the three stages fused per block of tiles so that the transformed tiles never leave the
- * core's cache. Loaded with the group-norm kernel (same library, see ddpm/nn/fused.py for the build).
+ * with the three stages fused per block of tiles so that the transformed tiles never leave the core's cache
+ * (inference; in training the forward and the input gradient, ddpm.nn.winograd._FusedForward; the weight gradient
+ * has its own entry, ddpm_winograd_weight_grad, below). Loaded with the group-norm kernel (same library, see
+ * ddpm/nn/fused.py for the build).
  *
  * x [N][H][W][C] -> y [N][H][W][K], from filter tiles u [36][C][K] (G g G^T per (c, k), ddpm.nn.winograd's
  * filter_transform transposed) and an optional bias [K]. The output is cut into 4x4 tiles (the last row and

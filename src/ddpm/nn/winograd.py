@@ -290,7 +290,7 @@ def tiles_per_block(C: int, K: int, tiles: int, threads: int) -> int:
     tiles, threads = max(tiles, 1), max(threads, 1)
     target = max(rows, C * K / (C + K))
     share = math.ceil(tiles / threads / rows) * rows
-    high = min(share, int(target * 2**0.5) // rows * rows or rows)
+    high = min(share, max(rows, int(target * 2**0.5) // rows * rows))
     low = min(share, math.ceil(target / 2**0.5 / rows) * rows)
 
     def busiest(block: int) -> int:
