@@ -19,8 +19,8 @@ thread count and the instruction-set switches), so that every process on the mac
 
 Without autograd (sampling, evaluation) `conv3x3_fused` runs the same method as one compiled kernel
 (`_winograd_cpu.c`, built with the fused group norm's, `ddpm.nn.fused`): per block of tiles the input transform,
-the 36 products and the output transform run while the block stays in the core's cache, so the transformed tiles
-never go through memory. It takes any width (K a multiple of the vector width) and any height and width, and ran
+the 36 products and the output transform run one after the other on one thread, so the transformed tiles are
+read back from the core's caches rather than from memory (the block's size: `tiles_per_block`). It takes any width (K a multiple of the vector width) and any height and width, and ran
 1.6-2.9x oneDNN's direct kernel per layer on the small presets' 32-128 channels, natively and held to AVX2, where
 the path above lost (RESULTS.md). In training it computes the forward and, by two more kernels, the input and
 weight gradients (`_FusedForward`). Where it pays is measured per machine the same way (`fused_pays`).
