@@ -278,6 +278,7 @@ def _forced() -> str | None:
 _TILE_ROWS = 6  # the fused kernel's register block of tiles (R in _winograd_cpu.c): a block is a multiple of it
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every fused call (3-9 us to work out)
 def tiles_per_block(C: int, K: int, tiles: int, threads: int) -> int:
     """The fused kernels' block of tiles, a multiple of their 6. Each block reads every filter tile (36 C K floats;
     in the weight gradient, the thread's sums, as many) beside its own tiles' transforms (36 (C + K) floats a
