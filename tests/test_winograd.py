@@ -406,6 +406,8 @@ def test_the_machine_decides_where_the_fused_kernel_runs(monkeypatch, tmp_path):
     assert [winograd.fused_pays(c, h, enough, training=True) for c, h in ((32, 28), (64, 14), (256, 8))] == \
         [False, True, True]  # training by its own measurement, from more tiles
     assert not winograd.fused_pays(64, 14, enough - 1, training=True)
+    assert not winograd.fused_pays(64, 14, 2 * enough - 1, training=True, filter_bytes=big)  # twice as many
+    assert winograd.fused_pays(64, 14, 2 * enough, training=True, filter_bytes=big)
     conv = Conv3x3(32, 2 * _width())
     x28 = torch.randn(1, 32, 28, 28).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():

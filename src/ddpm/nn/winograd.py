@@ -478,7 +478,7 @@ def measure_speedups(reps: int = 3, batch: int = 16) -> dict[str, dict]:
     time / fused kernel's time}} on this machine, now: the CALIBRATION layers, forward + backward (x, weight,
     bias) for training and forward alone for inference, and the FUSED_CALIBRATION layers' forward by
     `conv3x3_fused` and forward + backward by `_FusedForward` (both empty where the compiled kernel is not
-    available), the two kernels called in turn at `batch` (the fused kernels' training at MIN_TRAINING_TILES tiles
+    available), the two kernels called in turn at `batch` (the fused kernels' training at `tile_floor` tiles
     where `batch` has fewer), the fastest of 2 `reps` + 1 calls each."""
     out: dict[str, dict] = {"train": {}, "inference": {}}
     g = torch.Generator().manual_seed(0)
@@ -496,9 +496,9 @@ def measure_speedups(reps: int = 3, batch: int = 16) -> dict[str, dict]:
                 out["inference"][H] = _interleaved_ratio(*(_call_of(k, (x, w, b)) for k in kernels), 2 * reps + 1)
         out["fused"], out["fused train"] = {}, {}
         for C, H in FUSED_CALIBRATION:
-            # training from MIN_TRAINING_TILES tiles a call only, so timed there (at batch 16 the 8x8 layer's 64
-            # tiles measured 0.95x where the digits network's 512 ran 1.1-1.7x)
-            trained = max(batch, -(-MIN_TRAINING_TILES // _tiles((1, C, H, H))))
+            # training from `tile_floor` tiles a call only, so timed there (at batch 16 the 8x8 layer's 64 tiles
+            # measured 0.95x where the digits network's 512 ran 1.1-1.7x)
+            trained = max(batch, -(-tile_floor(True, 36 * 4 * C * C) // _tiles((1, C, H, H))))
             x = torch.randn(trained, C, H, H, generator=g).contiguous(memory_format=torch.channels_last)
             w = torch.randn(C, C, 3, 3, generator=g) / (3 * C**0.5)
             b = torch.randn(C, generator=g)
@@ -603,15 +603,21 @@ def fused_pays(channels: int, height: int, tiles: int, training: bool = False, f
     """Whether the fused kernel is the faster on this machine for a layer of about this many channels (the wider
     of input and output) and this height, cut into this many 4x4 tiles, for inference (`conv3x3_fused`) or in
     training (`_FusedForward`): the FUSED_CALIBRATION layer nearest to it in octaves of both, and at least
-    MIN_TILES tiles (4x as many where the layer's filter tiles, `filter_bytes`, do not fit in half the L2 cache;
-    MIN_TRAINING_TILES in training). DDPM_WINOGRAD=1 / 0: yes / no without measuring."""
+    `tile_floor` tiles. DDPM_WINOGRAD=1 / 0: yes / no without measuring."""
     forced = _forced()
     if forced:
         return forced == "1"
-    floor = MIN_TRAINING_TILES if training else MIN_TILES * (4 if filter_bytes > _l2_bytes() // 2 else 1)
-    if tiles < floor:
+    if tiles < tile_floor(training, filter_bytes):
         return False
     return fused_speedup(channels, height, training) >= MIN_SPEEDUP
+
+
+def tile_floor(training: bool, filter_bytes: int) -> int:
+    """The fewest tiles a call takes the fused kernels from: MIN_TILES in inference, MIN_TRAINING_TILES in
+    training, where the layer's filter tiles (`filter_bytes`, 36 C K floats) do not fit in half the L2 cache 4x
+    and 2x as many."""
+    beyond = filter_bytes > _l2_bytes() // 2
+    return MIN_TRAINING_TILES * (2 if beyond else 1) if training else MIN_TILES * (4 if beyond else 1)
 
 
 # Each call reads the filter tiles, 36 C K floats (4x the weights), and multiplies them by 6 tiles at a time: with
@@ -624,10 +630,11 @@ def fused_pays(channels: int, height: int, tiles: int, training: bool = False, f
 # calibration's timing.
 MIN_TILES = 16
 # In training each call also transforms the weights twice (forward, input gradient) and passes through an autograd
-# Function: the fashion network's step at batch 1, 2 and 4 (49-196 tiles at 28x28) ran 0.92-0.99x without the
-# fused kernel's training path and 1.05x at batch 8, 1.19x at 64 (RESULTS.md), so calls below this many tiles
-# train on the direct kernel
-MIN_TRAINING_TILES = 256
+# Function. With session 19's blocks, the whole training step against a floor of 256 tiles: the digits network at
+# batch 128 (its 4x4 layers: 128 tiles) 1.10-1.11x, the fashion network at batch 4 (196 tiles at 28x28) 1.06x,
+# at batch 1-2 (a floor of 16) 0.96-0.97x; the CIFAR-10 network at batch 2 (128 tiles at 32x32, filter tiles of
+# 2.4 MB) 0.91x, hence twice as many where the filter tiles do not fit in half the L2 (RESULTS.md)
+MIN_TRAINING_TILES = 128
 _fused_choices: dict[tuple[int, int, int], tuple[dict, float]] = {}
 
 
@@ -668,7 +675,7 @@ class Conv3x3(nn.Conv2d):
         machine where MKL's products are slow the torch path's margin is thin). With DDPM_WINOGRAD forced, no."""
         if not torch.is_grad_enabled() or _forced():
             return False
-        if _tiles(x.shape) < MIN_TRAINING_TILES or not _fused_takes(x, self.weight):
+        if _tiles(x.shape) < tile_floor(True, self._filter_bytes()) or not _fused_takes(x, self.weight):
             return False
         channels = max(self.in_channels, self.out_channels)
         return fused_speedup(channels, x.shape[2], training=True) > speedup(True, x.shape[2])
@@ -679,7 +686,11 @@ class Conv3x3(nn.Conv2d):
         (`fused_pays`)."""
         return (self.winograd and not torch.is_autocast_enabled("cpu") and fused_applies(x, self.weight)
                 and fused_pays(max(self.in_channels, self.out_channels), x.shape[2], _tiles(x.shape),
-                               filter_bytes=36 * 4 * self.in_channels * self.out_channels))
+                               filter_bytes=self._filter_bytes()))
+
+    def _filter_bytes(self) -> int:
+        """The bytes of this layer's Winograd filter tiles: 36 C K floats."""
+        return 36 * 4 * self.in_channels * self.out_channels
 
     def fused_filter_tiles(self) -> torch.Tensor:
         """`fused_filter_tiles(self.weight)`, kept while the weights stay the same tensor at the same version (an
@@ -703,7 +714,8 @@ class Conv3x3(nn.Conv2d):
         """trains_fused without the question of the torch path (which `forward` has asked already)."""
         return (self.winograd and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
                 and _fused_takes(x, self.weight)
-                and fused_pays(max(self.in_channels, self.out_channels), x.shape[2], _tiles(x.shape), training=True))
+                and fused_pays(max(self.in_channels, self.out_channels), x.shape[2], _tiles(x.shape), training=True,
+                               filter_bytes=self._filter_bytes()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_fused(x):
