@@ -20,10 +20,11 @@ thread count and the instruction-set switches), so that every process on the mac
 Without autograd (sampling, evaluation) `conv3x3_fused` runs the same method as one compiled kernel
 (`_winograd_cpu.c`, built with the fused group norm's, `ddpm.nn.fused`): per block of tiles the input transform,
 the 36 products and the output transform run one after the other on one thread, so the transformed tiles are
-read back from the core's caches rather than from memory (the block's size: `tiles_per_block`). It takes any width (K a multiple of the vector width) and any height and width, and ran
-1.6-2.9x oneDNN's direct kernel per layer on the small presets' 32-128 channels, natively and held to AVX2, where
-the path above lost (RESULTS.md). In training it computes the forward and, by two more kernels, the input and
-weight gradients (`_FusedForward`). Where it pays is measured per machine the same way (`fused_pays`).
+read back from the core's caches rather than from memory (the block's size: `tiles_per_block`). It takes any
+width (K a multiple of the vector width) and any height and width, and ran 1.6-2.9x oneDNN's direct kernel per
+layer on the small presets' 32-128 channels, natively and held to AVX2, where the path above lost (RESULTS.md).
+In training it computes the forward and, by two more kernels, the input and weight gradients (`_FusedForward`).
+Where it pays is measured per machine the same way (`fused_pays`).
 """
 
 from __future__ import annotations
@@ -333,8 +334,8 @@ def fused_filter_tiles(weight: torch.Tensor) -> torch.Tensor:
 def conv3x3_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   filter_tiles: torch.Tensor | None = None) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=1) by Winograd F(4x4, 3x3) in one compiled kernel (`_winograd_cpu.c`),
-    for inference: each block of tiles is transformed, multiplied and transformed back while it stays in the
-    cache, where `conv3x3_winograd` passes whole batch chunks through memory between torch's operators. Any
+    for inference: each block of tiles is transformed, multiplied and transformed back on one thread, where
+    `conv3x3_winograd` passes whole batch chunks through memory between torch's operators. Any
     height and width (the last tiles are cut short). Where `fused_applies` says no, ValueError. Returns a
     channels-last [N, K, H, W]; `filter_tiles` may pass `fused_filter_tiles(weight)` computed once."""
     if not fused_applies(x, weight):
@@ -498,7 +499,7 @@ def measure_speedups(reps: int = 3, batch: int = 16) -> dict[str, dict]:
         for C, H in FUSED_CALIBRATION:
             # training from `tile_floor` tiles a call only, so timed there (at batch 16 the 8x8 layer's 64 tiles
             # measured 0.95x where the digits network's 512 ran 1.1-1.7x)
-            trained = max(batch, -(-tile_floor(True, 36 * 4 * C * C) // _tiles((1, C, H, H))))
+            trained = max(batch, -(-tile_floor(True, filter_tile_bytes(C, C)) // _tiles((1, C, H, H))))
             x = torch.randn(trained, C, H, H, generator=g).contiguous(memory_format=torch.channels_last)
             w = torch.randn(C, C, 3, 3, generator=g) / (3 * C**0.5)
             b = torch.randn(C, generator=g)
@@ -612,6 +613,11 @@ def fused_pays(channels: int, height: int, tiles: int, training: bool = False, f
     return fused_speedup(channels, height, training) >= MIN_SPEEDUP
 
 
+def filter_tile_bytes(C: int, K: int) -> int:
+    """The bytes of a C -> K layer's Winograd filter tiles: 36 C K floats, 4x its weights."""
+    return 36 * 4 * C * K
+
+
 def tile_floor(training: bool, filter_bytes: int) -> int:
     """The fewest tiles a call takes the fused kernels from: MIN_TILES in inference, MIN_TRAINING_TILES in
     training, where the layer's filter tiles (`filter_bytes`, 36 C K floats) do not fit in half the L2 cache 4x
@@ -689,8 +695,7 @@ class Conv3x3(nn.Conv2d):
                                filter_bytes=self._filter_bytes()))
 
     def _filter_bytes(self) -> int:
-        """The bytes of this layer's Winograd filter tiles: 36 C K floats."""
-        return 36 * 4 * self.in_channels * self.out_channels
+        return filter_tile_bytes(self.in_channels, self.out_channels)
 
     def fused_filter_tiles(self) -> torch.Tensor:
         """`fused_filter_tiles(self.weight)`, kept while the weights stay the same tensor at the same version (an
