@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The CPU speed checks of issue 23 as one run, for a session on a CPU kind the tables of benchmarks/RESULTS.md do
 # not hold yet (an AMD EPYC with AVX2 only, one with AVX-512, a new Xeon): the CPU named, then per layer the fused
-# Winograd kernels' two block rules, the whole networks with and without the fused kernels, and the targets
+# Winograd kernels' two block rules, the whole networks with and without the fused kernels, the fused group norm
+# against torch's operators (per layer and per network), and the targets
 # against diffusers' UNet2DModel (training and sampling, float32; bf16 where the CPU has it natively; held to
-# AVX2 where it has AVX-512), each in one interleaved process, 2 threads. About 25 minutes on a 2-core Xeon;
+# AVX2 where it has AVX-512), each in one interleaved process, 2 threads. About 27 minutes on a 2-core Xeon;
 # nothing else should run meanwhile. Each table goes to its own file under $OUT and to the terminal:
 #
 #   bash benchmarks/cpu_check.sh            # OUT=benchmarks/out/cpu_check (ignored by git)
@@ -30,6 +31,10 @@ for net in "digits 128" "fashion 64" "cifar10 16"; do
   set -- $net
   run "networks_$1" $PY benchmarks/winograd_fused.py --networks --blocks --network "$1" --batch "$2" --rounds 11
 done
+# the fused group norm against torch's operators per layer and per network (inference): on two AMD CPUs speed.py's
+# CIFAR-10 sampling row without the kernel read 4-10% faster (RESULTS, sessions 14-15), not seen on the Xeon
+run gn_layers $PY benchmarks/gn_paths.py --rounds 3
+run gn_networks $PY benchmarks/gn_paths.py --networks --rounds 5
 SPEED="benchmarks/speed.py --only ours,diffusers --keep-freed-memory"
 run speed_fashion $PY $SPEED --network fashion --train-batch 64 --sample-batch 64 --reps 5
 run speed_cifar10 $PY $SPEED --network cifar10

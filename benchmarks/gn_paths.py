@@ -6,8 +6,8 @@ it was before session 17; the rows path (blocks of 128 rows of one sample, a par
 now takes where the items would be narrower than 64 channels. Both give the same bits (tests/test_fused.py), so the
 choice changes the speed only. Layers: inference forward, or forward + backward (--train), each call on another of
 a pool of inputs (up to 300 MB), so that none starts in cache; medians of the rounds. With --networks, whole
-forwards: the fashion preset's network at batch 1 and 8 and the CelebA-HQ network (256 x 256) at batch 1, each
-path forced and with torch's operators (fused_norm=False).
+forwards: the fashion preset's network at batch 1 and 8, the CelebA-HQ network (256 x 256) at batch 1 and the
+CIFAR-10 network at batch 64, each path forced and with torch's operators (fused_norm=False).
 
     .venv/bin/python benchmarks/gn_paths.py [--train] [--rounds 5] [--networks]
 """
@@ -78,7 +78,9 @@ def layers(train: bool, rounds: int) -> None:
 def networks(rounds: int) -> None:
     cases = [("fashion", 1, UNet(1, 32, (1, 2, 2), 2, (7,), 0.0, 28)),
              ("fashion", 8, UNet(1, 32, (1, 2, 2), 2, (7,), 0.0, 28)),
-             ("CelebA-HQ", 1, UNet(3, 128, (1, 1, 2, 2, 4, 4), 2, (16,), 0.0, 256))]
+             ("CelebA-HQ", 1, UNet(3, 128, (1, 1, 2, 2, 4, 4), 2, (16,), 0.0, 256)),
+             # sampling at speed.py's batch, where two AMD CPUs' speed.py rows read faster without the kernel
+             ("CIFAR-10", 64, UNet(3, 128, (1, 2, 2, 2), 2, (16,), 0.1, 32))]
     print(f"\nwhole forwards (inference), ms, medians of {rounds} rounds\n")
     print("| network | batch | items (before) | chosen | torch ops | items / chosen | torch / chosen |")
     print("|---|---|---|---|---|---|---|")

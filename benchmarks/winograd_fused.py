@@ -3,7 +3,7 @@ convolution, per layer and in whole networks, interleaved in one process, 2 thre
 
 Layers: every distinct 3x3 stride-1 convolution of a network (found by running it once), channels-last float32,
 inference (the fused kernel with its filter tiles kept, as `Conv3x3` keeps them) and training (forward + backward:
-`_FusedForward`, the fused kernel for the forward and the input gradient, oneDNN's weight gradient), each
+`_FusedForward`, the fused kernels for the forward, the input gradient and the weight gradient), each
 direct/fused pair called in turn; medians. Networks (--networks): the forward (inference mode) and the training step
 (forward, loss, backward, Adam) in three settings called in turn: "fused" (the package as it is: every layer where
 this machine measured it faster), "before" (the fused kernel turned off: the torch Winograd path where it pays,
