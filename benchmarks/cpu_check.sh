@@ -4,7 +4,7 @@
 # Winograd kernels' two block rules, the whole networks with and without the fused kernels, the fused group norm
 # against torch's operators (per layer and per network), and the targets
 # against diffusers' UNet2DModel (training and sampling, float32; bf16 where the CPU has it natively; held to
-# AVX2 where it has AVX-512), each in one interleaved process, 2 threads. About 27 minutes on a 2-core Xeon;
+# AVX2 where it has AVX-512), each in one interleaved process, 2 threads. About 30 minutes on a 2-core Xeon;
 # nothing else should run meanwhile. Each table goes to its own file under $OUT and to the terminal:
 #
 #   bash benchmarks/cpu_check.sh            # OUT=benchmarks/out/cpu_check (ignored by git)
@@ -41,6 +41,8 @@ run speed_cifar10 $PY $SPEED --network cifar10
 run speed_digits $PY $SPEED --network digits --train-batch 128 --sample-batch 64 --reps 5
 if echo "$flags" | grep -qw avx512_bf16; then  # native bf16: the issue's bf16 target
   run speed_fashion_bf16 $PY $SPEED --network fashion --train-batch 64 --sample-batch 64 --reps 3 --bf16
+  # the CIFAR-10 network's bf16 row was the one missed on the AVX-512 EPYC of 2026-12-01 (1.15-1.17x)
+  run speed_cifar10_bf16 $PY $SPEED --network cifar10 --reps 3 --bf16
 fi
 if echo "$flags" | grep -qw avx512f; then  # an AVX-512 CPU held to AVX2 (the kernels then build for haswell)
   export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
