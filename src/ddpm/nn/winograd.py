@@ -678,10 +678,9 @@ class Conv3x3(nn.Conv2d):
     def _fused_trains_faster(self, x: torch.Tensor) -> bool:
         """In training, measured: the fused kernels' speed-up above the torch Winograd path's at this layer (at
         the paper's network's 32x32 layers they measured 2.08x against 1.69x on the Xeon of RESULTS.md; on a
-        machine where MKL's products are slow the torch path's margin is thin). With DDPM_WINOGRAD forced, no."""
-        if not torch.is_grad_enabled() or _forced():
-            return False
-        if _tiles(x.shape) < tile_floor(True, self._filter_bytes()) or not _fused_takes(x, self.weight):
+        machine where MKL's products are slow the torch path's margin is thin), where the fused kernels train this
+        call at all (`_fused_training_pays`). With DDPM_WINOGRAD forced, no."""
+        if _forced() or not self._fused_training_pays(x):
             return False
         channels = max(self.in_channels, self.out_channels)
         return fused_speedup(channels, x.shape[2], training=True) > speedup(True, x.shape[2])
